@@ -1,0 +1,296 @@
+"""Reading and writing volumes (NIfTI through nibabel) with their geometry, and atomic file output.
+
+A :class:`Volume` pairs a 3-D array in nibabel axis order ``(i, j, k)`` with its 4x4
+``world_from_voxel`` affine (RAS+ mm).  Everything a user may hand to keyreg — a path, a nibabel
+image, a ``(array, affine)`` pair, a torch tensor with an affine, or a :class:`Volume` — goes
+through :func:`load_volume`, which validates it once, at the boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from .errors import ImageContentError, ImageIOError, OutputError
+from .geometry import voxel_sizes
+
+__all__ = ["Volume", "load_volume", "save_volume", "atomic_path", "atomic_write_text",
+           "NIFTI_SUFFIXES", "is_nifti_path", "MAX_VOXELS"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Largest volume accepted (voxels); 1024^3 float32 is already 4 GiB.
+MAX_VOXELS = 1024**3
+
+VolumeKind = Literal["image", "labels"]
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    """True for names ending in ``.nii`` or ``.nii.gz``."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+@dataclass
+class Volume:
+    """A 3-D array with its geometry.
+
+    Attributes:
+        data: ``(I, J, K)`` array in nibabel axis order; float32 for images, int64 for labels.
+        affine: ``(4, 4)`` float64, world (RAS+ mm) from voxel.
+        header: the source NIfTI header, reused for outputs on this grid (``None`` if built in memory).
+        name: a short name for messages and output files.
+        kind: ``"image"`` or ``"labels"``.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = None
+    name: str = "volume"
+    kind: VolumeKind = "image"
+    path: Path | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in voxel_sizes(self.affine))  # type: ignore[return-value]
+
+    @property
+    def orientation(self) -> str:
+        return "".join(nib.aff2axcodes(self.affine))
+
+    def tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The data as a ``(1, 1, I, J, K)`` tensor (float32 images, int64 labels)."""
+        return torch.as_tensor(self.data, device=device)[None, None]
+
+    def with_data(self, data: np.ndarray, *, name: str | None = None,
+                  kind: VolumeKind | None = None) -> "Volume":
+        """A new volume on the same grid (same affine and header) holding ``data``."""
+        return Volume(data, self.affine, self.header, name or self.name, kind or self.kind)
+
+    def __repr__(self) -> str:
+        sp = "x".join(f"{s:g}" for s in self.spacing)
+        return (f"Volume(name={self.name!r}, kind={self.kind}, shape={self.shape}, spacing={sp} mm, "
+                f"orientation={self.orientation}, dtype={self.data.dtype})")
+
+
+def _read_nifti(path: Path) -> nib.Nifti1Image:
+    if not path.exists():
+        raise ImageIOError(f"{path}: file does not exist")
+    if path.is_dir():
+        raise ImageIOError(f"{path}: is a directory, expected a NIfTI file")
+    if not is_nifti_path(path):
+        raise ImageIOError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(str(path))
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as e:
+        raise ImageIOError(f"{path}: cannot read as NIfTI ({_short(e)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ImageIOError(f"{path}: not a NIfTI image")
+    return img
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _array_from_image(img: nib.spatialimages.SpatialImage, where: str) -> np.ndarray:
+    shape = img.shape
+    _check_dims(shape, where)
+    n = int(np.prod(shape[:3], dtype=np.int64))
+    if n > MAX_VOXELS:
+        raise ImageContentError(
+            f"{where}: {shape[:3]} is {n:,} voxels, more than the {MAX_VOXELS:,} keyreg accepts")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as e:
+        raise ImageIOError(f"{where}: corrupt or truncated data ({_short(e)})") from None
+    return data
+
+
+def _check_dims(shape: tuple[int, ...], where: str) -> None:
+    extra = [s for s in shape[3:] if s != 1]
+    if len(shape) < 3 or extra:
+        raise ImageContentError(
+            f"{where}: expected a 3-D volume (or 4-D with one volume), got shape {tuple(shape)}")
+    if min(shape[:3]) < 2:
+        raise ImageContentError(f"{where}: every spatial axis needs at least 2 voxels, got {tuple(shape)}")
+
+
+def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str) -> np.ndarray:
+    _check_dims(data.shape, where)
+    data = data.reshape(data.shape[:3])
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ImageContentError(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)")
+    if kind == "labels":
+        if np.issubdtype(data.dtype, np.integer):
+            return data.astype(np.int64, copy=False)
+        if data.dtype == bool:
+            return data.astype(np.int64)
+        if not np.all(np.isfinite(data)):
+            raise ImageContentError(f"{where}: label map contains NaN or Inf")
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise ImageContentError(f"{where}: label map has non-integer values (is it an image?)")
+        return rounded.astype(np.int64)
+    data = np.asarray(data, dtype=np.float32)
+    if not np.all(np.isfinite(data)):
+        bad = int((~np.isfinite(data)).sum())
+        raise ImageContentError(f"{where}: {bad} voxels are NaN or Inf")
+    if float(data.max()) == float(data.min()):
+        raise ImageContentError(f"{where}: image is constant (value {float(data.min()):g}), nothing to register")
+    return data
+
+
+def load_volume(
+    source: Any,
+    *,
+    kind: VolumeKind = "image",
+    name: str | None = None,
+    affine: np.ndarray | None = None,
+) -> Volume:
+    """Read and validate a volume.
+
+    Args:
+        source: a path (``.nii`` / ``.nii.gz``), a nibabel image, a :class:`Volume`, a
+            ``(array, affine)`` tuple, or a numpy array / torch tensor together with ``affine``.
+            Arrays are in nibabel axis order ``(i, j, k)``; a leading ``(1, 1)`` or trailing
+            singleton axis is dropped.
+        kind: ``"image"`` (float32; must be finite and not constant) or ``"labels"`` (integer
+            ids; never intensity-normalised).
+        name: name used in messages and output files (defaults to the file name).
+        affine: ``(4, 4)`` world-from-voxel affine when ``source`` is an array or tensor.
+
+    Raises:
+        ImageIOError: missing, unreadable or corrupt file.
+        ImageContentError: wrong dimensionality, NaN/Inf, constant image, non-integer labels.
+    """
+    header = None
+    path = None
+    if isinstance(source, Volume):
+        where = name or source.name
+        data = _validate(source.data, source.affine, kind, where)
+        return Volume(data, np.asarray(source.affine, np.float64), source.header,
+                      name or source.name, kind, source.path)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        where = str(path)
+        img = _read_nifti(path)
+        data = _array_from_image(img, where)
+        affine = img.affine
+        header = img.header
+        name = name or _stem(path)
+    elif isinstance(source, nib.spatialimages.SpatialImage):
+        where = name or "image"
+        data = _array_from_image(source, where)
+        affine = source.affine
+        header = source.header if isinstance(source.header, nib.Nifti1Header) else None
+    else:
+        if isinstance(source, tuple) and len(source) == 2 and affine is None:
+            source, affine = source
+        where = name or "array"
+        if affine is None:
+            raise ImageContentError(f"{where}: an array needs an affine (pass affine=... or (array, affine))")
+        if torch.is_tensor(source):
+            source = source.detach().cpu().numpy()
+        data = np.asarray(source)
+        while data.ndim > 3 and data.shape[0] == 1:
+            data = data[0]
+    data = _validate(np.asarray(data), affine, kind, where)
+    return Volume(data, np.asarray(affine, dtype=np.float64), header, name or "volume", kind, path)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in NIFTI_SUFFIXES[::-1]:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary name keeps the suffix (``.nii.gz``, ...) so that writers choosing a format by
+    extension behave.  On any error the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot create output directory ({_short(e)})") from None
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=parent)
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot write here ({_short(e)})") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({_short(e)})") from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_volume(
+    data: np.ndarray | torch.Tensor,
+    reference: Volume,
+    path: str | os.PathLike,
+    *,
+    dtype: np.dtype | type | None = None,
+) -> Path:
+    """Write ``data`` on the grid of ``reference`` (its affine and header) to a NIfTI file, atomically.
+
+    Args:
+        data: ``(I, J, K)`` array on ``reference``'s grid, or ``(I, J, K, ...)`` for vector data.
+        reference: volume whose geometry and header the output carries (the fixed image).
+        path: ``.nii`` or ``.nii.gz`` output path.
+        dtype: on-disk dtype (default: float32 for float data, int32 for integer data).
+    """
+    if torch.is_tensor(data):
+        data = data.detach().cpu().numpy()
+    data = np.asarray(data)
+    if data.shape[:3] != reference.shape:
+        raise ImageContentError(f"{path}: data shape {data.shape} does not match grid {reference.shape}")
+    if dtype is None:
+        dtype = np.int32 if np.issubdtype(data.dtype, np.integer) else np.float32
+    if not is_nifti_path(path):
+        raise OutputError(f"{path}: output name must end in .nii or .nii.gz")
+    header = reference.header.copy() if reference.header is not None else None
+    img = nib.Nifti1Image(data.astype(dtype, copy=False), reference.affine, header=header)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    if header is None:
+        img.set_qform(reference.affine, code=1)
+        img.set_sform(reference.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)

@@ -1,0 +1,185 @@
+"""From a volume in its own space to the network's input grid, as a model's config says.
+
+The network input grid is described by its shape and a ``world_from_network_voxel`` affine; the
+image is resampled onto it once (trilinear, from the original voxels), so keypoints found on it map
+back to world mm exactly through that affine.  Two grid modes:
+
+* ``"ras"`` (BrainMorph and keyreg models): an axis-aligned RAS+ grid of ``voxel_size`` mm and
+  ``shape`` voxels centred on the image's field of view — equivalent to reorienting to canonical,
+  resampling to ``voxel_size`` and cropping/padding to ``shape`` around the centre.
+* ``"fov"`` (the official IXI half-resolution models): the image's own voxel axes stretched to
+  ``shape`` (ignoring aspect ratio), optionally with the tensor axes permuted (``permute``).
+
+Intensities are min-max normalised to [0, 1], after optional percentile clipping; label maps are
+never normalised (they are not network inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .geometry import fov_center
+from .io import Volume
+from .warp import resample_affine
+
+__all__ = ["GridSpec", "IntensitySpec", "PreprocessConfig", "network_grid_affine",
+           "normalize_intensity", "to_network_input"]
+
+
+def _triple(value: Any, name: str, kind: type = float) -> tuple:
+    if isinstance(value, (int, float)):
+        value = (value,) * 3
+    value = tuple(kind(v) for v in value)
+    if len(value) != 3 or any(v <= 0 for v in value):
+        raise ConfigError(f"{name} must be 3 positive numbers, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The network input grid.
+
+    Attributes:
+        mode: ``"ras"`` or ``"fov"`` (see module docstring).
+        shape: network input shape ``(n0, n1, n2)`` (tensor-axis order).
+        voxel_size: mm per voxel along R, A, S (``"ras"`` mode only).
+        permute: for ``"fov"``: tensor axis ``m`` of the network input is image axis ``permute[m]``.
+    """
+
+    mode: Literal["ras", "fov"] = "ras"
+    shape: tuple[int, int, int] = (128, 128, 128)
+    voxel_size: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    permute: tuple[int, int, int] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("ras", "fov"):
+            raise ConfigError(f"grid mode must be 'ras' or 'fov', got {self.mode!r}")
+        object.__setattr__(self, "shape", _triple(self.shape, "grid shape", int))
+        object.__setattr__(self, "voxel_size", _triple(self.voxel_size, "voxel_size"))
+        if sorted(self.permute) != [0, 1, 2]:
+            raise ConfigError(f"permute must be a permutation of (0, 1, 2), got {self.permute!r}")
+        object.__setattr__(self, "permute", tuple(int(p) for p in self.permute))
+
+    def half_resolution(self) -> "GridSpec":
+        """The same field of view at half the resolution (shape / 2, voxels x 2)."""
+        return GridSpec(self.mode, tuple(max(1, s // 2) for s in self.shape),  # type: ignore[arg-type]
+                        tuple(v * 2 for v in self.voxel_size), self.permute)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class IntensitySpec:
+    """Intensity normalisation: min-max to [0, 1] after clipping to percentiles (if given)."""
+
+    clip_percentiles: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        p = self.clip_percentiles
+        if p is not None:
+            p = (float(p[0]), float(p[1]))
+            if not 0 <= p[0] < p[1] <= 100:
+                raise ConfigError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {p}")
+            object.__setattr__(self, "clip_percentiles", p)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    grid: GridSpec = field(default_factory=GridSpec)
+    intensity: IntensitySpec = field(default_factory=IntensitySpec)
+
+    def to_dict(self) -> dict:
+        return {"grid": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.grid).items()},
+                "intensity": {"method": "minmax",
+                              "clip_percentiles": (list(self.intensity.clip_percentiles)
+                                                   if self.intensity.clip_percentiles else None)}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        try:
+            g = dict(d.get("grid", {}))
+            inten = dict(d.get("intensity", {}))
+            if inten.get("method", "minmax") != "minmax":
+                raise ConfigError(f"unknown intensity method {inten.get('method')!r}")
+            return cls(GridSpec(**g), IntensitySpec(inten.get("clip_percentiles")))
+        except TypeError as e:
+            raise ConfigError(f"invalid preprocessing config: {e}") from None
+
+
+def network_grid_affine(affine: np.ndarray, shape: Sequence[int], grid: GridSpec) -> np.ndarray:
+    """``world_from_network_voxel`` (4x4) for an image with ``affine`` and ``shape``."""
+    affine = np.asarray(affine, dtype=np.float64)
+    n_net = np.asarray(grid.shape, dtype=np.float64)
+    if grid.mode == "ras":
+        vs = np.asarray(grid.voxel_size, dtype=np.float64)
+        out = np.eye(4)
+        out[:3, :3] = np.diag(vs)
+        out[:3, 3] = fov_center(affine, shape) - vs * (n_net - 1) / 2
+        return out
+    # fov: network voxel m along tensor axis a is image voxel m (n_img - 1) / (n_net - 1) along permute[a]
+    n_img = np.asarray(shape[:3], dtype=np.float64)
+    img_from_net = np.zeros((4, 4))
+    for a, src in enumerate(grid.permute):
+        img_from_net[src, a] = (n_img[src] - 1) / max(n_net[a] - 1, 1)
+    img_from_net[3, 3] = 1
+    return affine @ img_from_net
+
+
+def normalize_intensity(data: torch.Tensor, spec: IntensitySpec) -> torch.Tensor:
+    """Min-max to [0, 1] (after percentile clipping when ``spec.clip_percentiles`` is set)."""
+    x = data.float()
+    if spec.clip_percentiles is not None:
+        flat = x.flatten()
+        if flat.numel() > 1 << 24:  # quantile has a size limit; a strided subsample is plenty
+            flat = flat[:: flat.numel() // (1 << 24) + 1]
+        lo, hi = torch.quantile(flat, torch.tensor([p / 100 for p in spec.clip_percentiles],
+                                                   device=x.device, dtype=x.dtype))
+        x = x.clamp(lo, hi)
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def _antialias(volume: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
+    """Gaussian pre-filter before down-sampling by ``factors`` (per image axis); sigma = 0.4 factor."""
+    out = volume
+    for axis, f in enumerate(factors):
+        if f <= 1.25:
+            continue
+        sigma = 0.4 * float(f)
+        radius = int(np.ceil(3 * sigma))
+        x = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
+        k = torch.exp(-0.5 * (x / sigma) ** 2)
+        view = [1, 1, 1, 1, 1]
+        view[2 + axis] = -1
+        k = (k / k.sum()).view(view)
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), k)
+    return out
+
+
+def to_network_input(
+    volume: Volume,
+    config: PreprocessConfig,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Resample and normalise an image for the network.
+
+    Returns:
+        ``(x, world_from_net)``: ``x`` ``(1, 1, *grid.shape)`` float32 in [0, 1] on ``device``,
+        and the 4x4 affine mapping network-grid voxel indices to world mm.
+    """
+    grid = config.grid
+    world_from_net = network_grid_affine(volume.affine, volume.shape, grid)
+    src = normalize_intensity(volume.tensor(device), config.intensity)
+    img_from_net = np.linalg.inv(volume.affine) @ world_from_net
+    # down-sampling factor along each image axis: how many image voxels one network step spans
+    factors = np.sqrt((img_from_net[:3, :3] ** 2).sum(axis=1))
+    src = _antialias(src, factors)
+    x = resample_affine(src, torch.as_tensor(img_from_net), grid.shape, mode="linear")
+    return x.clamp_(0, 1), world_from_net

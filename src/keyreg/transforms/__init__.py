@@ -1,0 +1,28 @@
+"""Closed-form transforms between keypoints (pure, batched, differentiable) and their evaluation.
+
+All transforms map FIXED world points to MOVING world points (RAS mm): ``moving_from_fixed``.
+"""
+
+from .field import DEFAULT_FIELD_STRIDE, DisplacementField, SpatialTransform, sample_field
+from .invert import invert_points
+from .linear import AffineTransform, fit_affine, fit_rigid
+from .spec import AlignSpec, fit_transform, parse_align, parse_aligns
+from .tps import ThinPlateSpline, fit_tps, tps_kernel
+
+__all__ = [
+    "AffineTransform",
+    "ThinPlateSpline",
+    "DisplacementField",
+    "SpatialTransform",
+    "AlignSpec",
+    "fit_rigid",
+    "fit_affine",
+    "fit_tps",
+    "fit_transform",
+    "tps_kernel",
+    "parse_align",
+    "parse_aligns",
+    "sample_field",
+    "invert_points",
+    "DEFAULT_FIELD_STRIDE",
+]

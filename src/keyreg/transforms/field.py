@@ -1,0 +1,132 @@
+"""Dense displacement fields: the memory-bounded way to evaluate a nonlinear transform on a grid.
+
+A :class:`DisplacementField` stores ``u(p)`` (world mm, RAS) on a regular grid so that
+``T(p) = p + u(p)``; between grid points ``u`` is trilinear, outside the grid it is 0 (the ITK
+convention).  :func:`sample_field` evaluates any transform on a uniform sub-grid of the fixed grid
+(every ``stride``-th voxel, both ends included), which is how keyreg warps with a TPS without
+ever forming a (voxels x keypoints) array: the TPS is evaluated on the coarse grid in chunks and
+the field is interpolated per slab.  The interpolation error of the default stride is measured in
+``docs/conventions.md`` (max deviation < 0.05 voxel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ShapeError
+from ..geometry import apply_affine, as_affine_tensor, voxel_to_grid_sample
+
+__all__ = ["SpatialTransform", "DisplacementField", "sample_field", "coarse_grid_affine",
+           "DEFAULT_FIELD_STRIDE"]
+
+#: Default sub-sampling of the fixed grid on which nonlinear transforms are evaluated.
+DEFAULT_FIELD_STRIDE = 2
+
+
+class SpatialTransform(Protocol):
+    """Anything that maps fixed world points ``(B, M, 3)`` to moving world points ``(B, M, 3)``."""
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class DisplacementField:
+    """Displacements ``u`` on a grid: ``T(p) = p + u(p)``.
+
+    Attributes:
+        displacement: ``(B, 3, I, J, K)`` world mm (RAS components).
+        grid_affine: ``(4, 4)`` float64 tensor, world from voxel of the field's grid.
+    """
+
+    displacement: torch.Tensor
+    grid_affine: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.displacement.ndim != 5 or self.displacement.shape[1] != 3:
+            raise ShapeError(f"displacement must be (B, 3, I, J, K), got {tuple(self.displacement.shape)}")
+        self.grid_affine = as_affine_tensor(self.grid_affine, self.displacement.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.displacement.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.displacement.shape[2:])  # type: ignore[return-value]
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        """Fixed world points ``(B, M, 3)`` -> ``p + u(p)``; ``u`` trilinear, 0 outside the grid."""
+        idx = apply_affine(torch.linalg.inv(self.grid_affine), points)
+        grid = voxel_to_grid_sample(idx, self.shape).to(self.displacement.dtype)
+        u = F.grid_sample(self.displacement, grid[:, :, None, None, :], mode="bilinear",
+                          padding_mode="zeros", align_corners=True)  # (B, 3, M, 1, 1)
+        return points + u[..., 0, 0].transpose(1, 2).to(points.dtype)
+
+    def upsample(self, shape: Sequence[int], affine: np.ndarray | torch.Tensor) -> "DisplacementField":
+        """The same field on a finer grid that shares its corners (e.g. the full fixed grid)."""
+        up = F.interpolate(self.displacement, size=tuple(shape), mode="trilinear", align_corners=True)
+        return DisplacementField(up, as_affine_tensor(affine, up.device))
+
+    def to(self, device: torch.device | str) -> "DisplacementField":
+        return DisplacementField(self.displacement.to(device), self.grid_affine.to(device))
+
+
+def coarse_grid_affine(shape: Sequence[int], affine: np.ndarray | torch.Tensor,
+                       stride: int) -> tuple[tuple[int, int, int], torch.Tensor]:
+    """Shape and world-from-voxel affine of the uniform sub-grid of stride ``<= stride``.
+
+    Along an axis of ``n`` voxels the sub-grid has ``m = ceil((n - 1) / stride) + 1`` points at
+    fine indices ``o (n - 1) / (m - 1)``: both end voxels are on it, spacing is uniform.
+    """
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    shape = tuple(int(s) for s in shape[:3])
+    coarse = tuple(math.ceil((n - 1) / stride) + 1 for n in shape)
+    steps = [(n - 1) / (m - 1) for n, m in zip(shape, coarse)]
+    scale = torch.diag(torch.tensor([*steps, 1.0], dtype=torch.float64))
+    a = as_affine_tensor(affine)
+    return coarse, a @ scale.to(a.device)  # type: ignore[return-value]
+
+
+def sample_field(
+    transform: SpatialTransform,
+    shape: Sequence[int],
+    affine: np.ndarray | torch.Tensor,
+    *,
+    stride: int = DEFAULT_FIELD_STRIDE,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    slab_points: int = 1 << 20,
+) -> DisplacementField:
+    """Evaluate ``transform`` on the stride-``stride`` sub-grid of a grid and store ``T(p) - p``.
+
+    Args:
+        transform: maps fixed world points ``(B, M, 3)`` to moving world points.
+        shape, affine: the fixed grid ``(I, J, K)`` and its world-from-voxel affine.
+        stride: sub-sampling (1 = every voxel).
+        batch_size: ``B`` of the transform.
+        slab_points: points evaluated per call of ``transform.map_points``.
+
+    Returns:
+        A :class:`DisplacementField` on the coarse grid (``dtype``, on ``device``).
+    """
+    coarse, grid_aff = coarse_grid_affine(shape, affine, stride)
+    grid_aff = grid_aff.to(device)
+    axes = [torch.arange(m, dtype=torch.float64, device=device) for m in coarse]
+    gi, gj, gk = torch.meshgrid(*axes, indexing="ij")
+    idx = torch.stack([gi, gj, gk], dim=-1).reshape(-1, 3)
+    out = torch.empty(batch_size, idx.shape[0], 3, dtype=dtype, device=device)
+    for start in range(0, idx.shape[0], slab_points):
+        world = apply_affine(grid_aff, idx[start : start + slab_points])
+        world_b = world.unsqueeze(0).expand(batch_size, -1, -1)
+        out[:, start : start + slab_points] = (transform.map_points(world_b) - world_b).to(dtype)
+    disp = out.transpose(1, 2).reshape(batch_size, 3, *coarse)
+    return DisplacementField(disp, grid_aff)
