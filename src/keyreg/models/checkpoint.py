@@ -142,8 +142,10 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.T
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused, the checkpoint's pickle asks for code that is not "
-                              f"allowed ({_short(e)})") from None
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise CheckpointError(f"{path}: refused, the checkpoint's pickle asks for code that is not "
+                                  f"allowed ({_short(e)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_short(e)})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_short(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj:

@@ -118,7 +118,8 @@ class KeypointDetector(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        first = next(iter(self.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
 
     def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
         """Raw heatmaps ``(B, K, *spatial')``."""

@@ -22,7 +22,8 @@ def center_of_mass(heatmaps: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Ten
         ``(points, mass)``: ``points`` ``(B, K, D)`` in the normalised frame of the heatmap grid
         (tensor-axis order, corner-aligned: voxel ``j`` of ``n`` is ``2 j / (n - 1) - 1``), which
         keyreg reads as the same normalised position on the network *input* grid; ``mass``
-        ``(B, K)`` the total activation.  Computed in float32 even under autocast.
+        ``(B, K)`` the total activation.  Computed in float32 (float64 inputs stay float64), also
+        under autocast.
 
     Example:
         >>> h = torch.zeros(1, 1, 3, 3, 3); h[0, 0, 2, 1, 0] = 1
@@ -31,7 +32,7 @@ def center_of_mass(heatmaps: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Ten
     """
     if heatmaps.ndim not in (4, 5):
         raise ShapeError(f"heatmaps must be (B, K, H, W) or (B, K, D, H, W), got {tuple(heatmaps.shape)}")
-    h = F.relu(heatmaps.float())
+    h = F.relu(heatmaps if heatmaps.dtype == torch.float64 else heatmaps.float())
     spatial = h.shape[2:]
     dims = tuple(range(2, h.ndim))
     mass = h.sum(dim=dims)

@@ -81,26 +81,40 @@ class ThinPlateSpline:
         return self.control_points.shape[0]
 
     def map_points(self, points: torch.Tensor, chunk_elements: int = KERNEL_CHUNK_ELEMENTS) -> torch.Tensor:
-        """Fixed world points ``(B, M, 3)`` -> moving world points ``(B, M, 3)``.
+        """Fixed world points ``(B, M, 3)`` -> moving world points ``(B, M, 3)``: ``p + u(p)``.
 
-        Evaluated in chunks of query points so that at most ``chunk_elements`` kernel values
-        (query x control point) exist at once.  This one function serves both the dense warp
-        and the mapping of keypoints.
+        See :meth:`displacement` for precision and memory.
+        """
+        return points + self.displacement(points, chunk_elements)
+
+    def displacement(self, points: torch.Tensor, chunk_elements: int = KERNEL_CHUNK_ELEMENTS) -> torch.Tensor:
+        """``u(p) = T(p) - p`` (world mm) at fixed world points ``(B, M, 3)``.
+
+        Computed as ``s (U W + x~ (A - I) + b)`` without cancellation, so an identity TPS gives
+        exactly zero up to the solver's rounding.
+
+        Computed in the points' dtype (float32 points: fast dense evaluation, about 1e-6 of the
+        field of view; float64: exact to rounding), in chunks of query points so that at most
+        ``chunk_elements`` kernel values (query x control point) exist at once.  This one
+        function serves both the dense warp and the mapping of keypoints.
         """
         if points.ndim != 3 or points.shape[0] != self.batch_size or points.shape[-1] != 3:
             raise ShapeError(f"points must be ({self.batch_size}, M, 3), got {tuple(points.shape)}")
-        dtype = self.kernel_weights.dtype
-        n = self.control_points.shape[1]
-        step = max(1, chunk_elements // max(n, 1))
-        center = self.center.unsqueeze(1)
-        scale = self.scale.view(-1, 1, 1)
-        out = []
+        dt = points.dtype if points.dtype in (torch.float32, torch.float64) else torch.float32
+        ctrl = self.control_points.to(dt)
+        weights = self.kernel_weights.to(dt)
+        eye = torch.eye(3, dtype=self.affine.dtype, device=self.affine.device)
+        lin, shift = (self.affine[:, :3] - eye).to(dt), self.affine[:, 3:4].to(dt)
+        center = self.center.unsqueeze(1).to(dt)
+        scale = self.scale.view(-1, 1, 1).to(dt)
+        ctrl_sq = ctrl.pow(2).sum(-1).unsqueeze(1)  # (B, 1, N)
+        step = max(1, chunk_elements // max(ctrl.shape[1], 1))
+        out = torch.empty(points.shape, dtype=dt, device=points.device)
         for start in range(0, points.shape[1], step):
-            x = (points[:, start : start + step].to(dtype) - center) / scale
-            u = tps_kernel(_sq_dist(x, self.control_points))  # (B, m, N)
-            f = u @ self.kernel_weights + x @ self.affine[:, :3] + self.affine[:, 3:4]
-            out.append((center + scale * f).to(points.dtype))
-        return torch.cat(out, dim=1) if out else points.clone()
+            x = (points[:, start : start + step].to(dt) - center) / scale
+            r2 = (x.pow(2).sum(-1, keepdim=True) + ctrl_sq - 2 * x @ ctrl.transpose(1, 2)).clamp_min(0)
+            out[:, start : start + step] = scale * (tps_kernel(r2) @ weights + x @ lin + shift)
+        return out.to(points.dtype)
 
     def to(self, device: torch.device | str) -> "ThinPlateSpline":
         return ThinPlateSpline(*(t.to(device) for t in (self.control_points, self.kernel_weights,

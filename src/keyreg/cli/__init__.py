@@ -1,0 +1,58 @@
+"""The ``keyreg`` command line: a thin layer over :mod:`keyreg.api`.
+
+Errors caused by input (:class:`keyreg.errors.KeyregError`) print one line and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..errors import KeyregError
+
+__all__ = ["main", "build_parser"]
+
+# (module, help) of each sub-command; each module has add_arguments(parser) and run(args) -> int
+COMMANDS = {
+    "register": ("register", "register moving image(s) to fixed image(s) through learned keypoints"),
+    "models": ("models", "list the bundled models, or describe a model file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib import import_module
+
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="keyreg", description="Robust multi-modal image registration through learned keypoints.")
+    parser.add_argument("--version", action="version", version=f"keyreg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = import_module(f".{module}", __name__)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyregError as e:
+        print(f"keyreg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"keyreg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Writing a registration's outputs to disk (layout documented in ``docs/outputs.md``).
+
+Per pair directory::
+
+    keypoints_fixed.csv / .mrk.json      fixed keypoints, world (CSV: RAS, Slicer: LPS)
+    keypoints_moving.csv / .mrk.json     moving keypoints
+    <align>/warped.nii.gz                moving image on the fixed grid (fixed header)
+    <align>/warped_seg.nii.gz            moving segmentation on the fixed grid (if given)
+    <align>/keypoints_aligned.csv/.mrk.json   moving keypoints mapped into the fixed space
+    <align>/transform_matrix.txt         rigid/affine: 4x4 RAS, fixed -> moving
+    <align>/transform.tfm                rigid/affine: ITK (LPS), fixed -> moving
+    <align>/transform_0GenericAffine.mat rigid/affine: ANTs
+    <align>/transform.lta                rigid/affine: FreeSurfer (moving -> fixed RAS)
+    <align>/warp.nii.gz                  TPS: ITK/ANTs displacement field on the fixed grid
+    <align>/tps.json                     TPS: keypoint pairs, lambda, weights, normalisation
+    <align>/qc.png                       with visualize=True
+
+Every file is written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .io import atomic_write_text, save_volume
+
+if TYPE_CHECKING:
+    from .api import AlignmentResult, Registration
+
+__all__ = ["save_alignment", "save_registration", "save_keypoints", "tps_to_dict"]
+
+
+def save_keypoints(directory: Path, stem: str, points: np.ndarray,
+                   weights: np.ndarray | None = None) -> dict[str, Path]:
+    """``stem.csv`` (RAS) and ``stem.mrk.json`` (Slicer, LPS) for ``(K, 3)`` world points."""
+    from .formats import write_markups_json, write_points_csv
+
+    labels = [f"K-{i + 1}" for i in range(len(points))]
+    csv = write_points_csv(directory / f"{stem}.csv", points, labels=labels, weights=weights)
+    mrk = write_markups_json(directory / f"{stem}.mrk.json", points, labels=labels)
+    return {f"{stem}_csv": Path(csv), f"{stem}_mrk": Path(mrk)}
+
+
+def tps_to_dict(res: "AlignmentResult") -> dict:
+    """Everything needed to rebuild a TPS exactly: keypoint pairs (world RAS), lambda, weights and
+    the normalisation (centre, scale)."""
+    tps = res.transform
+    return {
+        "format": "keyreg-tps",
+        "format_version": 1,
+        "direction": "moving_from_fixed (fixed RAS mm -> moving RAS mm)",
+        "kernel": "r^2 log r",
+        "lambda": res.spec.lmbda,
+        "center_ras": tps.center[0].tolist(),
+        "scale_mm": float(tps.scale[0]),
+        "fixed_keypoints_ras": np.asarray(res.fixed_keypoints).tolist(),
+        "moving_keypoints_ras": np.asarray(res.moving_keypoints).tolist(),
+        "weights": None if res.weights is None else np.asarray(res.weights).tolist(),
+    }
+
+
+def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: bool = True,
+                   visualize: bool = False) -> dict[str, Path]:
+    """Write one alignment's files into ``directory`` (created if needed)."""
+    from .formats import write_ants_mat, write_displacement_field, write_itk_affine, write_lta, write_matrix_txt
+
+    out: dict[str, Path] = {}
+    directory.mkdir(parents=True, exist_ok=True)
+    if write_images and res.warped is not None:
+        out["warped"] = save_volume(res.warped.data, res.fixed, directory / "warped.nii.gz")
+    if write_images and res.warped_seg is not None:
+        out["warped_seg"] = save_volume(res.warped_seg.data, res.fixed, directory / "warped_seg.nii.gz",
+                                        dtype=np.int32)
+    aligned = res.aligned_keypoints
+    out.update(save_keypoints(directory, "keypoints_aligned", aligned, res.weights))
+    matrix = res.matrix
+    if matrix is not None:
+        out["matrix"] = Path(write_matrix_txt(directory / "transform_matrix.txt", matrix))
+        out["itk"] = Path(write_itk_affine(directory / "transform.tfm", matrix))
+        out["ants"] = Path(write_ants_mat(directory / "transform_0GenericAffine.mat", matrix))
+        out["lta"] = Path(write_lta(directory / "transform.lta", matrix, res.moving.shape, res.moving.affine,
+                                    res.fixed.shape, res.fixed.affine, moving_name=res.moving.name,
+                                    fixed_name=res.fixed.name))
+    else:
+        out["warp"] = Path(write_displacement_field(directory / "warp.nii.gz", res.displacement(),
+                                                    res.fixed.affine, header=res.fixed.header))
+        out["tps"] = atomic_write_text(directory / "tps.json", json.dumps(tps_to_dict(res), indent=1) + "\n")
+    if visualize and res.warped is not None:
+        from .viz import save_qc_figure
+
+        out["qc"] = Path(save_qc_figure(
+            directory / "qc.png", res.fixed, res.moving, res.warped,
+            fixed_keypoints=res.fixed_keypoints, moving_keypoints=res.moving_keypoints,
+            aligned_keypoints=aligned, title=f"{res.moving.name} -> {res.fixed.name}  [{res.name}]"))
+    return out
+
+
+def save_registration(reg: "Registration", directory: Path, *, write_images: bool = True,
+                      visualize: bool = False) -> dict[str, Path]:
+    """Write the keypoints of both images and every alignment (one sub-directory per align)."""
+    out: dict[str, Path] = {}
+    out.update(save_keypoints(directory, "keypoints_fixed", reg.fixed_keypoints.numpy(), reg.weights))
+    out.update(save_keypoints(directory, "keypoints_moving", reg.moving_keypoints.numpy(), reg.weights))
+    for res in reg:
+        files = save_alignment(res, directory / res.name, write_images=write_images, visualize=visualize)
+        out.update({f"{res.name}/{k}": v for k, v in files.items()})
+    return out

@@ -1,0 +1,117 @@
+"""Which moving image goes with which fixed image (files or directories)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, ImageIOError
+from .io import is_nifti_path
+
+__all__ = ["Pair", "build_pairs", "list_nifti", "pair_name"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    moving: Path
+    fixed: Path
+    moving_seg: Path | None = None
+    fixed_seg: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return pair_name(self.moving, self.fixed)
+
+
+def _stem(path: Path) -> str:
+    n = path.name
+    for suf in (".nii.gz", ".nii"):
+        if n.lower().endswith(suf):
+            return n[: -len(suf)]
+    return path.stem
+
+
+def pair_name(moving: Path, fixed: Path) -> str:
+    """``<moving>_to_<fixed>`` from the file names (without ``.nii[.gz]``)."""
+    m, f = _stem(moving), _stem(fixed)
+    return m if m == f and moving != fixed else f"{m}_to_{f}"
+
+
+def list_nifti(directory: Path) -> list[Path]:
+    """NIfTI files directly in ``directory``, sorted by name."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and is_nifti_path(p))
+    if not files:
+        raise ImageIOError(f"{directory}: no .nii or .nii.gz files in this directory")
+    return files
+
+
+def _kind(path: Path | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    if not path.exists():
+        raise ImageIOError(f"{path}: {flag} does not exist")
+    return "dir" if path.is_dir() else "file"
+
+
+def build_pairs(
+    moving: str | Path,
+    fixed: str | Path,
+    moving_seg: str | Path | None = None,
+    fixed_seg: str | Path | None = None,
+    *,
+    all_pairs: bool = False,
+) -> tuple[list[Pair], list[str]]:
+    """Build the list of pairs to register and a list of warnings (unmatched files).
+
+    * two files: one pair;
+    * two directories: files with identical names are paired (sorted by name); with ``all_pairs``
+      every moving image is paired with every fixed image (an image is not paired with itself);
+    * segmentations: files for file inputs, directories (same file names) for directory inputs;
+    * a file paired with a directory is an error.
+    """
+    moving, fixed = Path(moving), Path(fixed)
+    ms = None if moving_seg is None else Path(moving_seg)
+    fs = None if fixed_seg is None else Path(fixed_seg)
+    km, kf = _kind(moving, "--moving"), _kind(fixed, "--fixed")
+    if km != kf:
+        raise ConfigError(f"--moving is a {km} but --fixed is a {kf}: give two files or two directories")
+    for seg, flag in ((ms, "--moving_seg"), (fs, "--fixed_seg")):
+        k = _kind(seg, flag)
+        if k is not None and k != km:
+            raise ConfigError(f"{flag} must be a {km} like --moving and --fixed, got a {k}")
+    if km == "file":
+        if all_pairs:
+            raise ConfigError("--all_pairs needs directories for --moving and --fixed")
+        return [Pair(moving, fixed, ms, fs)], []
+
+    warnings: list[str] = []
+    mov_files, fix_files = list_nifti(moving), list_nifti(fixed)
+
+    def seg_for(seg_dir: Path | None, img: Path) -> Path | None:
+        if seg_dir is None:
+            return None
+        p = seg_dir / img.name
+        if not p.exists():
+            warnings.append(f"no segmentation {p} for {img}")
+            return None
+        return p
+
+    pairs: list[Pair] = []
+    if all_pairs:
+        for m in mov_files:
+            for f in fix_files:
+                if m.resolve() != f.resolve():
+                    pairs.append(Pair(m, f, seg_for(ms, m), seg_for(fs, f)))
+    else:
+        fixed_by_name = {f.name: f for f in fix_files}
+        for m in mov_files:
+            f = fixed_by_name.pop(m.name, None)
+            if f is None:
+                warnings.append(f"moving {m.name} has no fixed image of the same name")
+                continue
+            pairs.append(Pair(m, f, seg_for(ms, m), seg_for(fs, f)))
+        warnings += [f"fixed {n} has no moving image of the same name" for n in sorted(fixed_by_name)]
+    if not pairs:
+        raise ConfigError(f"no pairs to register between {moving} and {fixed} "
+                          f"(directories are paired by identical file names; see --all_pairs)")
+    return pairs, list(dict.fromkeys(warnings))

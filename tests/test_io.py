@@ -1,0 +1,169 @@
+"""Reading volumes: accepted inputs, validation errors, atomic writes."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import save_nifti
+from keyreg.errors import ImageContentError, ImageIOError, OutputError
+from keyreg.io import Volume, atomic_path, load_volume, save_volume
+
+AFF = np.diag([1.5, 1.0, 2.0, 1.0])
+
+
+def image(shape=(6, 7, 5), seed=0):
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+def test_accepted_inputs_agree(tmp_path):
+    data = image()
+    path = save_nifti(tmp_path / "a.nii.gz", data, AFF)
+    from_path = load_volume(path)
+    assert from_path.name == "a" and from_path.shape == (6, 7, 5)
+    np.testing.assert_array_equal(from_path.affine, AFF)
+    for src in (nib.load(path), (data, AFF), from_path, torch.from_numpy(data)):
+        v = load_volume(src, affine=AFF if torch.is_tensor(src) else None)
+        np.testing.assert_array_equal(v.data, data)
+        np.testing.assert_array_equal(v.affine, AFF)
+
+
+def test_four_d_single_volume_is_accepted(tmp_path):
+    path = save_nifti(tmp_path / "a.nii", image((6, 7, 5, 1)), AFF)
+    assert load_volume(path).shape == (6, 7, 5)
+
+
+def test_labels_are_integers_never_normalised(tmp_path):
+    lab = np.zeros((6, 7, 5), dtype=np.float32)
+    lab[2:4] = 41
+    lab[0] = 1_000_003
+    v = load_volume(save_nifti(tmp_path / "s.nii.gz", lab, AFF), kind="labels")
+    assert v.data.dtype == np.int64 and set(np.unique(v.data)) == {0, 41, 1_000_003}
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("missing", ImageIOError, "does not exist"),
+    ("directory", ImageIOError, "is a directory"),
+    ("not_nifti_name", ImageIOError, "not a NIfTI file name"),
+    ("garbage", ImageIOError, "cannot read as NIfTI"),
+    ("corrupt_gzip", ImageIOError, "corrupt|cannot read"),
+    ("empty", ImageIOError, "cannot read as NIfTI"),
+    ("two_d", ImageContentError, "expected a 3-D volume"),
+    ("multi_volume", ImageContentError, "expected a 3-D volume"),
+    ("thin", ImageContentError, "at least 2 voxels"),
+    ("nan", ImageContentError, "NaN or Inf"),
+    ("inf", ImageContentError, "NaN or Inf"),
+    ("constant", ImageContentError, "constant"),
+])
+def test_bad_images(tmp_path, case, error, match):
+    p = tmp_path / "x.nii.gz"
+    if case == "missing":
+        p = tmp_path / "nope.nii.gz"
+    elif case == "directory":
+        p = tmp_path / "dir.nii.gz"
+        p.mkdir()
+    elif case == "not_nifti_name":
+        p = tmp_path / "x.txt"
+        p.write_text("hello")
+    elif case == "garbage":
+        p.write_bytes(gzip.compress(b"definitely not nifti" * 20))
+    elif case == "corrupt_gzip":
+        save_nifti(p, image((20, 20, 20)), AFF)
+        raw = p.read_bytes()
+        p.write_bytes(raw[: len(raw) // 2])
+    elif case == "empty":
+        p.write_bytes(b"")
+    elif case == "two_d":
+        save_nifti(p, image((6, 7)), AFF)
+    elif case == "multi_volume":
+        save_nifti(p, image((6, 7, 5, 3)), AFF)
+    elif case == "thin":
+        save_nifti(p, image((6, 1, 5)), AFF)
+    elif case in ("nan", "inf"):
+        d = image()
+        d[1, 2, 3] = np.nan if case == "nan" else np.inf
+        save_nifti(p, d, AFF)
+    elif case == "constant":
+        save_nifti(p, np.full((6, 7, 5), 3.0, dtype=np.float32), AFF)
+    with pytest.raises(error, match=match):
+        load_volume(p)
+
+
+def test_bad_label_maps(tmp_path):
+    d = np.zeros((6, 7, 5), dtype=np.float32)
+    d[1] = 2.5
+    with pytest.raises(ImageContentError, match="non-integer"):
+        load_volume(save_nifti(tmp_path / "s.nii.gz", d, AFF), kind="labels")
+    d[1] = np.nan
+    with pytest.raises(ImageContentError, match="NaN"):
+        load_volume(save_nifti(tmp_path / "t.nii.gz", d, AFF), kind="labels")
+
+
+def test_array_needs_affine_and_valid_affine():
+    with pytest.raises(ImageContentError, match="needs an affine"):
+        load_volume(image())
+    with pytest.raises(ImageContentError, match="invalid affine"):
+        load_volume((image(), np.zeros((4, 4))))
+
+
+def test_too_many_voxels_rejected_before_reading(tmp_path, monkeypatch):
+    import keyreg.io as kio
+
+    monkeypatch.setattr(kio, "MAX_VOXELS", 100)
+    with pytest.raises(ImageContentError, match="more than the 100"):
+        load_volume(save_nifti(tmp_path / "a.nii.gz", image(), AFF))
+
+
+def test_save_volume_carries_reference_header(tmp_path):
+    ref = load_volume(save_nifti(tmp_path / "ref.nii.gz", image(), AFF))
+    out = save_volume(np.ones(ref.shape, dtype=np.float32) * 2, ref, tmp_path / "out" / "w.nii.gz")
+    img = nib.load(out)
+    np.testing.assert_array_equal(img.affine, AFF)
+    assert int(img.header["sform_code"]) == 1 and img.get_fdata().max() == 2
+    with pytest.raises(ImageContentError, match="does not match grid"):
+        save_volume(np.ones((2, 2, 2)), ref, tmp_path / "bad.nii.gz")
+    with pytest.raises(OutputError, match="must end in .nii"):
+        save_volume(np.ones(ref.shape), ref, tmp_path / "bad.img")
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "result.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    ref = Volume(image(), AFF)
+
+    def fake_save(img, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", fake_save)
+    with pytest.raises(OutputError, match="No space left"):
+        save_volume(ref.data, ref, tmp_path / "w.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uncreatable_output_directory_is_a_clean_error():
+    ref = Volume(image(), AFF)
+    with pytest.raises(OutputError, match="cannot create output directory"):
+        save_volume(ref.data, ref, "/proc/keyreg-test/w.nii.gz")
+
+
+def test_volume_repr_shows_geometry():
+    v = Volume(image(), AFF, name="t1")
+    assert "shape=(6, 7, 5)" in repr(v) and "1.5x1x2 mm" in repr(v) and "RAS" in repr(v)
