@@ -1,0 +1,155 @@
+"""Quality-control figures (PNG): orthogonal slices of images with their keypoints.
+
+Slices are shown in the closest canonical (RAS) orientation with the true voxel aspect ratio:
+axial and coronal slices in neurological convention (the subject's right on the figure's right),
+sagittal with anterior to the right. Keypoints are given
+in world RAS mm and drawn on a slice when they lie within ``slab_mm`` of its plane.
+The figures use matplotlib's non-interactive ``Agg`` backend and are written atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .geometry import fov_center
+from .io import Volume, atomic_path
+
+__all__ = ["canonical_view", "save_qc_figure", "save_keypoint_figure"]
+
+_PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # plane name, canonical axis held fixed
+
+
+def canonical_view(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """``volume`` reoriented to the closest RAS axes.
+
+    Returns:
+        ``(data, affine)``: the reoriented array and its world-from-voxel affine (exact for
+        oblique images: keypoints mapped with its inverse land on the displayed voxels).
+    """
+    ornt = nib.orientations.io_orientation(volume.affine)
+    data = nib.orientations.apply_orientation(np.asarray(volume.data), ornt)
+    affine = volume.affine @ nib.orientations.inv_ornt_aff(ornt, volume.data.shape[:3])
+    return data, affine
+
+
+def _slice(data: np.ndarray, axis: int, index: int) -> np.ndarray:
+    s = np.take(data, index, axis=axis)
+    return s.T  # rows = second remaining axis (displayed upwards with origin="lower")
+
+
+def _display_range(data: np.ndarray) -> tuple[float, float]:
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [1, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _draw_row(axes, volume: Volume, center_world: np.ndarray,
+              keypoint_sets: Sequence[tuple[np.ndarray, str, str]], slab_mm: float, label: str) -> None:
+    data, affine = canonical_view(volume)
+    vmin, vmax = _display_range(data)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    center_vox = np.linalg.inv(affine) @ np.append(center_world, 1.0)
+    for ax, (plane, axis) in zip(axes, _PLANES):
+        index = int(np.clip(round(center_vox[axis]), 0, data.shape[axis] - 1))
+        other = [a for a in range(3) if a != axis]
+        ax.imshow(_slice(data, axis, index), cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
+                  aspect=spacing[other[1]] / spacing[other[0]], interpolation="nearest")
+        for points, color, marker in keypoint_sets:
+            if points is None or len(points) == 0:
+                continue
+            vox = (np.linalg.inv(affine) @ np.c_[points, np.ones(len(points))].T).T[:, :3]
+            near = np.abs(vox[:, axis] - index) * spacing[axis] <= slab_mm
+            ax.scatter(vox[near, other[0]], vox[near, other[1]], s=14, c=color, marker=marker,
+                       linewidths=0.8, edgecolors="black" if marker == "o" else None)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{label} — {plane}", fontsize=8)
+
+
+def _figure(rows: int):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
+    return plt, fig, axes
+
+
+def _save(plt, fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_qc_figure(
+    path: str | Path,
+    fixed: Volume,
+    moving: Volume,
+    warped: Volume,
+    *,
+    fixed_keypoints: np.ndarray | None = None,
+    moving_keypoints: np.ndarray | None = None,
+    aligned_keypoints: np.ndarray | None = None,
+    title: str = "",
+    slab_mm: float = 6.0,
+) -> Path:
+    """Four rows of orthogonal slices: fixed, moving, warped (on the fixed grid) and a colour
+    overlay of fixed (green) and warped (magenta) — grey where they agree.
+
+    Keypoints (world RAS mm, ``(K, 3)``): fixed (red dots) on the fixed and warped rows, moving
+    (cyan dots) on the moving row, and the moving keypoints carried into fixed space (yellow
+    crosses) on the warped row: after a good registration crosses sit on the dots.
+    """
+    path = Path(path)
+    plt, fig, axes = _figure(4)
+    c_fixed = affine_center(fixed)
+    _draw_row(axes[0], fixed, c_fixed, [(fixed_keypoints, "red", "o")], slab_mm, "fixed")
+    _draw_row(axes[1], moving, affine_center(moving), [(moving_keypoints, "cyan", "o")], slab_mm, "moving")
+    _draw_row(axes[2], warped, c_fixed,
+              [(fixed_keypoints, "red", "o"), (aligned_keypoints, "yellow", "x")], slab_mm, "warped")
+    f_data, f_aff = canonical_view(fixed)
+    w_data, _ = canonical_view(warped)
+    f_lo, f_hi = _display_range(f_data)
+    w_lo, w_hi = _display_range(w_data)
+    f_n = np.clip((f_data - f_lo) / (f_hi - f_lo), 0, 1)
+    w_n = np.clip((w_data - w_lo) / (w_hi - w_lo), 0, 1)
+    spacing = np.sqrt((f_aff[:3, :3] ** 2).sum(0))
+    center_vox = np.linalg.inv(f_aff) @ np.append(c_fixed, 1.0)
+    for ax, (plane, axis) in zip(axes[3], _PLANES):
+        index = int(np.clip(round(center_vox[axis]), 0, f_data.shape[axis] - 1))
+        other = [a for a in range(3) if a != axis]
+        g, m = _slice(f_n, axis, index), _slice(w_n, axis, index)
+        ax.imshow(np.stack([m, g, m], axis=-1), origin="lower",
+                  aspect=spacing[other[1]] / spacing[other[0]], interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"fixed (green) / warped (magenta) — {plane}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def save_keypoint_figure(path: str | Path, volume: Volume, keypoints: np.ndarray, *,
+                         title: str = "", slab_mm: float = 6.0) -> Path:
+    """One row of orthogonal slices of ``volume`` with its keypoints (world RAS mm)."""
+    path = Path(path)
+    plt, fig, axes = _figure(1)
+    _draw_row(axes[0], volume, affine_center(volume), [(keypoints, "red", "o")], slab_mm, volume.name)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def affine_center(volume: Volume) -> np.ndarray:
+    """World coordinates (mm) of the centre of the volume's voxel grid."""
+    return np.asarray(fov_center(volume.affine, volume.shape), dtype=np.float64)
