@@ -1,0 +1,131 @@
+"""``keyreg register`` end to end on tiny synthetic NIfTI files with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import blob_image, grid_affine, rotation, save_nifti
+from keyreg.cli import main
+from keyreg.pairing import build_pairs
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Two directories of images (+ segmentations) with the same names, on different oblique grids."""
+    root = tmp_path / "data"
+    for sub in ("mov", "fix", "mov_seg", "fix_seg"):
+        (root / sub).mkdir(parents=True)
+    centres = [(-12.0, 5.0, 3.0), (10.0, -6.0, 8.0), (2.0, 12.0, -9.0), (-3.0, -10.0, -4.0)]
+    for i, name in enumerate(["a.nii.gz", "b.nii.gz"]):
+        for sub, shape, rot, spacing in (("fix", (28, 32, 24), rotation([1, 0, 0], 10 * i), (1.5, 1.2, 1.8)),
+                                         ("mov", (30, 26, 28), rotation([0, 1, 1], 25), (1.4, 1.6, 1.3))):
+            aff = grid_affine(spacing, rot, shape=shape)
+            img = blob_image(shape, aff, centres, radius=6.0)
+            seg = np.zeros(shape, dtype=np.int16)
+            for lab, lev in zip((2, 41, 17, 53), np.linspace(0.3, 1.0, 4)):
+                seg[np.abs(img - lev) < 1e-3] = lab
+            save_nifti(root / sub / name, img + 0.01 * np.random.default_rng(i).random(shape).astype(np.float32), aff)
+            save_nifti(root / f"{sub}_seg" / name, seg, aff)
+    return root
+
+
+def run(*args):
+    return main(["register", *map(str, args)])
+
+
+def test_single_pair_writes_everything(data, tiny_model_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = run("--moving", data / "mov/a.nii.gz", "--fixed", data / "fix/a.nii.gz",
+             "--moving_seg", data / "mov_seg/a.nii.gz", "--fixed_seg", data / "fix_seg/a.nii.gz",
+             "--load_path", tiny_model_files, "--list_of_aligns", "rigid", "affine", "tps_0", "tps_10",
+             "--list_of_metrics", "mse", "ncc", "harddice", "jdstd", "jdlessthan0",
+             "--save_eval_to_disk", "--visualize", "--save_dir", out, "--device", "cpu")
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "| align |" in stdout and "tps_10" in stdout
+    pair = out / "pairs" / "a"
+    for f in ("keypoints_fixed.csv", "keypoints_moving.csv", "keypoints_fixed.mrk.json"):
+        assert (pair / f).is_file()
+    for align in ("rigid", "affine"):
+        for f in ("warped.nii.gz", "warped_seg.nii.gz", "transform_matrix.txt", "transform.tfm",
+                  "transform_0GenericAffine.mat", "transform.lta", "keypoints_aligned.csv", "qc.png"):
+            assert (pair / align / f).is_file(), f"{align}/{f}"
+    for f in ("warp.nii.gz", "tps.json", "warped.nii.gz", "qc.png"):
+        assert (pair / "tps_0" / f).is_file()
+    warped = nib.load(pair / "affine" / "warped.nii.gz")
+    fixed = nib.load(data / "fix/a.nii.gz")
+    assert warped.shape == fixed.shape
+    np.testing.assert_allclose(warped.affine, fixed.affine, atol=1e-6)
+    seg = np.asarray(nib.load(pair / "tps_0" / "warped_seg.nii.gz").dataobj)
+    assert set(np.unique(seg)) <= {0, 2, 41, 17, 53}
+    rows = json.loads((out / "metrics.json").read_text())["results"]
+    assert {r["align"] for r in rows} == {"rigid", "affine", "tps_0", "tps_10"}
+    assert all(0 <= r["harddice"] <= 1 for r in rows)
+    assert "harddice_per_label" in rows[0]
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("pair,moving,fixed,align")
+    assert next(r for r in rows if r["align"] == "rigid")["jdstd"] == pytest.approx(0.0, abs=1e-9)
+    assert not list(out.rglob("*.tmp*")), "temporary files left behind"
+
+
+def test_directories_all_pairs_and_a_bad_file(data, tiny_model_files, tmp_path, capsys):
+    (data / "mov" / "c.nii.gz").write_bytes(b"corrupt")
+    (data / "fix" / "bad.nii.gz").write_bytes(b"corrupt")  # every pair with a corrupt file fails, the rest go on
+    out = tmp_path / "out"
+    rc = run("--moving", data / "mov", "--fixed", data / "fix", "--all_pairs", "--load_path", tiny_model_files,
+             "--list_of_aligns", "affine", "--save_dir", out)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "pair(s) failed" in err and "bad.nii.gz" in err
+    rows = json.loads((out / "metrics.json").read_text())
+    assert len(rows["results"]) == 4  # a,b x a,b
+    assert len(rows["failures"]) == 5  # a->bad, b->bad, c->a, c->b, c->bad
+
+
+def test_directory_pairing_by_name(data):
+    (data / "mov" / "only_moving.nii.gz").write_bytes(b"x")
+    pairs, warnings = build_pairs(data / "mov", data / "fix", data / "mov_seg", data / "fix_seg")
+    assert [p.name for p in pairs] == ["a", "b"]
+    assert pairs[0].fixed_seg == data / "fix_seg" / "a.nii.gz"
+    assert any("only_moving" in w for w in warnings)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--list_of_aligns", "similarity"], "unknown align 'similarity'"),
+    (["--list_of_metrics", "dice"], "unknown metric"),
+    (["--num_keypoints", "99"], "not the requested 99"),
+    (["--backbone", "conv"], "not the requested conv"),
+])
+def test_bad_options_give_one_line(data, tiny_model_files, tmp_path, capsys, args, match):
+    rc = run("--moving", data / "mov/a.nii.gz", "--fixed", data / "fix/a.nii.gz", "--load_path", tiny_model_files,
+             "--save_dir", tmp_path / "o", *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("keyreg register: error:")
+    assert __import__("re").search(match, err[0])
+    assert not (tmp_path / "o").exists()
+
+
+def test_file_with_directory_is_an_error(data, tiny_model_files, capsys):
+    rc = run("--moving", data / "mov/a.nii.gz", "--fixed", data / "fix", "--load_path", tiny_model_files)
+    assert rc == 2
+    assert "is a file but --fixed is a dir" in capsys.readouterr().err
+
+
+def test_missing_input_and_seg_grid_mismatch(data, tiny_model_files, tmp_path, capsys):
+    rc = run("--moving", data / "mov/zzz.nii.gz", "--fixed", data / "fix/a.nii.gz", "--load_path", tiny_model_files)
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = run("--moving", data / "mov/a.nii.gz", "--fixed", data / "fix/a.nii.gz",
+             "--moving_seg", data / "fix_seg/a.nii.gz", "--fixed_seg", data / "fix_seg/a.nii.gz",
+             "--load_path", tiny_model_files, "--save_dir", tmp_path / "o")
+    assert rc == 2 and "does not match its image grid" in capsys.readouterr().err
+
+
+def test_models_command_lists_or_describes(tiny_model_files, capsys):
+    assert main(["models", str(tiny_model_files)]) == 0
+    out = capsys.readouterr().out
+    assert "truncatedunet K=12" in out and "ras, 24x24x24 at 8x8x8 mm" in out
