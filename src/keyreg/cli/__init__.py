@@ -18,6 +18,8 @@ __all__ = ["main", "build_parser"]
 COMMANDS = {
     "register": ("register", "register moving image(s) to fixed image(s) through learned keypoints"),
     "models": ("models", "list the bundled models, or describe a model file"),
+    "train": ("train", "train a keypoint model (synthetic contrasts from label maps, or real images)"),
+    "pretrain": ("pretrain", "self-supervised initialisation: keypoints regressed onto moved reference points"),
 }
 
 

@@ -38,6 +38,9 @@ class ArchitectureConfig:
             raise ConfigError(f"num_keypoints must be >= 1, got {self.num_keypoints}")
         if self.backbone == "unet" and self.num_truncated:
             object.__setattr__(self, "num_truncated", 0)
+        if self.backbone != "conv" and not (self.num_levels >= 2 and 0 <= self.num_truncated < self.num_levels):
+            raise ConfigError(f"a U-Net needs num_levels >= 2 and 0 <= num_truncated < num_levels, "
+                              f"got num_levels={self.num_levels}, num_truncated={self.num_truncated}")
 
     def describe(self) -> str:
         if self.backbone == "conv":

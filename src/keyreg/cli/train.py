@@ -1,0 +1,98 @@
+"""``keyreg train`` / ``keyreg pretrain``: flags mirror the official ``run.py``; runs under ``torchrun`` too."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from ..train.trainer import TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
+    d = p.add_argument_group("data")
+    d.add_argument("--label_maps", nargs="+", default=[], metavar="PATH",
+                   help="label maps (files or directories) to synthesise training images from")
+    d.add_argument("--val_label_maps", nargs="+", default=[], metavar="PATH",
+                   help="held-out label maps for validation (default: the training maps)")
+    d.add_argument("--data_dir", help="real images: ROOT/<modality>/<name>.nii.gz (+ ROOT/<modality>_seg/) "
+                                      "or a CSV with img_path, seg_path, modality, train columns")
+    d.add_argument("--save_dir", default=f"./runs/{mode}", help="checkpoints, log.csv and the final model")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--name", default=_DEFAULTS.name, help="model name recorded in its config")
+    m.add_argument("--backbone", choices=["conv", "unet", "truncatedunet"], default=_DEFAULTS.backbone)
+    m.add_argument("--num_keypoints", type=int, default=_DEFAULTS.num_keypoints)
+    m.add_argument("--num_levels", type=int, default=_DEFAULTS.num_levels)
+    m.add_argument("--num_truncated", type=int, default=_DEFAULTS.num_truncated)
+    m.add_argument("--f_maps", type=int, default=_DEFAULTS.f_maps)
+    m.add_argument("--grid_shape", type=int, default=_DEFAULTS.grid_shape, help="network input voxels per axis")
+    m.add_argument("--voxel_size", type=float, default=_DEFAULTS.voxel_size, help="network input voxel size (mm)")
+    m.add_argument("--load_path", help="start from this model (keyreg or official checkpoint)")
+
+    o = p.add_argument_group("objective")
+    if mode == "train":
+        o.add_argument("--kp_align_method", "--transform_type", dest="kp_align_method",
+                       choices=["rigid", "affine", "tps", "mixed"], default=_DEFAULTS.kp_align_method)
+        o.add_argument("--tps_lmbda", default=_DEFAULTS.tps_lmbda,
+                       help="a number, or uniform | lognormal | loguniform (sampled per step)")
+        o.add_argument("--loss_fn", choices=["dice", "mse"], default=_DEFAULTS.loss_fn)
+        o.add_argument("--kpconsistency_coeff", type=float, default=_DEFAULTS.kpconsistency_coeff)
+        o.add_argument("--max_train_keypoints", type=int, help="random subset of keypoints per TPS fit")
+        o.add_argument("--weighted_kp_align", action="store_true", help="power-weighted fits")
+        o.add_argument("--max_displacement", type=float, default=_DEFAULTS.max_displacement,
+                       help="amplitude (mm) of the random nonlinear deformation")
+    o.add_argument("--mix_modalities", action=argparse.BooleanOptionalAction, default=_DEFAULTS.mix_modalities,
+                   help="fixed and moving get different contrasts")
+    o.add_argument("--max_rotation", type=float, default=_DEFAULTS.max_rotation,
+                   help="degrees of random rotation (180 = any orientation)")
+
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--steps", "--train_num_steps", dest="steps", type=int, default=_DEFAULTS.steps)
+    t.add_argument("--batch_size", type=int, default=_DEFAULTS.batch_size, help="pairs per step and process")
+    t.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    t.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    t.add_argument("--use_amp", action="store_true", help="bf16 autocast on GPU")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU under torchrun, else best)")
+    t.add_argument("--checkpoint_every", type=int, default=_DEFAULTS.checkpoint_every)
+    t.add_argument("--val_every", type=int, default=_DEFAULTS.val_every)
+    t.add_argument("--num_val_pairs", type=int, default=_DEFAULTS.num_val_pairs)
+    t.add_argument("--resume", action="store_true", help="continue from save_dir/checkpoints/latest")
+    if mode == "train":
+        t.add_argument("--eval", action="store_true", help="only validate --load_path and print the table")
+    t.add_argument("--use_wandb", action="store_true", help="log to Weights & Biases (pip install wandb)")
+    t.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed flags (flags absent in this mode keep their defaults)."""
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values["mode"] = mode
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace, mode: str = "train") -> int:
+    from pathlib import Path
+
+    from ..train.trainer import Trainer, train
+
+    cfg = config_from_args(args, mode)
+    if getattr(args, "eval", False):
+        if not cfg.load_path:
+            from ..errors import ConfigError
+
+            raise ConfigError("--eval needs --load_path")
+        scores = Trainer(cfg).validate()
+        print("| align | mean Dice |\n|---|---|")
+        for k, v in scores.items():
+            print(f"| {k} | {v:.3f} |")
+        return 0
+    last = train(cfg, resume=args.resume, progress=not args.no_progress)
+    model = Path(cfg.save_dir) / "model.safetensors"
+    if model.exists():
+        print(f"model written to {model} (+ .json); last step: " +
+              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in last.items() if k != "val"))
+    return 0

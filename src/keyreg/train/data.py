@@ -1,0 +1,213 @@
+"""Training data: banks of label maps (synthetic contrasts) or real images, and the pairs drawn from them.
+
+Every pair lives on the model's network grid (RAS, ``GridSpec`` of the model config) centred on
+each source's field of view, so keypoints in world mm of that grid are what the fits see at test
+time. Spatial augmentation is applied to the label map (or image) with a single resampling.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, ImageIOError
+from ..geometry import fov_center
+from ..io import is_nifti_path, load_volume
+from ..preprocess import GridSpec, network_grid_affine
+from .synth import (IntensityAugment, SpatialAugment, random_affine, random_means, random_smooth_field,
+                    synthesize_image, warp_labels_on_grid)
+
+__all__ = ["LabelMapBank", "PairBatch", "SyntheticPairs", "list_label_maps", "brain_label_table",
+           "read_image_table"]
+
+#: size of the id lookup tables (FreeSurfer ids used by the maps are < 1024)
+ID_TABLE = 1024
+
+
+def list_label_maps(sources: Sequence[str | Path]) -> list[Path]:
+    """Files given directly, or the NIfTI files of given directories (sorted)."""
+    out: list[Path] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if is_nifti_path(q))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ImageIOError(f"{p}: no such file or directory")
+    if not out:
+        raise ImageIOError(f"no label maps found in {', '.join(map(str, sources))}")
+    return out
+
+
+def brain_label_table(ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """Lookup ``(ID_TABLE,)`` raw id -> class index for the Dice loss, and the class ids.
+
+    Classes are the brain structures (0 < id < 500); background and extra-cerebral tissue map to 0.
+    """
+    brain = sorted(int(i) for i in set(ids) if 0 < int(i) < 500)
+    lut = torch.zeros(ID_TABLE, dtype=torch.long)
+    for c, i in enumerate(brain, start=1):
+        lut[i] = c
+    return lut, brain
+
+
+class LabelMapBank:
+    """Label maps held in memory on a storage grid (RAS, ``storage_voxel`` mm, centred on each map's
+    field of view), as int16 on ``device``."""
+
+    def __init__(self, paths: Sequence[Path], *, storage_voxel: float = 2.0, storage_shape: int = 128,
+                 device: torch.device | str = "cpu") -> None:
+        self.paths = list(paths)
+        self.device = torch.device(device)
+        self.maps: list[torch.Tensor] = []
+        self.affines: list[torch.Tensor] = []
+        ids: set[int] = set()
+        grid = GridSpec("ras", (storage_shape,) * 3, (storage_voxel,) * 3)
+        for p in self.paths:
+            vol = load_volume(p, kind="labels")
+            if int(vol.data.max()) >= ID_TABLE or int(vol.data.min()) < 0:
+                raise ConfigError(f"{p}: label ids must be in [0, {ID_TABLE})")
+            out_aff = network_grid_affine(vol.affine, vol.shape, grid)
+            src = torch.from_numpy(vol.data.astype(np.int16)).to(self.device)[None, None]
+            lab = warp_labels_on_grid(src, torch.from_numpy(vol.affine), grid.shape, torch.from_numpy(out_aff),
+                                      torch.eye(4, dtype=torch.float64)[None])
+            self.maps.append(lab[0, 0].to(torch.int16))
+            self.affines.append(torch.from_numpy(out_aff))
+            ids.update(torch.unique(lab).tolist())
+        self.ids = sorted(ids)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+
+@dataclass
+class PairBatch:
+    """A batch of training pairs on the network grid.
+
+    Attributes:
+        fixed, moving: ``(B, 1, *grid)`` images in [0, 1].
+        fixed_labels, moving_labels: ``(B, 1, *grid)`` raw label ids.
+        grid_affine: ``(4, 4)`` world-from-voxel of the network grid (shared by the batch).
+        moving_alt: ``(B, 1, *grid)`` the moving anatomy in a second contrast (same spatial transform),
+            for the keypoint-consistency loss, or ``None``.
+        fixed_transform, moving_transform: ``(B, 4, 4)`` the affine part of each image's augmentation
+            (network world -> storage world).
+    """
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_labels: torch.Tensor
+    moving_labels: torch.Tensor
+    grid_affine: torch.Tensor
+    moving_alt: torch.Tensor | None = None
+    fixed_transform: torch.Tensor | None = None
+    moving_transform: torch.Tensor | None = None
+    fixed_index: list[int] | None = None
+    moving_index: list[int] | None = None
+
+
+class SyntheticPairs:
+    """Random pairs of synthetic images from a :class:`LabelMapBank`.
+
+    Args:
+        bank: the label maps.
+        grid: the network input grid (``mode="ras"``).
+        spatial: augmentation ranges (the rotation range covers the sphere by default).
+        intensity: intensity model ranges.
+        same_subject_prob: probability that fixed and moving come from the same map.
+        mix_modalities: fixed and moving get independent contrasts (otherwise one shared contrast).
+        consistency: also return the moving anatomy in a second contrast.
+    """
+
+    def __init__(self, bank: LabelMapBank, grid: GridSpec, *, spatial: SpatialAugment | None = None,
+                 intensity: IntensityAugment | None = None, same_subject_prob: float = 0.2,
+                 mix_modalities: bool = True, consistency: bool = False) -> None:
+        if grid.mode != "ras":
+            raise ConfigError("synthetic training needs a 'ras' network grid")
+        self.bank, self.grid = bank, grid
+        self.spatial = spatial or SpatialAugment()
+        self.intensity = intensity or IntensityAugment()
+        self.same_subject_prob = same_subject_prob
+        self.mix_modalities = mix_modalities
+        self.consistency = consistency
+
+    def grid_affine(self, index: int) -> torch.Tensor:
+        """Network-grid affine of map ``index`` (its storage grid's centre, network voxel size)."""
+        store = self.bank.affines[index].numpy()
+        n = self.bank.maps[index].shape
+        return torch.from_numpy(network_grid_affine(store, n, self.grid))
+
+    def _warped_labels(self, index: int, g: torch.Generator, net_affine: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.bank.device
+        shape = self.grid.shape
+        center = torch.from_numpy(fov_center(net_affine.numpy(), shape))
+        mat = random_affine(1, g, center, self.spatial, device=dev)
+        disp = None
+        if self.spatial.max_displacement > 0:
+            disp = random_smooth_field(1, shape, float(self.grid.voxel_size[0]), g, self.spatial, device=dev)
+        src = self.bank.maps[index][None, None]
+        lab = warp_labels_on_grid(src, self.bank.affines[index], shape, net_affine, mat, disp)
+        return lab, mat
+
+    def sample(self, batch: int, generator: torch.Generator) -> PairBatch:
+        """Draw ``batch`` pairs (all randomness from ``generator``)."""
+        g, n = generator, len(self.bank)
+        dev = self.bank.device
+        f_lab, m_lab, f_mat, m_mat, f_idx, m_idx = [], [], [], [], [], []
+        # all maps share one network grid geometry relative to their storage grid; use map 0's
+        net_affine = self.grid_affine(0)
+        for _ in range(batch):
+            i = int(torch.randint(n, (), generator=g, device=dev))
+            same = n == 1 or float(torch.rand((), generator=g, device=dev)) < self.same_subject_prob
+            j = i if same else int((i + 1 + torch.randint(n - 1, (), generator=g, device=dev)) % n)
+            lf, mf = self._warped_labels(i, g, net_affine)
+            lm, mm = self._warped_labels(j, g, net_affine)
+            f_lab.append(lf), m_lab.append(lm), f_mat.append(mf), m_mat.append(mm)
+            f_idx.append(i), m_idx.append(j)
+        fixed_labels, moving_labels = torch.cat(f_lab), torch.cat(m_lab)
+        means_f = random_means(batch, ID_TABLE, g, device=dev)
+        means_m = random_means(batch, ID_TABLE, g, device=dev) if self.mix_modalities else means_f
+        fixed = synthesize_image(fixed_labels, g, augment=self.intensity, means=means_f)
+        moving = synthesize_image(moving_labels, g, augment=self.intensity, means=means_m)
+        alt = None
+        if self.consistency:
+            alt = synthesize_image(moving_labels, g, augment=self.intensity,
+                                   means=random_means(batch, ID_TABLE, g, device=dev))
+        return PairBatch(fixed, moving, fixed_labels, moving_labels, net_affine, alt,
+                         torch.cat(f_mat), torch.cat(m_mat), f_idx, m_idx)
+
+
+def read_image_table(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a CSV with ``img_path, seg_path, mask_path, modality, train`` columns (paths relative
+    to the CSV's folder), or of a ``ROOT/<modality>/<name>.nii.gz`` directory with optional
+    ``ROOT/<modality>_seg/<name>.nii.gz``."""
+    root = Path(path)
+    rows: list[dict[str, str]] = []
+    if root.is_file():
+        with open(root, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if "img_path" not in r:
+                    raise ConfigError(f"{root}: CSV needs an img_path column")
+                for k in ("img_path", "seg_path", "mask_path"):
+                    if r.get(k):
+                        r[k] = str((root.parent / r[k]).resolve())
+                rows.append(r)
+    elif root.is_dir():
+        for mod_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.endswith("_seg")):
+            seg_dir = root / f"{mod_dir.name}_seg"
+            for img in sorted(q for q in mod_dir.iterdir() if is_nifti_path(q)):
+                seg = seg_dir / img.name
+                rows.append({"img_path": str(img), "seg_path": str(seg) if seg.exists() else "",
+                             "modality": mod_dir.name, "train": "1"})
+    else:
+        raise ImageIOError(f"{root}: no such file or directory")
+    if not rows:
+        raise ImageIOError(f"{root}: no images found")
+    return rows

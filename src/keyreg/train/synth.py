@@ -1,0 +1,288 @@
+"""Synthetic training images from label maps (SynthSeg / SynthMorph style), in torch.
+
+Everything runs on the label maps' device (the GPU when present) and is driven by an explicit
+``torch.Generator``, so a seed reproduces a batch exactly.
+
+Pipeline for one image::
+
+    label map --(random affine + smooth deformation, one nearest-neighbour resampling)--> warped labels
+              --(random intensity per label, noise, blur, bias field, gamma, resolution loss)--> image
+
+Frames: label maps and outputs are ``(B, 1, I, J, K)`` tensors on grids given by world-from-voxel
+affines (RAS mm). Spatial transforms are ``moving_from_fixed`` maps (output-grid world -> source
+world), the library's convention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..geometry import apply_affine, voxel_to_grid_sample
+
+__all__ = [
+    "TISSUE_CLASSES",
+    "IntensityAugment",
+    "SpatialAugment",
+    "random_rotation",
+    "random_affine",
+    "random_smooth_field",
+    "warp_labels_on_grid",
+    "random_means",
+    "synthesize_image",
+    "extracerebral_mask",
+]
+
+#: FreeSurfer ids of coarse tissue classes, used for the named ``t1`` / ``t2`` contrasts.
+TISSUE_CLASSES: dict[str, tuple[int, ...]] = {
+    "wm": (2, 41, 7, 46, 16, 28, 60, 85, 251, 252, 253, 254, 255),
+    "gm": (3, 42, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 17, 53, 18, 54, 26, 58, 62, 30),
+    "csf": (4, 43, 5, 44, 14, 15, 24, 72, 31, 63),
+}
+#: mean intensity of each tissue class in the named contrasts (others: random).
+NAMED_CONTRASTS: dict[str, dict[str, float]] = {
+    "t1": {"wm": 0.80, "gm": 0.50, "csf": 0.12},
+    "t2": {"wm": 0.30, "gm": 0.50, "csf": 0.92},
+    "pd": {"wm": 0.55, "gm": 0.68, "csf": 0.80},
+}
+
+
+def _uniform(shape, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(shape, generator=g, device=device)
+
+
+def extracerebral_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Voxels outside the brain: FreeSurfer extra-cerebral ids (>= 500) and the unknown 0."""
+    return (labels >= 500) | (labels == 0)
+
+
+@dataclass
+class IntensityAugment:
+    """Ranges of the random intensity model (all drawn per image).
+
+    Attributes:
+        std_range: per-label standard deviation of intensities.
+        noise_std: maximum standard deviation of global Gaussian noise.
+        blur_sigma: maximum Gaussian blur (voxels).
+        bias_std: log-amplitude of the smooth multiplicative bias field (0 disables).
+        gamma_std: standard deviation of log(gamma).
+        resolution_prob: probability of simulating thick slices along a random axis.
+        skull_strip_prob: probability of zeroing extra-cerebral labels (skull-stripped look).
+    """
+
+    std_range: tuple[float, float] = (0.0, 0.06)
+    noise_std: float = 0.03
+    blur_sigma: float = 1.0
+    bias_std: float = 0.3
+    gamma_std: float = 0.25
+    resolution_prob: float = 0.25
+    skull_strip_prob: float = 0.5
+
+
+def random_means(batch: int, table_size: int, generator: torch.Generator, *, contrast: str | None = None,
+                 device=None) -> torch.Tensor:
+    """``(B, table_size)`` mean intensity per label id (index = id): random in [0, 1], or a named
+    MRI contrast (tissue-class means, jittered; other ids random; background 0).
+
+    Draw once and pass to :func:`synthesize_image` to give several label maps the same contrast.
+    """
+    means = torch.rand((batch, table_size), generator=generator, device=device)
+    if contrast in NAMED_CONTRASTS:
+        ids = torch.arange(table_size, device=device)
+        for cls, value in NAMED_CONTRASTS[contrast].items():
+            member = torch.isin(ids, torch.tensor(TISSUE_CLASSES[cls], device=device))
+            jitter = 0.05 * torch.randn((batch, table_size), generator=generator, device=device)
+            means = torch.where(member, value + jitter, means)
+        means[:, 0] = 0
+    elif contrast is not None and contrast != "random":
+        raise ValueError(f"unknown contrast {contrast!r}: use random or one of {', '.join(NAMED_CONTRASTS)}")
+    return means.clamp(0, 1)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(1, 1, I, J, K)`` with ``sigma`` voxels on every axis."""
+    if sigma < 0.3:
+        return x
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.reshape(shape))
+    return x
+
+
+def synthesize_image(
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    contrast: str | None = None,
+    augment: IntensityAugment | None = None,
+    skull_strip: bool | None = None,
+    means: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A random-contrast image from each label map of a batch.
+
+    Args:
+        labels: ``(B, 1, I, J, K)`` integer label ids (any ids).
+        generator: source of randomness (on the labels' device).
+        contrast: ``None``/``"random"`` (a random intensity per label), or ``t1``, ``t2``, ``pd``
+            (tissue-class means of that MRI contrast, jittered; other labels random).
+        augment: ranges of the random intensity model.
+        skull_strip: zero extra-cerebral labels; ``None`` draws it with ``augment.skull_strip_prob``.
+        means: ``(B, T)`` mean intensity per label id (``T > labels.max()``) from
+            :func:`random_means`, to share one contrast between images; overrides ``contrast``.
+
+    Returns:
+        ``(B, 1, I, J, K)`` float32 in [0, 1].
+    """
+    aug = augment or IntensityAugment()
+    dev = labels.device
+    lab_all = labels.long()
+    if means is None:
+        means = random_means(labels.shape[0], int(lab_all.max()) + 1, generator, contrast=contrast, device=dev)
+    if means.shape[1] <= int(lab_all.max()):
+        raise ValueError(f"means table has {means.shape[1]} entries but labels go up to {int(lab_all.max())}")
+    out = []
+    for b in range(labels.shape[0]):
+        mu = means[b].to(dev)
+        sd = _uniform(mu.shape, *aug.std_range, generator, dev)
+        lab = lab_all[b : b + 1]  # (1, 1, I, J, K) ids index the tables directly
+        img = mu[lab] + sd[lab] * torch.randn(lab.shape, generator=generator, device=dev)
+        strip = (torch.rand((), generator=generator, device=dev) < aug.skull_strip_prob) if skull_strip is None \
+            else skull_strip
+        if strip:
+            img = torch.where(extracerebral_mask(labels[b : b + 1]), torch.zeros_like(img), img)
+        if aug.resolution_prob > 0 and torch.rand((), generator=generator, device=dev) < aug.resolution_prob:
+            axis = int(torch.randint(3, (), generator=generator, device=dev))
+            factor = float(_uniform((), 2.0, 4.0, generator, dev))
+            size = list(img.shape[2:])
+            low = size.copy()
+            low[axis] = max(2, int(round(size[axis] / factor)))
+            img = F.interpolate(F.interpolate(img, size=low, mode="trilinear", align_corners=True),
+                                size=size, mode="trilinear", align_corners=True)
+        img = _gaussian_blur(img, float(_uniform((), 0.0, aug.blur_sigma, generator, dev)))
+        if aug.bias_std > 0:
+            coarse = aug.bias_std * torch.randn((1, 1, 4, 4, 4), generator=generator, device=dev)
+            img = img * torch.exp(F.interpolate(coarse, size=img.shape[2:], mode="trilinear", align_corners=True))
+        img = img + float(_uniform((), 0.0, aug.noise_std, generator, dev)) * torch.randn(
+            img.shape, generator=generator, device=dev)
+        img = img.clamp_min(0)
+        lo, hi = img.amin(), img.amax()
+        img = (img - lo) / (hi - lo).clamp_min(1e-6)
+        gamma = float(torch.exp(aug.gamma_std * torch.randn((), generator=generator, device=dev)))
+        out.append(img.pow(gamma))
+    return torch.cat(out).float()
+
+
+def random_rotation(batch: int, generator: torch.Generator, *, max_degrees: float = 180.0,
+                    device=None, dtype=torch.float64) -> torch.Tensor:
+    """``(B, 3, 3)`` rotations about uniformly random axes by angles uniform in ``[0, max_degrees]``.
+
+    With ``max_degrees=180`` every orientation can occur (the whole sphere).
+    """
+    axis = torch.randn((batch, 3), generator=generator, device=device, dtype=dtype)
+    axis = axis / axis.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    angle = torch.deg2rad(max_degrees * torch.rand((batch,), generator=generator, device=device, dtype=dtype))
+    return rotation_matrix(axis, angle)
+
+
+def rotation_matrix(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rodrigues: unit ``axis (B, 3)``, ``angle (B,)`` radians -> ``(B, 3, 3)``."""
+    x, y, z = axis.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(-1, 3, 3)
+    eye = torch.eye(3, dtype=axis.dtype, device=axis.device)
+    s, c = torch.sin(angle)[:, None, None], torch.cos(angle)[:, None, None]
+    return eye + s * k + (1 - c) * (k @ k)
+
+
+@dataclass
+class SpatialAugment:
+    """Ranges of the random spatial transform.
+
+    Attributes:
+        max_rotation: degrees (180 = any orientation).
+        max_translation: mm per axis.
+        scale: maximum relative scaling per axis (0.1 = [0.9, 1.1]).
+        shear: maximum shear coefficient.
+        max_displacement: mm, amplitude of the smooth nonlinear deformation (0 disables).
+        control_spacing: mm between control points of that deformation.
+    """
+
+    max_rotation: float = 180.0
+    max_translation: float = 10.0
+    scale: float = 0.1
+    shear: float = 0.05
+    max_displacement: float = 3.0
+    control_spacing: float = 32.0
+
+
+def random_affine(batch: int, generator: torch.Generator, center: torch.Tensor,
+                  spec: SpatialAugment | None = None, *, device=None) -> torch.Tensor:
+    """``(B, 4, 4)`` float64 world transforms about ``center`` (``(3,)`` mm): rotation, scaling, shear,
+    translation."""
+    s = spec or SpatialAugment()
+    g = generator
+    rot = random_rotation(batch, g, max_degrees=s.max_rotation, device=device)
+    scale = torch.diag_embed(1 + _uniform((batch, 3), -s.scale, s.scale, g, device).double())
+    shear = torch.eye(3, dtype=torch.float64, device=device).repeat(batch, 1, 1)
+    shear[:, 0, 1], shear[:, 0, 2], shear[:, 1, 2] = _uniform((3, batch), -s.shear, s.shear, g, device).double()
+    lin = rot @ scale @ shear
+    trans = _uniform((batch, 3), -s.max_translation, s.max_translation, g, device).double()
+    c = center.to(device=device, dtype=torch.float64).reshape(1, 3)
+    out = torch.eye(4, dtype=torch.float64, device=device).repeat(batch, 1, 1)
+    out[:, :3, :3] = lin
+    out[:, :3, 3] = c - (lin @ c[..., None])[..., 0] + trans
+    return out
+
+
+def random_smooth_field(batch: int, shape: Sequence[int], voxel_size: float, generator: torch.Generator,
+                        spec: SpatialAugment | None = None, *, device=None) -> torch.Tensor:
+    """``(B, 3, I, J, K)`` smooth displacement (world mm): Gaussian values on a coarse control grid
+    (``control_spacing`` mm), upsampled trilinearly; maximum amplitude ``max_displacement``."""
+    s = spec or SpatialAugment()
+    coarse = [max(2, int(round(n * voxel_size / s.control_spacing)) + 1) for n in shape]
+    amp = float(_uniform((), 0.0, s.max_displacement, generator, device)) / 2.0
+    ctrl = amp * torch.randn((batch, 3, *coarse), generator=generator, device=device)
+    return F.interpolate(ctrl, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def warp_labels_on_grid(
+    labels: torch.Tensor,
+    source_affine: torch.Tensor,
+    out_shape: Sequence[int],
+    out_affine: torch.Tensor,
+    matrix: torch.Tensor,
+    displacement: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Resample label maps once through ``x -> matrix @ (x + u(x))`` (nearest: ids never blended).
+
+    Args:
+        labels: ``(B, 1, I, J, K)`` integer ids on the source grid.
+        source_affine, out_affine: ``(4, 4)`` world-from-voxel of the source and output grids.
+        matrix: ``(B, 4, 4)`` world transform (output world -> source world).
+        displacement: ``(B, 3, *out_shape)`` mm added before ``matrix`` (or ``None``).
+
+    Returns:
+        ``(B, 1, *out_shape)`` int64; 0 outside the source grid.
+    """
+    b = labels.shape[0]
+    dev = labels.device
+    axes = [torch.arange(n, device=dev, dtype=torch.float64) for n in out_shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, 3)
+    world = apply_affine(out_affine.to(dev, torch.float64)[None], idx).expand(b, -1, -1)
+    if displacement is not None:
+        world = world + displacement.flatten(2).transpose(1, 2).double()
+    src = apply_affine(torch.linalg.inv(source_affine.to(dev, torch.float64))[None] @ matrix.to(dev), world)
+    grid = voxel_to_grid_sample(src, labels.shape[2:]).reshape(b, *out_shape, 3).float()
+    out = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
+    return out.round().long()

@@ -1,0 +1,141 @@
+"""Training: tiny CPU smoke runs of pretrain and train, exact resume, and 2-process DDP (gloo)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from keyreg.cli import main
+from keyreg.errors import ConfigError
+from keyreg.models.checkpoint import load_model
+from keyreg.train.trainer import TrainConfig, Trainer, sample_lambda, train
+
+
+def _write_map(path: Path, shift: int) -> Path:
+    lab = np.zeros((40, 36, 32), np.int16)
+    lab[4:36, 4:32, 4:28] = 502
+    lab[7:33, 7:29, 6:26] = 24
+    lab[9:31 - shift, 9:27, 8:24] = 3
+    lab[9:20, 11:25, 10:22] = 2
+    lab[20:31 - shift, 11:25, 10:22] = 41
+    lab[14:18 + shift, 15:20, 14:18] = 4
+    aff = np.array([[-1.0, 0, 0, 20], [0, 0, 1.0, -16], [0, -1.0, 0, 18], [0, 0, 0, 1]])  # LIA-like
+    nib.save(nib.Nifti1Image(lab, aff), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def label_maps(tmp_path_factory):
+    d = tmp_path_factory.mktemp("maps")
+    return [str(_write_map(d / f"map_{i}.nii.gz", i)) for i in range(3)]
+
+
+def _cfg(maps, save_dir, **kw):
+    base = dict(label_maps=maps[:2], val_label_maps=maps[2:], save_dir=str(save_dir), num_keypoints=8,
+                num_levels=2, num_truncated=1, f_maps=4, grid_shape=16, voxel_size=3.0, steps=2, batch_size=1,
+                checkpoint_every=1, val_every=0, num_val_pairs=1, max_displacement=2.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_sample_lambda_specs():
+    g = torch.Generator().manual_seed(0)
+    assert sample_lambda("0.5", g) == 0.5
+    draws = [sample_lambda("loguniform", g) for _ in range(200)]
+    assert min(draws) == 0.0 and 0 < max(draws) <= 10
+    assert all(0 <= sample_lambda("uniform", g) <= 10 for _ in range(20))
+    with pytest.raises(ConfigError, match="tps_lmbda"):
+        sample_lambda("often", g)
+    with pytest.raises(ConfigError, match=">= 0"):
+        sample_lambda("-1", g)
+
+
+def test_pretrain_reduces_keypoint_error(label_maps, tmp_path):
+    cfg = _cfg(label_maps, tmp_path, mode="pretrain", steps=30, lr=3e-3, max_rotation=20, checkpoint_every=0)
+    trainer = Trainer(cfg)
+    g = torch.Generator().manual_seed(99)
+    probe = [trainer.pairs.sample(1, g) for _ in range(4)]
+
+    def probe_loss():
+        with torch.no_grad():
+            return float(sum(trainer.loss(b)[0] for b in probe))
+
+    before = probe_loss()
+    trainer.fit(progress=False)
+    assert probe_loss() < before
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "model.json").exists()
+
+
+@pytest.mark.parametrize("kw", [dict(kp_align_method="tps", loss_fn="dice", kpconsistency_coeff=0.1),
+                                dict(kp_align_method="affine", loss_fn="mse", mix_modalities=False),
+                                dict(kp_align_method="rigid", max_train_keypoints=6, weighted_kp_align=True)])
+def test_train_step_and_validation(label_maps, tmp_path, kw):
+    cfg = _cfg(label_maps, tmp_path, val_every=2, **kw)
+    last = train(cfg, progress=False)
+    assert np.isfinite(last["loss"])
+    assert set(last["val"]) == {"none", "rigid", "affine", "tps_0", "tps_10"}
+    assert all(0 <= v <= 1 for v in last["val"].values())
+    log = (tmp_path / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) == 3
+
+
+def test_resume_continues_exactly(label_maps, tmp_path):
+    straight = _cfg(label_maps, tmp_path / "a", steps=4)
+    train(straight, progress=False)
+    first = _cfg(label_maps, tmp_path / "b", steps=2)
+    train(first, progress=False)
+    ckpt = tmp_path / "b" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_0000002"
+    assert not list(ckpt.glob(".tmp*"))
+    second = _cfg(label_maps, tmp_path / "b", steps=4)
+    train(second, resume=True, progress=False)
+    a = load_model(tmp_path / "a" / "model.safetensors").state_dict()
+    b = load_model(tmp_path / "b" / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_train_and_pretrain(label_maps, tmp_path, capsys):
+    common = ["--label_maps", *label_maps[:2], "--num_keypoints", "8", "--num_levels", "2", "--num_truncated", "1",
+              "--f_maps", "4", "--grid_shape", "16", "--voxel_size", "3", "--steps", "1", "--batch_size", "1", "--no_progress",
+              "--val_every", "0"]
+    assert main(["pretrain", *common, "--save_dir", str(tmp_path / "p")]) == 0
+    assert main(["train", *common, "--save_dir", str(tmp_path / "t"), "--load_path",
+                 str(tmp_path / "p" / "model.safetensors"), "--transform_type", "tps", "--tps_lmbda", "lognormal"]) == 0
+    assert "model written to" in capsys.readouterr().out
+    assert main(["train", *common, "--save_dir", str(tmp_path / "x"), "--tps_lmbda", "sometimes"]) == 2
+    assert "error: --tps_lmbda must be" in capsys.readouterr().err
+    assert main(["train", "--save_dir", str(tmp_path / "y"), "--steps", "1"]) == 2
+    assert "no training data" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes(label_maps, tmp_path):
+    try:
+        port = _free_port()
+    except OSError as e:  # pragma: no cover
+        pytest.skip(f"cannot open a local port for the gloo rendezvous: {e}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "keyreg.cli", "train", "--label_maps", *label_maps[:2],
+           "--num_keypoints", "8", "--num_levels", "2", "--num_truncated", "1", "--f_maps", "4", "--grid_shape", "16",
+           "--voxel_size", "3", "--steps", "2", "--batch_size", "1", "--checkpoint_every", "1", "--val_every", "0", "--no_progress",
+           "--save_dir", str(tmp_path / "ddp"), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    rng = load_file(str(tmp_path / "ddp" / "checkpoints" / "step_0000002" / "rng.safetensors"))
+    assert {"generator_rank0", "generator_rank1"} <= set(rng)
+    assert not torch.equal(rng["generator_rank0"], rng["generator_rank1"])  # ranks draw different pairs
+    assert (tmp_path / "ddp" / "model.safetensors").exists()
