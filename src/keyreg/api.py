@@ -110,9 +110,14 @@ def detect_keypoints(
     *,
     device: torch.device | str | None = None,
     use_amp: bool = False,
-    batch_size: int = 2,
+    batch_size: int = 1,
 ) -> list[ImageKeypoints]:
-    """One network pass per image (batched ``batch_size`` at a time); keypoints in world mm."""
+    """One network pass per image (batched ``batch_size`` at a time); keypoints in world mm.
+
+    The default ``batch_size=1`` makes an image's keypoints independent of the images it is
+    processed with: on CPU, convolutions over a batch of 2 differ from batch 1 in the last bits
+    (of order 1e-5 mm), which would make a pair's result depend on batch order, resumption or sharding.
+    """
     device = torch.device(device) if device is not None else model.device
     pre = model.config.preprocessing
     out: list[ImageKeypoints] = []

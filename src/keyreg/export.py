@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import OutputError
 from .io import atomic_write_text, save_volume
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ def save_keypoints(directory: Path, stem: str, points: np.ndarray,
 
 def tps_to_dict(res: "AlignmentResult") -> dict:
     """Everything needed to rebuild a TPS exactly: keypoint pairs (world RAS), lambda, weights and
-    the normalisation (centre, scale)."""
+    the normalisation (centre, scale); plus the grids of both images (``shape``, RAS ``affine``), so
+    that ``keyreg apply`` / ``keyreg invert`` know the default output grid."""
     tps = res.transform
     return {
         "format": "keyreg-tps",
@@ -60,6 +62,10 @@ def tps_to_dict(res: "AlignmentResult") -> dict:
         "fixed_keypoints_ras": np.asarray(res.fixed_keypoints).tolist(),
         "moving_keypoints_ras": np.asarray(res.moving_keypoints).tolist(),
         "weights": None if res.weights is None else np.asarray(res.weights).tolist(),
+        "fixed_grid": {"name": res.fixed.name, "shape": list(res.fixed.shape),
+                       "affine": np.asarray(res.fixed.affine, dtype=np.float64).tolist()},
+        "moving_grid": {"name": res.moving.name, "shape": list(res.moving.shape),
+                        "affine": np.asarray(res.moving.affine, dtype=np.float64).tolist()},
     }
 
 
@@ -69,12 +75,14 @@ def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: boo
     from .formats import write_ants_mat, write_displacement_field, write_itk_affine, write_lta, write_matrix_txt
 
     out: dict[str, Path] = {}
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{directory}: cannot create output directory ({e.strerror or e})") from None
     if write_images and res.warped is not None:
         out["warped"] = save_volume(res.warped.data, res.fixed, directory / "warped.nii.gz")
     if write_images and res.warped_seg is not None:
-        out["warped_seg"] = save_volume(res.warped_seg.data, res.fixed, directory / "warped_seg.nii.gz",
-                                        dtype=np.int32)
+        out["warped_seg"] = save_volume(res.warped_seg.data, res.fixed, directory / "warped_seg.nii.gz")
     aligned = res.aligned_keypoints
     out.update(save_keypoints(directory, "keypoints_aligned", aligned, res.weights))
     matrix = res.matrix

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -25,8 +26,8 @@ import torch
 from .errors import ImageContentError, ImageIOError, OutputError
 from .geometry import voxel_sizes
 
-__all__ = ["Volume", "load_volume", "save_volume", "atomic_path", "atomic_write_text",
-           "NIFTI_SUFFIXES", "is_nifti_path", "MAX_VOXELS"]
+__all__ = ["Volume", "load_volume", "save_volume", "read_grid", "grid_volume", "atomic_path", "atomic_dir",
+           "atomic_write_text", "NIFTI_SUFFIXES", "is_nifti_path", "MAX_VOXELS"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Largest volume accepted (voxels); 1024^3 float32 is already 4 GiB.
@@ -214,6 +215,42 @@ def load_volume(
     return Volume(data, np.asarray(affine, dtype=np.float64), header, name or "volume", kind, path)
 
 
+def grid_volume(shape: Any, affine: np.ndarray, name: str = "grid",
+                header: nib.Nifti1Header | None = None) -> Volume:
+    """A geometry-only :class:`Volume`: ``shape`` ``(I, J, K)`` and ``affine`` (world RAS from voxel).
+
+    Its ``data`` is a read-only broadcast of one zero (no memory), so it can serve as the reference
+    grid of :func:`save_volume`, :meth:`Volume.with_data` and the warping functions.
+    """
+    shape = tuple(int(s) for s in tuple(shape)[:3])
+    where = f"{name}: grid"
+    _check_dims(shape, where)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ImageContentError(f"{where} has an invalid affine (must be a finite, invertible 4x4 matrix)")
+    return Volume(np.broadcast_to(np.zeros((), np.float32), shape), affine, header, name, "image")
+
+
+def read_grid(source: Any, *, name: str | None = None) -> Volume:
+    """The grid of a NIfTI file (shape, affine, header) without reading its voxels.
+
+    Returns a geometry-only volume (see :func:`grid_volume`); a :class:`Volume` is returned as is.
+
+    Raises:
+        ImageIOError: missing or unreadable file.  ImageContentError: not 3-D, too large, bad affine.
+    """
+    if isinstance(source, Volume):
+        return source
+    path = Path(source)
+    img = _read_nifti(path)
+    _check_dims(img.shape, str(path))
+    n = int(np.prod(img.shape[:3], dtype=np.int64))
+    if n > MAX_VOXELS:
+        raise ImageContentError(f"{path}: {img.shape[:3]} is {n:,} voxels, more than the {MAX_VOXELS:,} keyreg accepts")
+    header = img.header if isinstance(img.header, nib.Nifti1Header) else None
+    return grid_volume(img.shape[:3], img.affine, name or _stem(path), header)
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for suf in NIFTI_SUFFIXES[::-1]:
@@ -244,12 +281,54 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write ({_short(e)})") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``path``; it becomes ``path`` only if the block succeeds.
+
+    On success an existing ``path`` (a directory) is replaced as a whole; on any error (or an
+    interrupt) the temporary directory is deleted, so a half-written result never carries the
+    final name.  Used for per-pair output directories, whose completion marker is written last.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OutputError(f"{path.parent}: cannot write here ({_short(e)})") from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OutputError):  # a file inside: name it by its final path, not the temporary one
+            raise OutputError(str(e).replace(str(tmp), str(path))) from None
+        raise OutputError(f"{path}: cannot write ({_short(e)})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -273,7 +352,8 @@ def save_volume(
         data: ``(I, J, K)`` array on ``reference``'s grid, or ``(I, J, K, ...)`` for vector data.
         reference: volume whose geometry and header the output carries (the fixed image).
         path: ``.nii`` or ``.nii.gz`` output path.
-        dtype: on-disk dtype (default: float32 for float data, int32 for integer data).
+        dtype: on-disk dtype (default: float32 for float data; int32 for integer data, int64 when
+            the values do not fit in int32, so large label ids stay exact).
     """
     if torch.is_tensor(data):
         data = data.detach().cpu().numpy()
@@ -281,12 +361,11 @@ def save_volume(
     if data.shape[:3] != reference.shape:
         raise ImageContentError(f"{path}: data shape {data.shape} does not match grid {reference.shape}")
     if dtype is None:
-        dtype = np.int32 if np.issubdtype(data.dtype, np.integer) else np.float32
+        dtype = _integer_dtype(data) if np.issubdtype(data.dtype, np.integer) else np.float32
     if not is_nifti_path(path):
         raise OutputError(f"{path}: output name must end in .nii or .nii.gz")
     header = reference.header.copy() if reference.header is not None else None
-    img = nib.Nifti1Image(data.astype(dtype, copy=False), reference.affine, header=header)
-    img.set_data_dtype(dtype)
+    img = nib.Nifti1Image(data.astype(dtype, copy=False), reference.affine, header=header, dtype=dtype)
     img.header.set_slope_inter(1.0, 0.0)
     if header is None:
         img.set_qform(reference.affine, code=1)
@@ -294,3 +373,11 @@ def save_volume(
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
+
+
+def _integer_dtype(data: np.ndarray) -> type:
+    """int32 when every value fits, else int64 (label ids are never truncated)."""
+    info = np.iinfo(np.int32)
+    if data.size and (int(data.min()) < info.min or int(data.max()) > info.max):
+        return np.int64
+    return np.int32

@@ -18,6 +18,9 @@ __all__ = ["main", "build_parser"]
 COMMANDS = {
     "register": ("register", "register moving image(s) to fixed image(s) through learned keypoints"),
     "models": ("models", "list the bundled models, or describe a model file"),
+    "apply": ("apply", "apply saved transform(s) to an image, a label map or points"),
+    "invert": ("invert", "invert a saved transform (exact for linear; TPS and fields with a residual)"),
+    "groupwise": ("groupwise", "register a group of images to their common mean keypoints (a template)"),
     "train": ("train", "train a keypoint model (synthetic contrasts from label maps, or real images)"),
     "pretrain": ("pretrain", "self-supervised initialisation: keypoints regressed onto moved reference points"),
 }

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +49,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--save_eval_to_disk", action="store_true",
                    help="write warped images/segmentations, transforms and keypoints per pair and align")
     o.add_argument("--visualize", action="store_true", help="write a QC PNG per pair and align")
+    o.add_argument("--skip_existing", action="store_true",
+                   help="resume an interrupted batch: a pair whose directory pairs/<pair>/ is complete (its done.json, "
+                        "written last, records the same inputs and options) is not redone; its metrics are reused")
+
+
+def _distributed() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the torchrun environment (``(0, 1, 0)`` without it)."""
+    from ..errors import ConfigError
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"invalid RANK={rank} for WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def _pair_config(pair, args: argparse.Namespace, aligns: list[str], metrics: list[str]) -> dict:
+    """What a finished pair directory must record to be reused by ``--skip_existing``."""
+    return {"moving": str(pair.moving), "fixed": str(pair.fixed),
+            "moving_seg": str(pair.moving_seg) if pair.moving_seg else None,
+            "fixed_seg": str(pair.fixed_seg) if pair.fixed_seg else None,
+            "aligns": aligns, "metrics": metrics, "model": str(args.load_path),
+            "label_interp": args.label_interp, "field_stride": args.field_stride,
+            "weighted_kp_align": args.weighted_kp_align, "half_resolution": args.half_resolution,
+            "save_eval_to_disk": args.save_eval_to_disk, "visualize": args.visualize}
+
+
+def _completed(pair_dir: Path, config: dict) -> list[dict] | None:
+    """The metric rows of a finished pair (``done.json`` with the same config), else ``None``."""
+    try:
+        done = json.loads((pair_dir / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("config") != config or not isinstance(done.get("rows"), list):
+        return None
+    return done["rows"]
+
+
+def _json_clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _json_clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_clean(x) for x in v]
+    return v
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import Timer, detect_keypoints, register, resolve_device, resolve_model
     from ..errors import KeyregError
-    from ..io import load_volume
+    from ..io import atomic_dir, atomic_write_text, load_volume
     from ..metrics import parse_metrics
     from ..pairing import build_pairs
     from ..transforms import DEFAULT_FIELD_STRIDE, parse_aligns
@@ -63,29 +116,50 @@ def run(args: argparse.Namespace) -> int:
                                   all_pairs=args.all_pairs)
     has_seg = any(p.moving_seg and p.fixed_seg for p in pairs)
     metrics = parse_metrics(args.list_of_metrics or (["mse", "harddice"] if has_seg else ["mse"]))
-    stride = args.field_stride or DEFAULT_FIELD_STRIDE
+    stride = DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride
     if stride < 1:
         from ..errors import ConfigError
         raise ConfigError(f"--field_stride must be >= 1, got {stride}")
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    rank, world, local_rank = _distributed()
+    if rank == 0:
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
     device = resolve_device(args.device)
+    if world > 1 and device.type == "cuda" and device.index is None:  # one GPU per rank
+        import torch
+
+        device = resolve_device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}")
     timer = Timer()
     with timer("model"):
         net = resolve_model(args.load_path, device, half_resolution=args.half_resolution,
                             backbone=args.backbone, num_keypoints=args.num_keypoints)
     weighted = None if args.weighted_kp_align is None else args.weighted_kp_align == "power"
     save_dir = Path(args.save_dir)
-    print(f"keyreg register: {len(pairs)} pair(s), model {net.config.name} "
-          f"({net.config.architecture.describe()}), aligns {' '.join(aligns)}, device {device}",
-          file=sys.stderr)
+    single = len(pairs) == 1 and world == 1  # a single pair fails with one line (exit 2); a batch skips bad pairs
+    mine = list(range(rank, len(pairs), world))  # this rank's shard (all pairs without torchrun)
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    if not single:
+        print(f"keyreg register: {tag}{len(mine)} of {len(pairs)} pair(s), model {net.config.name} "
+              f"({net.config.architecture.describe()}), aligns {' '.join(aligns)}, device {device}",
+              file=sys.stderr)
+    dist, own_group = _init_distributed(world)
 
     cache: dict[Path, object] = {}
-    rows: list[dict] = []
-    failures: list[tuple[str, str]] = []
-    single = len(pairs) == 1  # a single pair fails with one line (exit 2); a batch skips bad pairs
-    bar = tqdm(pairs, desc="pairs", unit="pair", file=sys.stderr, dynamic_ncols=True, disable=single)
-    for pair in bar:
+    results: list[tuple[int, list[dict]]] = []
+    failures: list[tuple[int, str, str]] = []
+    skipped = 0
+    write_pairs = args.save_eval_to_disk or args.visualize or args.skip_existing
+    bar = tqdm(mine, desc=f"{tag}pairs", unit="pair", file=sys.stderr, dynamic_ncols=True, disable=single)
+    for index in bar:
+        pair = pairs[index]
+        pair_dir = save_dir / "pairs" / pair.name
+        config = _pair_config(pair, args, aligns, metrics)
+        if args.skip_existing:
+            done = _completed(pair_dir, config)
+            if done is not None:
+                results.append((index, done))
+                skipped += 1
+                continue
         start = time.perf_counter()
         try:
             with timer("load"):
@@ -109,35 +183,68 @@ def run(args: argparse.Namespace) -> int:
                     timer.seconds[k] = timer.seconds.get(k, 0.0) + v
             with timer("metrics"):
                 per_align = reg.evaluate(metrics)
-            if args.save_eval_to_disk or args.visualize:
-                with timer("write"):
-                    reg.save(save_dir / "pairs" / pair.name, write_images=args.save_eval_to_disk,
-                             visualize=args.visualize)
+            rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **vals}
+                    for align, vals in per_align.items()]
+            if write_pairs:
+                # everything goes to a temporary directory renamed to pairs/<pair> at the end; done.json is
+                # written last, so an interrupted pair never looks complete
+                with timer("write"), atomic_dir(pair_dir) as tmp:
+                    if args.save_eval_to_disk or args.visualize:
+                        reg.save(tmp, write_images=args.save_eval_to_disk, visualize=args.visualize)
+                    atomic_write_text(tmp / "done.json", json.dumps(
+                        {"config": config, "rows": _json_clean(rows)}, indent=1) + "\n")
         except KeyregError as e:
             if single:
                 raise
-            failures.append((pair.name, str(e)))
-            tqdm.write(f"FAILED {pair.name}: {e}", file=sys.stderr)
+            failures.append((index, pair.name, str(e)))
+            tqdm.write(f"{tag}FAILED {pair.name}: {e}", file=sys.stderr)
             continue
-        for align, vals in per_align.items():
-            rows.append({"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed),
-                         "align": align, **vals})
+        results.append((index, rows))
         summary = "  ".join(f"{a}: " + " ".join(f"{k}={v:.4f}" for k, v in vals.items()
                                                 if isinstance(v, float)) for a, vals in per_align.items())
-        tqdm.write(f"{pair.name} ({time.perf_counter() - start:.1f} s)  {summary}", file=sys.stderr)
+        tqdm.write(f"{tag}{pair.name} ({time.perf_counter() - start:.1f} s)  {summary}", file=sys.stderr)
     bar.close()
-
-    if rows:
-        paths = write_metric_tables(save_dir, rows, failures)
-        print(format_summary(rows, aligns))
-        print(f"\nmetrics written to {paths[0]} and {paths[1]}")
-        if args.save_eval_to_disk or args.visualize:
-            print(f"per-pair outputs in {save_dir / 'pairs'}")
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in timer.seconds.items())
-    print(f"time per stage (all pairs): {stages}", file=sys.stderr)
-    if failures:
-        print(f"\n{len(failures)} of {len(pairs)} pair(s) failed:", file=sys.stderr)
-        for name, msg in failures:
-            print(f"  {name}: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    print(f"{tag}time per stage ({len(mine)} pair(s)): {stages}", file=sys.stderr)
+
+    if dist is not None:  # every rank sends its shard; rank 0 writes the merged tables after the barrier
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (results, failures, skipped))
+        dist.barrier()
+        results = [r for part in gathered for r in part[0]]
+        failures = [f for part in gathered for f in part[1]]
+        skipped = sum(part[2] for part in gathered)
+        if own_group:
+            dist.destroy_process_group()
+    results.sort(key=lambda r: r[0])
+    failures.sort(key=lambda f: f[0])
+    rows = [row for _, pair_rows in results for row in pair_rows]
+    failed = [(name, msg) for _, name, msg in failures]
+
+    if rank == 0:
+        if skipped:
+            print(f"{skipped} pair(s) were already complete and skipped (--skip_existing)", file=sys.stderr)
+        if rows:
+            paths = write_metric_tables(save_dir, rows, failed)
+            print(format_summary(rows, aligns))
+            print(f"\nmetrics written to {paths[0]} and {paths[1]}")
+            if args.save_eval_to_disk or args.visualize:
+                print(f"per-pair outputs in {save_dir / 'pairs'}")
+        if failed:
+            print(f"\n{len(failed)} of {len(pairs)} pair(s) failed:", file=sys.stderr)
+            for name, msg in failed:
+                print(f"  {name}: {msg}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _init_distributed(world: int):
+    """``(torch.distributed, created)`` with a gloo group when run under torchrun with several
+    processes (pairs are sharded by rank; only picklable Python objects are exchanged), else ``(None, False)``."""
+    if world < 2:
+        return None, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist, False
+    dist.init_process_group("gloo")
+    return dist, True

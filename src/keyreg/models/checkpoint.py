@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +121,7 @@ def official_preset(arch: ArchitectureConfig) -> tuple[PreprocessConfig, str | N
 
 def _short(e: BaseException) -> str:
     text = str(e)
-    m = re.search(r"Unsupported (?:global|operand)[^\n]*", text)
+    m = re.search(r"unsupported (?:global|operand)[^\n]*", text, flags=re.IGNORECASE)
     if m:
         return m.group(0).strip()
     return (text.strip().splitlines() or [type(e).__name__])[0][:200]
@@ -146,7 +145,7 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.T
             raise CheckpointError(f"{path}: refused, the checkpoint's pickle asks for code that is not "
                                   f"allowed ({_short(e)})") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_short(e)})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
+    except Exception as e:  # garbage makes the unpickler fail in many ways (IndexError, KeyError, EOFError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_short(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         state, args = obj["state_dict"], obj.get("args")
@@ -269,7 +268,10 @@ def load_model(
         model = _load_keyreg(weights, config)
     else:
         state, args = load_official_checkpoint(path)
-        arch = infer_architecture(state)
+        try:
+            arch = infer_architecture(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         _check_args(arch, args, path)
         pre, weighting = official_preset(arch)
         config = ModelConfig(name=path.name, architecture=arch, preprocessing=pre, weighting=weighting,

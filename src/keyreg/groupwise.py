@@ -1,0 +1,403 @@
+"""Groupwise registration: every image to the mean of all images' keypoints (a template space).
+
+Algorithm (BrainMorph's groupwise mode, in world RAS mm):
+
+1. detect keypoints once per image (one network pass each; images are loaded one at a time);
+2. start from the plain mean ``M0`` of the keypoint sets;
+3. iterate: fit each image's transform ``T_i`` (``moving_from_fixed``: template point -> image
+   point) from the current mean ``M`` to the image's ORIGINAL keypoints ``P_i``; map the keypoints
+   into the template space, ``A_i = T_i^-1(P_i)``; the new mean is ``mean_i A_i``, brought back to
+   the pose of ``M0`` by a rigid (for ``rigid``) or affine (otherwise) fit.  That last step fixes
+   the gauge: any transform of a template is an equally good template, and without it an affine
+   group could drift in scale.  Stop once no mean keypoint moves more than ``tolerance`` mm, or
+   after ``max_iterations``;
+4. the final transforms are fitted from the converged mean to each image's original keypoints.
+
+Outputs (:func:`groupwise` with ``save_dir``): ``template.nii.gz`` (mean of the min-max normalised
+warped images), ``template_keypoints.csv/.mrk.json``, ``metrics.csv/.json`` (per image: keypoint
+fit residual, Jacobian statistics, mean Dice to the others; pairwise Dice matrix) and, per image,
+``images/<name>/`` with what ``keyreg register`` writes per align (warped image and labels on the
+template grid, transform files, aligned keypoints) plus ``keypoints.csv/.mrk.json`` (its own
+keypoints).  Only one image (and two label maps, for Dice) is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, ImageContentError, OutputError
+from .geometry import apply_affine, fov_center, fov_half_extent
+from .io import Volume, grid_volume, load_volume, read_grid, save_volume
+from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, fit_transform,
+                         invert_points, parse_align)
+from .warp import warp_image, warp_labels
+
+__all__ = ["GroupwiseFit", "GroupwiseResult", "groupwise_keypoints", "groupwise", "pairwise_dice"]
+
+
+@dataclass
+class GroupwiseFit:
+    """The keypoint part of a groupwise registration.
+
+    Attributes:
+        template_keypoints: ``(K, 3)`` world RAS mm, the converged mean.
+        transforms: one batch-1 ``moving_from_fixed`` per image: template point -> image point.
+        aligned_keypoints: ``(K, 3)`` per image, ``T_i^-1(P_i)`` in the template space.
+        residuals: ``(N,)`` mean ``|T_i(template) - P_i|`` (mm): how well each fit explains the image.
+        shifts: largest move of a mean keypoint at each iteration (mm).
+        converged: the last shift is below the tolerance.
+    """
+
+    template_keypoints: np.ndarray
+    transforms: list[AffineTransform | ThinPlateSpline]
+    aligned_keypoints: list[np.ndarray]
+    residuals: np.ndarray
+    shifts: list[float]
+    converged: bool
+
+    @property
+    def iterations(self) -> int:
+        return len(self.shifts)
+
+
+def _map_inverse(t: AffineTransform | ThinPlateSpline, points: torch.Tensor) -> torch.Tensor:
+    """``T^-1(points)`` for ``(B, K, 3)`` points (exact for affine, Newton for TPS)."""
+    if isinstance(t, AffineTransform):
+        return apply_affine(torch.linalg.inv(t.matrix.double()), points)
+    return invert_points(t, points, iterations=50, tolerance=1e-6)[0]
+
+
+def groupwise_keypoints(
+    keypoints: Sequence[Any],
+    align: str | AlignSpec = "affine",
+    *,
+    tolerance: float = 0.01,
+    max_iterations: int = 100,
+    center: Any = None,
+    scale: float | None = None,
+) -> GroupwiseFit:
+    """The iteration of the module docstring on keypoints alone (no images).
+
+    Args:
+        keypoints: ``N >= 2`` arrays ``(K, 3)`` world RAS mm, corresponding across images.
+        align: ``rigid``, ``affine`` or ``tps_<lambda>``.
+        tolerance: stop when no mean keypoint moves more than this (mm).
+        max_iterations: at most this many updates of the mean.
+        center, scale: TPS normalisation (world mm); default: the keypoints' bounding box.
+
+    Raises:
+        ConfigError: bad options or fewer than two sets.  ShapeError / DegenerateFitError: sets
+            of different sizes, or keypoints that do not determine the transform.
+    """
+    spec = align if isinstance(align, AlignSpec) else parse_align(align)
+    if len(keypoints) < 2:
+        raise ConfigError(f"groupwise registration needs at least 2 images, got {len(keypoints)}")
+    if not tolerance > 0 or max_iterations < 1:
+        raise ConfigError("tolerance must be > 0 and max_iterations >= 1")
+    sizes = {np.shape(k) for k in keypoints}
+    if len(sizes) != 1 or len(next(iter(sizes))) != 2 or next(iter(sizes))[1] != 3:
+        raise ImageContentError(f"every image needs the same number of (K, 3) keypoints, got shapes {sorted(sizes)}")
+    pts = torch.stack([torch.as_tensor(np.asarray(k), dtype=torch.float64) for k in keypoints])  # (N, K, 3)
+    n = pts.shape[0]
+    gauge = parse_align("rigid" if spec.kind == "rigid" else "affine")
+    m0 = pts.mean(0, keepdim=True)
+    if center is not None:
+        center = torch.as_tensor(np.asarray(center), dtype=torch.float64)
+
+    def fit(mean: torch.Tensor) -> AffineTransform | ThinPlateSpline:
+        return fit_transform(spec, mean.expand(n, -1, -1), pts, center=center, scale=scale)
+
+    mean, shifts, converged = m0, [], False
+    for _ in range(max_iterations):
+        new = _map_inverse(fit(mean), pts).mean(0, keepdim=True)
+        new = fit_transform(gauge, new, m0).map_points(new)  # back to the pose of the plain mean
+        shifts.append(float((new - mean).norm(dim=-1).max()))
+        mean = new
+        if shifts[-1] < tolerance:
+            converged = True
+            break
+    final = fit(mean)
+    aligned = _map_inverse(final, pts)
+    residuals = (final.map_points(mean.expand(n, -1, -1)) - pts).norm(dim=-1).mean(1)
+    transforms = [final[i] for i in range(n)]
+    return GroupwiseFit(mean[0].numpy(), transforms, [a.numpy() for a in aligned], residuals.numpy(),
+                        shifts, converged)
+
+
+def pairwise_dice(label_files: Sequence[Path], label_ids: Sequence[int]) -> np.ndarray:
+    """``(N, N)`` mean hard Dice between label maps saved as ``.npy`` on one grid (diagonal 1).
+
+    Same definition as :func:`keyreg.metrics.dice_per_label` / ``mean_dice``: labels present in
+    either map, background 0 excluded.  Two maps are in memory at a time (memory-mapped reads);
+    each pair costs one pass over the voxels (``bincount`` of the agreeing voxels).
+    """
+    ids = np.asarray(sorted(set(int(i) for i in label_ids) | {0}), dtype=np.int64)
+    n = len(label_files)
+    counts = []
+    for f in label_files:
+        counts.append(np.bincount(np.searchsorted(ids, np.load(f, mmap_mode="r")).ravel(), minlength=len(ids)))
+    out = np.eye(n)
+    for i in range(n):
+        a = np.searchsorted(ids, np.load(label_files[i], mmap_mode="r")).ravel()
+        for j in range(i + 1, n):
+            b = np.searchsorted(ids, np.load(label_files[j], mmap_mode="r")).ravel()
+            inter = np.bincount(a[a == b], minlength=len(ids))
+            total = counts[i] + counts[j]
+            keep = (total > 0) & (ids != 0)
+            out[i, j] = out[j, i] = float(np.mean(2.0 * inter[keep] / total[keep])) if keep.any() else float("nan")
+    return out
+
+
+@dataclass
+class GroupwiseResult:
+    """Result of :func:`groupwise`.
+
+    Attributes:
+        names: one output name per image.
+        fit: the keypoint part (:class:`GroupwiseFit`).
+        template_grid: the common output grid (geometry-only volume).
+        template: mean of the min-max normalised warped images on that grid.
+        metrics: per-image rows and summary values (as written to ``metrics.json``).
+        pairwise_dice: ``(N, N)`` mean Dice of the warped label maps (``None`` without labels).
+        save_dir: where outputs were written (``None`` if not saved).
+    """
+
+    names: list[str]
+    fit: GroupwiseFit
+    template_grid: Volume
+    template: Volume
+    metrics: dict[str, Any] = field(default_factory=dict)
+    pairwise_dice: np.ndarray | None = None
+    save_dir: Path | None = None
+
+
+def _name(source: Any, i: int) -> str:
+    if isinstance(source, Volume):
+        return source.name
+    if isinstance(source, (str, os.PathLike)):
+        from .pairing import _stem
+
+        return _stem(Path(source))
+    return f"image{i}"
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        cand, k = n, 2
+        while cand in out:
+            cand, k = f"{n}_{k}", k + 1
+        out.append(cand)
+    return out
+
+
+def _template_grid(first: Volume, t0: AffineTransform | ThinPlateSpline) -> Volume:
+    """The first image's grid, moved so that its centre is where its own centre lands in the template."""
+    c0 = torch.as_tensor(fov_center(first.affine, first.shape), dtype=torch.float64).reshape(1, 1, 3)
+    c = _map_inverse(t0, c0)[0, 0].numpy()
+    aff = first.affine.copy()
+    aff[:3, 3] += c - c0[0, 0].numpy()
+    return grid_volume(first.shape, aff, "template")
+
+
+def _finish(stage: Path, save_dir: Path) -> None:
+    """Move every entry of the staging directory into ``save_dir`` (replacing older results)."""
+    for entry in sorted(stage.iterdir()):
+        target = save_dir / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(entry, target)
+    stage.rmdir()
+
+
+def groupwise(
+    images: Sequence[Any],
+    *,
+    model: Any = None,
+    align: str = "affine",
+    segs: Sequence[Any] | None = None,
+    keypoints: Sequence[Any] | None = None,
+    save_dir: str | os.PathLike | None = None,
+    tolerance: float = 0.01,
+    max_iterations: int = 100,
+    template_grid: Any = None,
+    label_interp: str = "nearest",
+    field_stride: int = DEFAULT_FIELD_STRIDE,
+    device: str | torch.device | None = None,
+    use_amp: bool = False,
+    progress: bool = True,
+) -> GroupwiseResult:
+    """Register a group of images to the mean of their keypoints (see the module docstring).
+
+    Args:
+        images: ``N >= 2`` images (paths, :class:`Volume`, ``(array, affine)``); loaded one at a time.
+        model: keypoint model (bundled name, file or loaded detector); unused with ``keypoints``.
+        align: ``rigid``, ``affine`` or ``tps_<lambda>``.
+        segs: optional label maps, one per image, each on its image's grid.
+        keypoints: precomputed ``(K, 3)`` world keypoints per image (skips the network).
+        save_dir: write the outputs there (staged in a temporary directory first, so an error
+            leaves no partial results).
+        tolerance, max_iterations: convergence of the mean (mm) and its iteration limit.
+        template_grid: output grid (path or Volume); default: the first image's grid, moved to the
+            template position of its centre.
+        label_interp: ``nearest`` or ``labelwise``.
+        field_stride: sub-grid stride of the dense TPS field.
+        progress: tqdm progress bars on stderr.
+
+    Returns:
+        A :class:`GroupwiseResult`.
+    """
+    from tqdm import tqdm
+
+    from .api import AlignmentResult, _label_interp, detect_keypoints, resolve_device, resolve_model
+    from .export import save_keypoints
+    from .metrics import jacobian_determinant_stats
+
+    spec = parse_align(align)
+    interp = _label_interp(label_interp)
+    if field_stride < 1:
+        raise ConfigError(f"field_stride must be >= 1, got {field_stride}")
+    if len(images) < 2:
+        raise ConfigError(f"groupwise registration needs at least 2 images, got {len(images)}")
+    if segs is not None and len(segs) != len(images):
+        raise ConfigError(f"got {len(segs)} label maps for {len(images)} images")
+    if keypoints is not None and len(keypoints) != len(images):
+        raise ConfigError(f"got {len(keypoints)} keypoint sets for {len(images)} images")
+    dev = resolve_device(device)
+    names = _unique_names([_name(x, i) for i, x in enumerate(images)])
+    grids = [read_grid(x) if isinstance(x, (str, os.PathLike, Volume)) else None for x in images]
+    if segs is not None:
+        for name, g, s in zip(names, grids, segs):
+            sg = read_grid(s) if isinstance(s, (str, os.PathLike, Volume)) else None
+            if g is not None and sg is not None and (sg.shape != g.shape or not np.allclose(sg.affine, g.affine, atol=1e-3)):
+                raise ImageContentError(f"{name}: label map grid {sg.shape} does not match its image grid {g.shape}")
+    # bars are removed when done or on an error, so a failure leaves only its one-line message
+    bar = dict(file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=False)
+    center, scale = None, None
+    if keypoints is None:
+        net = resolve_model(model, dev)
+        kps = []
+        with tqdm(images, desc="keypoints", unit="image", **bar) as images_bar:
+            for x in images_bar:
+                kp = detect_keypoints(net, [load_volume(x, kind="image")], device=dev, use_amp=use_amp)[0]
+                kps.append(kp.numpy())
+                if center is None:  # TPS frame: the first image's network grid, as in pairwise registration
+                    center = fov_center(kp.world_from_net, kp.grid_shape)
+                    scale = fov_half_extent(kp.world_from_net, kp.grid_shape)
+        keypoints = kps
+    first = grids[0] if grids[0] is not None else load_volume(images[0])
+    if center is None:
+        center, scale = fov_center(first.affine, first.shape), fov_half_extent(first.affine, first.shape)
+    fit = groupwise_keypoints(keypoints, spec, tolerance=tolerance, max_iterations=max_iterations,
+                              center=center, scale=scale)
+    grid = read_grid(template_grid) if template_grid is not None else _template_grid(first, fit.transforms[0])
+    grid = grid_volume(grid.shape, grid.affine, "template", grid.header)
+
+    out_dir = None if save_dir is None else Path(save_dir)
+    try:
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".groupwise-", suffix=".tmp", dir=out_dir))
+    except OSError as e:
+        raise OutputError(f"{out_dir}: cannot write here ({e.strerror or e})") from None
+    warp_bar = tqdm(total=len(images), desc="warping", unit="image", **bar)
+    try:
+        rows, seg_files, label_ids = [], [], set()
+        total = np.zeros(grid.shape, dtype=np.float64)
+        for i in range(len(images)):
+            vol = load_volume(images[i], kind="image")
+            t = fit.transforms[i].to(dev)
+            res = AlignmentResult(spec, t, grid, vol, fit.template_keypoints, np.asarray(keypoints[i], np.float64),
+                                  None, field_stride)
+            dense = res.dense_transform()
+            warped = warp_image(vol.tensor(dev), vol.affine, grid.shape, grid.affine, dense)[0, 0].cpu().numpy()
+            res.warped = grid.with_data(warped, name=f"{names[i]}_warped")
+            lo, hi = float(vol.data.min()), float(vol.data.max())
+            total += (warped - lo) / (hi - lo)
+            seg = None
+            if segs is not None:
+                seg = load_volume(segs[i], kind="labels")
+                if seg.shape != vol.shape or not np.allclose(seg.affine, vol.affine, atol=1e-3):
+                    raise ImageContentError(f"{names[i]}: label map grid {seg.shape} does not match its image grid {vol.shape}")
+                lab = warp_labels(seg.tensor(dev)[:, 0], seg.affine, grid.shape, grid.affine, dense, mode=interp)
+                lab_np = lab[0].cpu().numpy()
+                res.warped_seg = grid.with_data(lab_np, kind="labels", name=f"{names[i]}_warped_seg")
+                seg_files.append(work / f".seg{i}.npy")
+                np.save(seg_files[-1], lab_np)
+                label_ids.update(int(v) for v in np.unique(lab_np))
+            row = {"image": names[i], "keypoint_residual_mm": float(fit.residuals[i]),
+                   **jacobian_determinant_stats(dense)}
+            rows.append(row)
+            if out_dir is not None:
+                d = work / "images" / names[i]
+                res.save(d)
+                save_keypoints(d, "keypoints", np.asarray(keypoints[i], np.float64))
+            del vol, res, dense, warped, seg
+            warp_bar.update()
+        warp_bar.close()
+        template = grid.with_data((total / len(images)).astype(np.float32), name="template")
+        dice = None
+        summary: dict[str, Any] = {"align": spec.name, "images": len(images), "iterations": fit.iterations,
+                                   "converged": fit.converged, "shifts_mm": fit.shifts}
+        if seg_files:
+            dice = pairwise_dice(seg_files, sorted(label_ids))
+            off = dice[~np.eye(len(dice), dtype=bool)]
+            summary["pairwise_dice_mean"], summary["pairwise_dice_std"] = float(np.nanmean(off)), float(np.nanstd(off))
+            for i, row in enumerate(rows):
+                row["mean_dice_to_others"] = float(np.nanmean(np.delete(dice[i], i)))
+        metrics = {"summary": summary, "images": rows,
+                   "pairwise_dice": None if dice is None else {"names": names, "matrix": dice.tolist()}}
+        for f in seg_files:
+            f.unlink()
+        if out_dir is not None:
+            save_volume(template.data, grid, work / "template.nii.gz")
+            save_keypoints(work, "template_keypoints", fit.template_keypoints)
+            _write_metrics(work, metrics)
+            _finish(work, out_dir)
+        else:
+            shutil.rmtree(work)
+    except BaseException:
+        warp_bar.close()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return GroupwiseResult(names, fit, grid, template, metrics, dice, out_dir)
+
+
+def _write_metrics(directory: Path, metrics: dict[str, Any]) -> None:
+    import csv
+    import io
+
+    from .io import atomic_write_text
+
+    rows = metrics["images"]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
+    atomic_write_text(directory / "metrics.csv", buf.getvalue())
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    atomic_write_text(directory / "metrics.json", json.dumps(clean(metrics), indent=1) + "\n")
