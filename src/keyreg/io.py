@@ -352,8 +352,8 @@ def save_volume(
         data: ``(I, J, K)`` array on ``reference``'s grid, or ``(I, J, K, ...)`` for vector data.
         reference: volume whose geometry and header the output carries (the fixed image).
         path: ``.nii`` or ``.nii.gz`` output path.
-        dtype: on-disk dtype (default: float32 for float data; int32 for integer data, int64 when
-            the values do not fit in int32, so large label ids stay exact).
+        dtype: on-disk dtype (default: float32 for float data; for integer data the smallest of
+            uint8, int16, int32, int64 that holds every value, so large label ids stay exact).
     """
     if torch.is_tensor(data):
         data = data.detach().cpu().numpy()
@@ -376,8 +376,13 @@ def save_volume(
 
 
 def _integer_dtype(data: np.ndarray) -> type:
-    """int32 when every value fits, else int64 (label ids are never truncated)."""
-    info = np.iinfo(np.int32)
-    if data.size and (int(data.min()) < info.min or int(data.max()) > info.max):
-        return np.int64
-    return np.int32
+    """The smallest of uint8, int16, int32, int64 that holds every value (label ids are never
+    truncated; small types keep label files small and fast to compress)."""
+    if data.size == 0:
+        return np.int32
+    lo, hi = int(data.min()), int(data.max())
+    for t in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(t)
+        if info.min <= lo and hi <= info.max:
+            return t
+    return np.int64

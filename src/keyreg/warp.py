@@ -76,15 +76,38 @@ def sample_image(volume: torch.Tensor, index: torch.Tensor, mode: ImageInterp = 
         return _gather(flat, torch.round(index).long(), shape)[0]
     if mode != "linear":
         raise ConfigError(f"unknown image interpolation {mode!r}: use linear, nearest or cubic")
+    return _trilinear(flat, index, shape)
+
+
+def _trilinear(flat: torch.Tensor, index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Trilinear interpolation of ``flat`` ``(B, C, I*J*K)`` at ``(B, M, 3)`` voxel positions.
+
+    Per axis, the two neighbours' weights are ``1 - f`` and ``f``, set to 0 for a neighbour outside
+    the grid (whose index is clamped, so every gather is in bounds). At an integer position the
+    weights are exactly 1 and 0: the stored value comes back unchanged.
+    """
     base = torch.floor(index)
-    frac = (index - base).to(volume.dtype)
+    frac = (index - base).to(flat.dtype)
     base = base.long()
-    out = torch.zeros((*volume.shape[:2], index.shape[1]), dtype=volume.dtype, device=volume.device)
-    for corner in range(8):
-        offset = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=index.device)
-        weight = torch.where(offset.bool(), frac, 1 - frac).prod(-1)
-        vals, _ = _gather(flat, base + offset, shape)
-        out = out + vals * weight.unsqueeze(1)
+    idx, wts = [], []
+    for a in range(3):
+        n = int(shape[a])
+        b0, b1 = base[..., a], base[..., a] + 1
+        w0 = (1 - frac[..., a]) * ((b0 >= 0) & (b0 < n))
+        w1 = frac[..., a] * ((b1 >= 0) & (b1 < n))
+        idx.append((b0.clamp(0, n - 1), b1.clamp(0, n - 1)))
+        wts.append((w0, w1))
+    s1, s2 = int(shape[1]), int(shape[2])
+    out = None
+    for ci in range(2):
+        row_i = idx[0][ci] * s1
+        for cj in range(2):
+            row_ij = (row_i + idx[1][cj]) * s2
+            w_ij = wts[0][ci] * wts[1][cj]
+            for ck in range(2):
+                lin = (row_ij + idx[2][ck]).unsqueeze(1).expand(-1, flat.shape[1], -1)
+                term = flat.gather(2, lin) * (w_ij * wts[2][ck]).unsqueeze(1)
+                out = term if out is None else out + term
     return out
 
 

@@ -16,6 +16,7 @@ __all__ = ["main", "build_parser"]
 
 # (module, help) of each sub-command; each module has add_arguments(parser) and run(args) -> int
 COMMANDS = {
+    "demo": ("demo", "register a bundled example pair (MNI152 T1 vs a rotated, deformed T2-like copy)"),
     "register": ("register", "register moving image(s) to fixed image(s) through learned keypoints"),
     "models": ("models", "list the bundled models, or describe a model file"),
     "apply": ("apply", "apply saved transform(s) to an image, a label map or points"),

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--label_interp", choices=["nearest", "labelwise"], default="nearest",
                    help="resampling of segmentations (ids are never blended)")
     a.add_argument("--field_stride", type=int, default=None,
-                   help="sub-grid stride for the dense TPS field (default 2; 1 = exact at every voxel)")
+                   help="sub-grid stride for the dense TPS field (default 1 = exact at every voxel; 2 or 4 trade accuracy for speed, see docs/benchmarks.md)")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--save_dir", default="./register_output", help="output directory (default ./register_output)")
