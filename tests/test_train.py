@@ -37,7 +37,7 @@ def label_maps(tmp_path_factory):
 
 
 def _cfg(maps, save_dir, **kw):
-    base = dict(label_maps=maps[:2], val_label_maps=maps[2:], save_dir=str(save_dir), num_keypoints=8,
+    base = dict(label_maps=list(maps[:2]), val_label_maps=list(maps[2:]), save_dir=str(save_dir), num_keypoints=8,
                 num_levels=2, num_truncated=1, f_maps=4, grid_shape=16, voxel_size=3.0, steps=2, batch_size=1,
                 checkpoint_every=1, val_every=0, num_val_pairs=1, max_displacement=2.0)
     base.update(kw)
@@ -139,3 +139,24 @@ def test_ddp_two_cpu_processes(label_maps, tmp_path):
     assert {"generator_rank0", "generator_rank1"} <= set(rng)
     assert not torch.equal(rng["generator_rank0"], rng["generator_rank1"])  # ranks draw different pairs
     assert (tmp_path / "ddp" / "model.safetensors").exists()
+
+
+def test_train_on_real_images_directory_layout(label_maps, tmp_path):
+    """ROOT/<modality>/<name>.nii.gz + ROOT/<modality>_seg/<name>.nii.gz, as in the official run.py."""
+    rng = np.random.default_rng(0)
+    for modality, scale in (("T1", 1.0), ("T2", -1.0)):
+        (tmp_path / "data" / modality).mkdir(parents=True)
+        (tmp_path / "data" / f"{modality}_seg").mkdir(parents=True)
+        for k, path in enumerate(label_maps):
+            img = nib.load(path)
+            lab = np.asarray(img.dataobj)
+            vals = np.where(lab > 0, 100 + scale * 20 * (lab % 7), 0) + rng.normal(0, 1, lab.shape)
+            nib.save(nib.Nifti1Image(vals.astype(np.float32), img.affine), tmp_path / "data" / modality / f"s{k}.nii.gz")
+            nib.save(img, tmp_path / "data" / f"{modality}_seg" / f"s{k}.nii.gz")
+    cfg = _cfg([], tmp_path / "run", label_maps=[], data_dir=str(tmp_path / "data"), val_every=2, steps=2)
+    last = train(cfg, progress=False)
+    assert np.isfinite(last["loss"]) and set(last["val"]) >= {"none", "affine"}
+    pre = _cfg([], tmp_path / "pre", label_maps=[], data_dir=str(tmp_path / "data"), mode="pretrain")
+    assert np.isfinite(train(pre, progress=False)["loss"])
+    with pytest.raises(ConfigError, match="either --label_maps or --data_dir"):
+        _cfg(label_maps, tmp_path / "x", data_dir=str(tmp_path / "data")).validate()

@@ -22,7 +22,7 @@ from ..preprocess import GridSpec, network_grid_affine
 from .synth import (IntensityAugment, SpatialAugment, random_affine, random_means, random_smooth_field,
                     synthesize_image, warp_labels_on_grid)
 
-__all__ = ["LabelMapBank", "PairBatch", "SyntheticPairs", "list_label_maps", "brain_label_table",
+__all__ = ["LabelMapBank", "PairBatch", "SyntheticPairs", "ImagePairs", "list_label_maps", "brain_label_table",
            "read_image_table"]
 
 #: size of the id lookup tables (FreeSurfer ids used by the maps are < 1024)
@@ -211,3 +211,89 @@ def read_image_table(path: str | Path) -> list[dict[str, str]]:
     if not rows:
         raise ImageIOError(f"{root}: no images found")
     return rows
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value if value is not None else "1").strip().lower() in ("1", "true", "yes", "train")
+
+
+class ImagePairs:
+    """Random pairs of real images (with optional segmentations) on the network grid.
+
+    Each image is preprocessed once (as at test time: canonical RAS grid, min-max) and its
+    segmentation resampled (nearest) onto the same grid. All images then share one network frame
+    centred at the origin; each draw applies a random affine (one resampling).
+
+    Args:
+        rows: from :func:`read_image_table`.
+        grid: the network input grid.
+        train: use rows whose ``train`` column is true (``False``: the others, for validation).
+        mix_modalities: allow pairs of different modalities (otherwise same modality only).
+    """
+
+    def __init__(self, rows: Sequence[dict[str, str]], grid: GridSpec, *, spatial: SpatialAugment | None = None,
+                 mix_modalities: bool = True, train: bool = True, device: torch.device | str = "cpu") -> None:
+        from ..preprocess import PreprocessConfig, to_network_input
+
+        self.grid = grid
+        self.spatial = spatial or SpatialAugment()
+        self.mix_modalities = mix_modalities
+        self.device = torch.device(device)
+        rows = [r for r in rows if _truthy(r.get("train")) == train] or list(rows)
+        n = np.asarray(grid.shape, dtype=np.float64)
+        vs = np.asarray(grid.voxel_size, dtype=np.float64) if grid.mode == "ras" else np.ones(3)
+        self.frame = np.eye(4)
+        self.frame[:3, :3] = np.diag(vs)
+        self.frame[:3, 3] = -vs * (n - 1) / 2
+        self.images: list[torch.Tensor] = []
+        self.maps: list[torch.Tensor] = []
+        self.modalities: list[str] = []
+        ids: set[int] = set()
+        for r in rows:
+            vol = load_volume(r["img_path"], kind="image")
+            x, world_from_net = to_network_input(vol, PreprocessConfig(grid=grid), self.device)
+            if r.get("seg_path"):
+                seg = load_volume(r["seg_path"], kind="labels")
+                src = torch.from_numpy(seg.data).to(self.device)[None, None]
+                lab = warp_labels_on_grid(src, torch.from_numpy(seg.affine), grid.shape,
+                                          torch.from_numpy(world_from_net), torch.eye(4, dtype=torch.float64)[None])
+            else:  # no segmentation: the head/brain mask stands in (label 1)
+                lab = (x > 0.05).long()
+            self.images.append(x)
+            self.maps.append(lab[0, 0])
+            self.modalities.append(r.get("modality") or "image")
+            ids.update(torch.unique(lab).tolist())
+        self.ids = sorted(ids)
+        self.affines = [torch.from_numpy(self.frame)] * len(self.images)
+        if len(self.images) < 2:
+            raise ConfigError("training on real images needs at least 2 images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _draw(self, index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from .losses import warp_on_grid
+        from ..transforms import AffineTransform
+
+        frame = torch.from_numpy(self.frame)
+        mat = random_affine(1, g, torch.zeros(3), self.spatial, device=self.device)
+        aff = frame.to(self.device)[None]
+        img = warp_on_grid(self.images[index], aff, aff, AffineTransform(mat))
+        lab = warp_labels_on_grid(self.maps[index][None, None], frame, self.grid.shape, frame, mat)
+        return img, lab, mat
+
+    def sample(self, batch: int, generator: torch.Generator) -> PairBatch:
+        g, n = generator, len(self.images)
+        out: dict[str, list] = {k: [] for k in ("fi", "mi", "fl", "ml", "fm", "mm", "fx", "mx")}
+        for _ in range(batch):
+            i = int(torch.randint(n, (), generator=g))
+            choices = [j for j in range(n) if j != i and (self.mix_modalities or
+                                                         self.modalities[j] == self.modalities[i])] or [i]
+            j = choices[int(torch.randint(len(choices), (), generator=g))]
+            for key, idx in (("f", i), ("m", j)):
+                img, lab, mat = self._draw(idx, g)
+                out[f"{key}i"].append(img), out[f"{key}l"].append(lab), out[f"{key}m"].append(mat)
+                out[f"{key}x"].append(idx)
+        return PairBatch(torch.cat(out["fi"]), torch.cat(out["mi"]), torch.cat(out["fl"]), torch.cat(out["ml"]),
+                         torch.from_numpy(self.frame), None, torch.cat(out["fm"]), torch.cat(out["mm"]),
+                         out["fx"], out["mx"])

@@ -33,7 +33,8 @@ from ..models.checkpoint import load_model, save_model
 from ..models.detector import ArchitectureConfig
 from ..preprocess import GridSpec, PreprocessConfig
 from ..transforms import AlignSpec, fit_affine, fit_transform
-from .data import LabelMapBank, PairBatch, SyntheticPairs, brain_label_table, list_label_maps
+from .data import (ImagePairs, LabelMapBank, PairBatch, SyntheticPairs, brain_label_table, list_label_maps,
+                   read_image_table)
 from .losses import one_hot, soft_dice_loss, warp_on_grid
 from .synth import SpatialAugment
 
@@ -47,6 +48,7 @@ class TrainConfig:
     mode: str = "train"                      # train | pretrain
     label_maps: list[str] = field(default_factory=list)
     val_label_maps: list[str] = field(default_factory=list)
+    data_dir: str | None = None              # real images (directory layout or CSV) instead of label maps
     save_dir: str = "runs/keyreg"
     # model
     name: str = "keyreg-model"
@@ -89,8 +91,10 @@ class TrainConfig:
         if self.loss_fn not in ("dice", "mse"):
             raise ConfigError(f"--loss_fn must be dice or mse, got {self.loss_fn!r}")
         sample_lambda(self.tps_lmbda, torch.Generator().manual_seed(0))
-        if not self.label_maps:
-            raise ConfigError("no training data: give --label_maps (files or directories)")
+        if not self.label_maps and not self.data_dir:
+            raise ConfigError("no training data: give --label_maps (files or directories) or --data_dir")
+        if self.label_maps and self.data_dir:
+            raise ConfigError("give either --label_maps or --data_dir, not both")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("--steps and --batch_size must be >= 1")
 
@@ -147,11 +151,18 @@ class Trainer:
         grid = GridSpec("ras", (cfg.grid_shape,) * 3, (cfg.voxel_size,) * 3)
         self.model = self._build_model(grid)
         self.grid = self.model.config.preprocessing.grid
-        self.bank = LabelMapBank(list_label_maps(cfg.label_maps), device=self.device)
         spatial = SpatialAugment(max_rotation=cfg.max_rotation,
                                  max_displacement=0.0 if cfg.mode == "pretrain" else cfg.max_displacement)
-        self.pairs = SyntheticPairs(self.bank, self.grid, spatial=spatial, mix_modalities=cfg.mix_modalities,
-                                    consistency=cfg.kpconsistency_coeff > 0)
+        if cfg.data_dir:
+            if cfg.kpconsistency_coeff > 0:
+                raise ConfigError("--kpconsistency_coeff needs synthetic contrasts (--label_maps)")
+            self.pairs = ImagePairs(read_image_table(cfg.data_dir), self.grid, spatial=spatial,
+                                    mix_modalities=cfg.mix_modalities, device=self.device)
+            self.bank = self.pairs  # maps (segmentations on the network grid), affines, ids
+        else:
+            self.bank = LabelMapBank(list_label_maps(cfg.label_maps), device=self.device)
+            self.pairs = SyntheticPairs(self.bank, self.grid, spatial=spatial, mix_modalities=cfg.mix_modalities,
+                                        consistency=cfg.kpconsistency_coeff > 0)
         self.lut, self.classes = brain_label_table(self.bank.ids)
         self.lut = self.lut.to(self.device)
         self.net = self.model
@@ -289,10 +300,14 @@ class Trainer:
         from ..transforms import parse_align
 
         if self.val_pairs is None:
-            paths = self.cfg.val_label_maps or self.cfg.label_maps
-            bank = LabelMapBank(list_label_maps(paths), device=self.device)
-            pairs = SyntheticPairs(bank, self.grid, spatial=self.pairs.spatial, mix_modalities=True,
-                                   same_subject_prob=0.0)
+            if self.cfg.data_dir:
+                pairs = ImagePairs(read_image_table(self.cfg.data_dir), self.grid, spatial=self.pairs.spatial,
+                                   train=False, device=self.device)
+            else:
+                paths = self.cfg.val_label_maps or self.cfg.label_maps
+                bank = LabelMapBank(list_label_maps(paths), device=self.device)
+                pairs = SyntheticPairs(bank, self.grid, spatial=self.pairs.spatial, mix_modalities=True,
+                                       same_subject_prob=0.0)
             g = torch.Generator(self.device).manual_seed(12345)
             self.val_pairs = [pairs.sample(1, g) for _ in range(self.cfg.num_val_pairs)]
         self.model.eval()
