@@ -24,6 +24,7 @@ COMMANDS = {
     "groupwise": ("groupwise", "register a group of images to their common mean keypoints (a template)"),
     "train": ("train", "train a keypoint model (synthetic contrasts from label maps, or real images)"),
     "pretrain": ("pretrain", "self-supervised initialisation: keypoints regressed onto moved reference points"),
+    "evaluate": ("evaluate", "accuracy and robustness over pairs and seeded perturbations (Dice vs rotation)"),
 }
 
 
