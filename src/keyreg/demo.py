@@ -138,7 +138,7 @@ class DemoResult:
 
 
 def run_demo(output_dir: str | Path = "keyreg_demo_output", *, model=None, device=None,
-             aligns: tuple[str, ...] = ("rigid", "affine", "tps_1"), seed: int = 0) -> DemoResult:
+             aligns: tuple[str, ...] = ("affine", "tps_1"), seed: int = 0) -> DemoResult:
     """Build the demo pair, register it with ``model`` (default: the bundled default), write
     everything under ``output_dir`` and return the Dice table."""
     from .api import register

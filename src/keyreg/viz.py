@@ -101,15 +101,15 @@ def save_qc_figure(
     title: str = "",
     slab_mm: float = 6.0,
 ) -> Path:
-    """Four rows of orthogonal slices: fixed, moving, warped (on the fixed grid) and a colour
-    overlay of fixed (green) and warped (magenta) — grey where they agree.
+    """Five rows of orthogonal slices: fixed, moving, warped (on the fixed grid), a checkerboard of
+    fixed and warped, and a colour overlay of fixed (green) and warped (magenta) — grey where they agree.
 
     Keypoints (world RAS mm, ``(K, 3)``): fixed (red dots) on the fixed and warped rows, moving
     (cyan dots) on the moving row, and the moving keypoints carried into fixed space (yellow
     crosses) on the warped row: after a good registration crosses sit on the dots.
     """
     path = Path(path)
-    plt, fig, axes = _figure(4)
+    plt, fig, axes = _figure(5)
     c_fixed = affine_center(fixed)
     _draw_row(axes[0], fixed, c_fixed, [(fixed_keypoints, "red", "o")], slab_mm, "fixed")
     _draw_row(axes[1], moving, affine_center(moving), [(moving_keypoints, "cyan", "o")], slab_mm, "moving")
@@ -123,15 +123,24 @@ def save_qc_figure(
     w_n = np.clip((w_data - w_lo) / (w_hi - w_lo), 0, 1)
     spacing = np.sqrt((f_aff[:3, :3] ** 2).sum(0))
     center_vox = np.linalg.inv(f_aff) @ np.append(c_fixed, 1.0)
-    for ax, (plane, axis) in zip(axes[3], _PLANES):
-        index = int(np.clip(round(center_vox[axis]), 0, f_data.shape[axis] - 1))
-        other = [a for a in range(3) if a != axis]
-        g, m = _slice(f_n, axis, index), _slice(w_n, axis, index)
-        ax.imshow(np.stack([m, g, m], axis=-1), origin="lower",
-                  aspect=spacing[other[1]] / spacing[other[0]], interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"fixed (green) / warped (magenta) — {plane}", fontsize=8)
+    for row, kind in ((3, "checkerboard"), (4, "overlay")):
+        for ax, (plane, axis) in zip(axes[row], _PLANES):
+            index = int(np.clip(round(center_vox[axis]), 0, f_data.shape[axis] - 1))
+            other = [a for a in range(3) if a != axis]
+            g, m = _slice(f_n, axis, index), _slice(w_n, axis, index)
+            if kind == "checkerboard":  # squares of about 16 mm alternate fixed / warped
+                rows = (np.arange(g.shape[0]) * spacing[other[1]] // 16).astype(int)
+                cols = (np.arange(g.shape[1]) * spacing[other[0]] // 16).astype(int)
+                board = (rows[:, None] + cols[None, :]) % 2 == 0
+                ax.imshow(np.where(board, g, m), cmap="gray", vmin=0, vmax=1, origin="lower",
+                          aspect=spacing[other[1]] / spacing[other[0]], interpolation="nearest")
+                ax.set_title(f"checkerboard fixed / warped — {plane}", fontsize=8)
+            else:
+                ax.imshow(np.stack([m, g, m], axis=-1), origin="lower",
+                          aspect=spacing[other[1]] / spacing[other[0]], interpolation="nearest")
+                ax.set_title(f"fixed (green) / warped (magenta) — {plane}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -10,7 +10,7 @@ from ._common import add_device_arguments
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save_dir", default="./keyreg_demo_output", help="output directory")
     p.add_argument("--load_path", "--model", dest="load_path", help="model (default: the bundled default)")
-    p.add_argument("--list_of_aligns", nargs="+", default=["rigid", "affine", "tps_1"], metavar="ALIGN")
+    p.add_argument("--list_of_aligns", nargs="+", default=["affine", "tps_1"], metavar="ALIGN")
     p.add_argument("--seed", type=int, default=0, help="seed of the bias field, noise and deformation")
     add_device_arguments(p)
 
