@@ -160,3 +160,25 @@ def test_train_on_real_images_directory_layout(label_maps, tmp_path):
     assert np.isfinite(train(pre, progress=False)["loss"])
     with pytest.raises(ConfigError, match="either --label_maps or --data_dir"):
         _cfg(label_maps, tmp_path / "x", data_dir=str(tmp_path / "data")).validate()
+
+
+def test_pair_csv_uses_only_the_listed_pairs(label_maps, tmp_path):
+    from keyreg.train.data import ImagePairs, read_image_table
+    from keyreg.preprocess import GridSpec
+
+    rows = ["fixed_img_path,moving_img_path,fixed_seg_path,moving_seg_path,train"]
+    for f, m, t in ((0, 1, 1), (1, 2, 1), (2, 0, 0)):
+        rows.append(f"{label_maps[f]},{label_maps[m]},{label_maps[f]},{label_maps[m]},{t}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    train_rows = read_image_table(tmp_path / "pairs.csv")
+    assert len(train_rows) == 3 and [r["moving_partners"] for r in train_rows] == [[1], [2], []]
+    held_out = read_image_table(tmp_path / "pairs.csv", train=False)
+    assert len(held_out) == 2 and held_out[0]["moving_partners"] == [1]
+    # label maps stand in for images here: only the pairing is under test
+    pairs = ImagePairs(train_rows, GridSpec("ras", (12, 12, 12), (4.0, 4.0, 4.0)))
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(12):
+        b = pairs.sample(1, g)
+        seen.add((b.fixed_index[0], b.moving_index[0]))
+    assert seen == {(0, 1), (1, 2)}

@@ -184,21 +184,48 @@ class SyntheticPairs:
                          torch.cat(f_mat), torch.cat(m_mat), f_idx, m_idx)
 
 
-def read_image_table(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV with ``img_path, seg_path, mask_path, modality, train`` columns (paths relative
-    to the CSV's folder), or of a ``ROOT/<modality>/<name>.nii.gz`` directory with optional
-    ``ROOT/<modality>_seg/<name>.nii.gz``."""
+def read_image_table(path: str | Path, *, train: bool = True) -> list[dict]:
+    """Images to train on.
+
+    * a CSV with ``img_path, seg_path, mask_path, modality, train`` columns (paths relative to the
+      CSV's folder): every row is an image, pairs are drawn at random;
+    * a CSV with explicit pairs, ``fixed_img_path, moving_img_path`` (+ optional ``fixed_seg_path,
+      moving_seg_path, fixed_modality, moving_modality, train``): only those pairs are used, and
+      ``train`` selects pairs (``train=True``) or held-out pairs (``train=False``); each returned
+      image row lists its ``moving_partners`` (indices into the returned list);
+    * a directory ``ROOT/<modality>/<name>.nii.gz`` with optional ``ROOT/<modality>_seg/<name>.nii.gz``.
+    """
     root = Path(path)
-    rows: list[dict[str, str]] = []
+    rows: list[dict] = []
     if root.is_file():
         with open(root, newline="") as fh:
-            for r in csv.DictReader(fh):
-                if "img_path" not in r:
-                    raise ConfigError(f"{root}: CSV needs an img_path column")
-                for k in ("img_path", "seg_path", "mask_path"):
-                    if r.get(k):
-                        r[k] = str((root.parent / r[k]).resolve())
-                rows.append(r)
+            reader = csv.DictReader(fh)
+            fields = set(reader.fieldnames or [])
+
+            def resolve(value: str | None) -> str:
+                return str((root.parent / value).resolve()) if value else ""
+
+            if {"fixed_img_path", "moving_img_path"} <= fields:
+                index: dict[tuple[str, str], int] = {}
+                for r in reader:
+                    if _truthy(r.get("train")) != train:
+                        continue
+                    ids = []
+                    for side in ("fixed", "moving"):
+                        key = (resolve(r[f"{side}_img_path"]), resolve(r.get(f"{side}_seg_path")))
+                        if key not in index:
+                            index[key] = len(rows)
+                            rows.append({"img_path": key[0], "seg_path": key[1], "train": "1" if train else "0",
+                                         "modality": r.get(f"{side}_modality") or "image", "moving_partners": []})
+                        ids.append(index[key])
+                    rows[ids[0]]["moving_partners"].append(ids[1])
+            elif "img_path" in fields:
+                for r in reader:
+                    for k in ("img_path", "seg_path", "mask_path"):
+                        r[k] = resolve(r.get(k))
+                    rows.append(r)
+            else:
+                raise ConfigError(f"{root}: CSV needs an img_path column, or fixed_img_path and moving_img_path")
     elif root.is_dir():
         for mod_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.endswith("_seg")):
             seg_dir = root / f"{mod_dir.name}_seg"
@@ -239,7 +266,11 @@ class ImagePairs:
         self.spatial = spatial or SpatialAugment()
         self.mix_modalities = mix_modalities
         self.device = torch.device(device)
-        rows = [r for r in rows if _truthy(r.get("train")) == train] or list(rows)
+        explicit = any("moving_partners" in r for r in rows)
+        if not explicit:
+            rows = [r for r in rows if _truthy(r.get("train")) == train] or list(rows)
+        #: explicit (fixed, moving) index pairs from a pair CSV, else None (random pairs)
+        self.pairs = [(i, j) for i, r in enumerate(rows) for j in r.get("moving_partners", [])] if explicit else None
         n = np.asarray(grid.shape, dtype=np.float64)
         vs = np.asarray(grid.voxel_size, dtype=np.float64) if grid.mode == "ras" else np.ones(3)
         self.frame = np.eye(4)
@@ -286,10 +317,13 @@ class ImagePairs:
         g, n = generator, len(self.images)
         out: dict[str, list] = {k: [] for k in ("fi", "mi", "fl", "ml", "fm", "mm", "fx", "mx")}
         for _ in range(batch):
-            i = int(torch.randint(n, (), generator=g))
-            choices = [j for j in range(n) if j != i and (self.mix_modalities or
-                                                         self.modalities[j] == self.modalities[i])] or [i]
-            j = choices[int(torch.randint(len(choices), (), generator=g))]
+            if self.pairs:
+                i, j = self.pairs[int(torch.randint(len(self.pairs), (), generator=g))]
+            else:
+                i = int(torch.randint(n, (), generator=g))
+                choices = [j for j in range(n) if j != i and (self.mix_modalities or
+                                                             self.modalities[j] == self.modalities[i])] or [i]
+                j = choices[int(torch.randint(len(choices), (), generator=g))]
             for key, idx in (("f", i), ("m", j)):
                 img, lab, mat = self._draw(idx, g)
                 out[f"{key}i"].append(img), out[f"{key}l"].append(lab), out[f"{key}m"].append(mat)

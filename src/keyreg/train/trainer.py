@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, DegenerateFitError
+from ..errors import CheckpointError, ConfigError, DegenerateFitError, ImageIOError
 from ..geometry import apply_affine, fov_center, fov_half_extent, normalized_to_voxel
 from ..models import KeypointDetector, ModelConfig
 from ..models.checkpoint import load_model, save_model
@@ -301,8 +301,11 @@ class Trainer:
 
         if self.val_pairs is None:
             if self.cfg.data_dir:
-                pairs = ImagePairs(read_image_table(self.cfg.data_dir), self.grid, spatial=self.pairs.spatial,
-                                   train=False, device=self.device)
+                try:
+                    rows = read_image_table(self.cfg.data_dir, train=False)
+                except ImageIOError:  # a pair CSV without held-out pairs: validate on the training pairs
+                    rows = read_image_table(self.cfg.data_dir)
+                pairs = ImagePairs(rows, self.grid, spatial=self.pairs.spatial, train=False, device=self.device)
             else:
                 paths = self.cfg.val_label_maps or self.cfg.label_maps
                 bank = LabelMapBank(list_label_maps(paths), device=self.device)
