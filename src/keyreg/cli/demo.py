@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from ..transforms import parse_aligns
 
     aligns = tuple(s.name for s in parse_aligns(args.list_of_aligns))
-    print("keyreg demo: moving = MNI152 made T2-like, rotated 60° about an oblique axis, translated, deformed,\n"
+    print(f"keyreg demo: moving = MNI152 made T2-like, rotated {TRUE_ROTATION_DEG:.0f}° about an oblique axis, "
+          "translated, deformed,\n"
           "             on an oblique 1.3x1.2x1.8 mm LPS grid; fixed = the MNI152 T1 template (1 mm)")
     res = run_demo(args.save_dir, model=args.load_path, device=args.device, aligns=aligns, seed=args.seed)
     cols = ["before", *res.after]
