@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Retrain the bundled starter model (keyreg-starter) exactly as it was trained, then install it.
+# Retrain the bundled starter model (keyreg-starter) with the schedule and seeds it was trained with, then install it.
 # Usage: scripts/train_starter.sh [LABELMAP_DIR] [TRAIN_STEPS]
 #   LABELMAP_DIR: folder with training_seg_01..15.nii.gz (default ../shared/data/labelmaps)
 #   TRAIN_STEPS:  total steps of the second pretraining stage (the shipped model: 550)

@@ -203,3 +203,11 @@ def test_known_tps_recovered_on_oblique_grids(oblique_fixed_grid, oblique_moving
     # the warped image is the moving image sampled there
     expected = warp_image(moving.tensor(), ma, fs, fa, truth)[0, 0].numpy()
     assert np.abs(reg["tps_0"].warped.data - expected).max() < 0.1
+
+
+def test_rotation_about_follows_the_right_hand_rule():
+    from keyreg.geometry import rotation_about
+
+    r = rotation_about((0, 0, 2), 90)  # axis need not be unit
+    np.testing.assert_allclose(r @ [1.0, 0, 0], [0, 1.0, 0], atol=1e-15)
+    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-15)

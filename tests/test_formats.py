@@ -18,6 +18,7 @@ import pytest
 import scipy.io
 import torch
 
+from conftest import rotation
 from keyreg.errors import ConfigError, ImageIOError, OutputError, ShapeError
 from keyreg.formats import (
     displacement_from_field,
@@ -51,15 +52,6 @@ F3 = F[:3, :3]
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def _rot(axis, degrees: float) -> np.ndarray:
-    """3x3 rotation about ``axis`` (Rodrigues)."""
-    k = np.asarray(axis, dtype=np.float64)
-    k = k / np.linalg.norm(k)
-    a = np.deg2rad(degrees)
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(a) * kx + (1 - np.cos(a)) * kx @ kx
-
-
 def _grid(shape, spacing, rot, center) -> tuple[tuple[int, int, int], np.ndarray]:
     a = np.eye(4)
     a[:3, :3] = rot @ np.diag(spacing)
@@ -74,13 +66,13 @@ LIA = np.array([[-1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # i -> Left, j -> Inferio
 @pytest.fixture(scope="module")
 def fixed_grid():
     """Oblique (20 degrees), LIA-like, anisotropic, non-cubic."""
-    return _grid((20, 26, 17), (1.2, 0.9, 2.0), _rot([1, 2, 0.5], 20) @ LIA, (3.0, -8.0, 12.0))
+    return _grid((20, 26, 17), (1.2, 0.9, 2.0), rotation([1, 2, 0.5], 20) @ LIA, (3.0, -8.0, 12.0))
 
 
 @pytest.fixture(scope="module")
 def moving_grid():
     """Another oblique grid, larger than the fixed field of view and centred near T(fixed centre)."""
-    return _grid((30, 24, 32), (1.0, 1.4, 1.1), _rot([0.3, -1, 1], -25), MOVING_CENTER)
+    return _grid((30, 24, 32), (1.0, 1.4, 1.1), rotation([0.3, -1, 1], -25), MOVING_CENTER)
 
 
 def _world(shape, affine) -> np.ndarray:
@@ -105,7 +97,7 @@ def moving_image(moving_grid):
 def rigid_matrix():
     """A rigid moving_from_fixed matrix: 12 degrees about an oblique axis, 7 mm along RAS x."""
     a = np.eye(4)
-    a[:3, :3] = _rot([0.4, -0.3, 1.0], 12)
+    a[:3, :3] = rotation([0.4, -0.3, 1.0], 12)
     a[:3, 3] = [7.0, -1.5, 2.0]
     return a
 
@@ -267,7 +259,7 @@ def test_itk_versor_translation_and_float_names(tmp_path):
     sitk.WriteTransform(t, str(tmp_path / "tr.tfm"))
     _check_against_sitk(read_itk_affine(tmp_path / "tr.tfm"), t)
 
-    m = _rot([1, 1, 0], 30) @ np.diag([1.1, 0.9, 1.0])
+    m = rotation([1, 1, 0], 30) @ np.diag([1.1, 0.9, 1.0])
     tf = _sitk_affine(m, (1.0, -2.0, 3.0), (7.0, 8.0, 9.0))
     sitk.WriteTransform(tf, str(tmp_path / "a.txt"))
     for name in ("AffineTransform_float_3_3", "MatrixOffsetTransformBase_double_3_3"):

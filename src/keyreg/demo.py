@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .geometry import fov_center
+from .geometry import fov_center, rotation_about
 from .io import Volume, load_volume, save_volume
 from .transforms import DisplacementField
 from .warp import warp_image, warp_labels
@@ -69,14 +69,6 @@ def demo_data(step: int = 1) -> tuple[Volume, Volume, dict[str, np.ndarray]]:
     return t1, seg, prob
 
 
-def _rotation(axis, degrees: float) -> np.ndarray:
-    a = np.asarray(axis, dtype=np.float64)
-    a = a / np.linalg.norm(a)
-    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    t = math.radians(degrees)
-    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * k @ k
-
-
 def rotation_angle(matrix: np.ndarray) -> float:
     """Rotation angle (degrees) of the closest rotation to a 3x3 (or 4x4) linear part (polar decomposition)."""
     u, _, vt = np.linalg.svd(np.asarray(matrix)[:3, :3])
@@ -103,10 +95,10 @@ def make_moving(fixed: Volume, seg: Volume, prob: dict[str, np.ndarray], *, seed
     t2 = np.clip(t2, 0, None).astype(np.float32)
     # moving grid: oblique, anisotropic, non-cubic, LPS voxel axes, centred on the moved brain
     c = fov_center(fixed.affine, fixed.shape)
-    rot = _rotation(TRUE_AXIS, TRUE_ROTATION_DEG)
+    rot = rotation_about(TRUE_AXIS, TRUE_ROTATION_DEG)
     shape = tuple(int(math.ceil(n / step)) for n in (150, 170, 110))
     spacing = np.array([1.3, 1.2, 1.8]) * step
-    lin = _rotation((0.2, 1.0, 0.4), 12.0) @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
+    lin = rotation_about((0.2, 1.0, 0.4), 12.0) @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
     m_aff = np.eye(4)
     m_aff[:3, :3] = lin
     m_aff[:3, 3] = c + np.asarray(TRUE_TRANSLATION_MM) - lin @ ((np.asarray(shape) - 1) / 2)

@@ -56,8 +56,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, ImageContentError, ImageIOError, KeyregError
-from .geometry import fov_center
-from .io import Volume, atomic_path, atomic_write_text, load_volume
+from .geometry import fov_center, rotation_about
+from .io import Volume, atomic_path, atomic_write_text, load_volume, nifti_stem
 from .pairing import list_nifti
 
 __all__ = [
@@ -111,14 +111,6 @@ class EvalImage:
     source: str = ""
 
 
-def _stem(path: Path) -> str:
-    n = path.name
-    for suf in (".nii.gz", ".nii"):
-        if n.lower().endswith(suf):
-            return n[: -len(suf)]
-    return path.stem
-
-
 def _load_pair(img_path: Path, seg_path: Path, name: str) -> tuple[Volume, Volume]:
     image = load_volume(img_path, kind="image", name=name)
     seg = load_volume(seg_path, kind="labels", name=f"{name}_seg")
@@ -149,7 +141,7 @@ def images_from_directories(images: str | Path, segs: str | Path, *, modality: s
         seg_path = segs / path.name
         if not seg_path.exists():
             raise ImageIOError(f"{seg_path}: no segmentation for {path} (same file name expected in --segs)")
-        name = _stem(path)
+        name = nifti_stem(path)
         subject, mod = name, modality
         if regex is not None:
             m = regex.search(name)
@@ -214,7 +206,7 @@ def images_from_csv(path: str | Path) -> list[EvalImage]:
         entries.append((img, seg, r[col["modality"]].strip() or "image", subject))
     if not entries:
         raise ConfigError(f"{path}: the CSV lists no image")
-    names = _unique_names([_stem(e[0]) for e in entries])
+    names = _unique_names([nifti_stem(e[0]) for e in entries])
     out = []
     for (img, seg, mod, subject), name in zip(entries, names):
         image, segv = _load_pair(img, seg, name)
@@ -312,7 +304,7 @@ def images_from_label_maps(paths: Sequence[str | Path], contrasts: Sequence[str]
             files.append(p)
         else:
             raise ImageIOError(f"{p}: label map does not exist")
-    subjects = _unique_names([_stem(f) for f in files])
+    subjects = _unique_names([nifti_stem(f) for f in files])
     segs = []
     for f, subject in zip(files, subjects):
         seg = load_volume(f, kind="labels", name=subject)
@@ -393,13 +385,6 @@ def make_pairs(images: Sequence[EvalImage], kinds: Sequence[str] = PAIR_KINDS, *
 # perturbations
 
 
-def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
-    """3x3 rotation by ``degrees`` about the unit ``axis`` (right-hand rule, Rodrigues)."""
-    a = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
-
-
 @dataclass(frozen=True)
 class Perturbation:
     """A world-space similarity applied to the moving image.
@@ -417,7 +402,7 @@ class Perturbation:
     def matrix(self, center: np.ndarray) -> np.ndarray:
         """``(4, 4)`` world RAS matrix of ``P`` for the rotation centre ``center`` (mm)."""
         c = np.asarray(center, dtype=np.float64)
-        lin = self.scale * _rotation(np.asarray(self.axis, dtype=np.float64), self.rotation_deg)
+        lin = self.scale * rotation_about(self.axis, self.rotation_deg)
         out = np.eye(4)
         out[:3, :3] = lin
         out[:3, 3] = c + np.asarray(self.translation, dtype=np.float64) - lin @ c

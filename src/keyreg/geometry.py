@@ -34,6 +34,8 @@ __all__ = [
     "ras_to_lps_matrix",
     "ras_to_lps_points",
     "voxel_sizes",
+    "rotation_matrix",
+    "rotation_about",
     "as_affine_tensor",
 ]
 
@@ -164,3 +166,21 @@ def ras_to_lps_points(points: np.ndarray) -> np.ndarray:
     out = np.array(points, dtype=np.float64, copy=True)
     out[..., :2] *= -1
     return out
+
+
+def rotation_matrix(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotations by ``angle (...)`` radians about ``axis (..., 3)`` (normalised here), right-hand
+    rule (Rodrigues) -> ``(..., 3, 3)``."""
+    axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    x, y, z = axis.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(*axis.shape[:-1], 3, 3)
+    eye = torch.eye(3, dtype=axis.dtype, device=axis.device)
+    s, c = torch.sin(angle)[..., None, None], torch.cos(angle)[..., None, None]
+    return eye + s * k + (1 - c) * (k @ k)
+
+
+def rotation_about(axis: Sequence[float], degrees: float) -> np.ndarray:
+    """``(3, 3)`` float64 rotation by ``degrees`` about ``axis`` (see :func:`rotation_matrix`)."""
+    a = torch.as_tensor(np.asarray(axis, dtype=np.float64))
+    return rotation_matrix(a, torch.tensor(np.deg2rad(degrees), dtype=torch.float64)).numpy()

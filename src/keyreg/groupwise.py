@@ -38,7 +38,7 @@ import torch
 
 from .errors import ConfigError, ImageContentError, OutputError
 from .geometry import apply_affine, fov_center, fov_half_extent
-from .io import Volume, grid_volume, load_volume, read_grid, save_volume
+from .io import Volume, grid_volume, load_volume, nifti_stem, read_grid, save_volume
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, fit_transform,
                          invert_points, parse_align)
 from .warp import warp_image, warp_labels
@@ -186,9 +186,7 @@ def _name(source: Any, i: int) -> str:
     if isinstance(source, Volume):
         return source.name
     if isinstance(source, (str, os.PathLike)):
-        from .pairing import _stem
-
-        return _stem(Path(source))
+        return nifti_stem(source)
     return f"image{i}"
 
 

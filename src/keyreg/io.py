@@ -27,7 +27,7 @@ from .errors import ImageContentError, ImageIOError, OutputError
 from .geometry import voxel_sizes
 
 __all__ = ["Volume", "load_volume", "save_volume", "read_grid", "grid_volume", "atomic_path", "atomic_dir",
-           "atomic_write_text", "NIFTI_SUFFIXES", "is_nifti_path", "MAX_VOXELS"]
+           "atomic_write_text", "NIFTI_SUFFIXES", "is_nifti_path", "nifti_stem", "MAX_VOXELS"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Largest volume accepted (voxels); 1024^3 float32 is already 4 GiB.
@@ -194,7 +194,7 @@ def load_volume(
         data = _array_from_image(img, where)
         affine = img.affine
         header = img.header
-        name = name or _stem(path)
+        name = name or nifti_stem(path)
     elif isinstance(source, nib.spatialimages.SpatialImage):
         where = name or "image"
         data = _array_from_image(source, where)
@@ -248,10 +248,12 @@ def read_grid(source: Any, *, name: str | None = None) -> Volume:
     if n > MAX_VOXELS:
         raise ImageContentError(f"{path}: {img.shape[:3]} is {n:,} voxels, more than the {MAX_VOXELS:,} keyreg accepts")
     header = img.header if isinstance(img.header, nib.Nifti1Header) else None
-    return grid_volume(img.shape[:3], img.affine, name or _stem(path), header)
+    return grid_volume(img.shape[:3], img.affine, name or nifti_stem(path), header)
 
 
-def _stem(path: Path) -> str:
+def nifti_stem(path: str | os.PathLike) -> str:
+    """File name without ``.nii`` / ``.nii.gz`` (any case)."""
+    path = Path(path)
     name = path.name
     for suf in NIFTI_SUFFIXES[::-1]:
         if name.lower().endswith(suf):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, ImageIOError
-from .io import is_nifti_path
+from .io import is_nifti_path, nifti_stem
 
 __all__ = ["Pair", "build_pairs", "list_nifti", "pair_name"]
 
@@ -23,17 +23,9 @@ class Pair:
         return pair_name(self.moving, self.fixed)
 
 
-def _stem(path: Path) -> str:
-    n = path.name
-    for suf in (".nii.gz", ".nii"):
-        if n.lower().endswith(suf):
-            return n[: -len(suf)]
-    return path.stem
-
-
 def pair_name(moving: Path, fixed: Path) -> str:
     """``<moving>_to_<fixed>`` from the file names (without ``.nii[.gz]``)."""
-    m, f = _stem(moving), _stem(fixed)
+    m, f = nifti_stem(moving), nifti_stem(fixed)
     return m if m == f and moving != fixed else f"{m}_to_{f}"
 
 

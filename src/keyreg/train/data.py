@@ -18,7 +18,9 @@ import torch
 from ..errors import ConfigError, ImageIOError
 from ..geometry import fov_center
 from ..io import is_nifti_path, load_volume
-from ..preprocess import GridSpec, network_grid_affine
+from ..preprocess import GridSpec, PreprocessConfig, network_grid_affine, to_network_input
+from ..transforms import AffineTransform
+from .losses import warp_on_grid
 from .synth import (IntensityAugment, SpatialAugment, random_affine, random_means, random_smooth_field,
                     synthesize_image, warp_labels_on_grid)
 
@@ -163,10 +165,11 @@ class SyntheticPairs:
         f_lab, m_lab, f_mat, m_mat, f_idx, m_idx = [], [], [], [], [], []
         # all maps share one network grid geometry relative to their storage grid; use map 0's
         net_affine = self.grid_affine(0)
-        for _ in range(batch):
-            i = int(torch.randint(n, (), generator=g, device=dev))
-            same = n == 1 or float(torch.rand((), generator=g, device=dev)) < self.same_subject_prob
-            j = i if same else int((i + 1 + torch.randint(n - 1, (), generator=g, device=dev)) % n)
+        # which maps: drawn for the whole batch at once (one device -> host transfer)
+        for u_i, u_same, u_j in torch.rand((batch, 3), generator=g, device=dev).tolist():
+            i = min(int(u_i * n), n - 1)
+            same = n == 1 or u_same < self.same_subject_prob
+            j = i if same else (i + 1 + min(int(u_j * (n - 1)), n - 2)) % n
             lf, mf = self._warped_labels(i, g, net_affine)
             lm, mm = self._warped_labels(j, g, net_affine)
             f_lab.append(lf), m_lab.append(lm), f_mat.append(mf), m_mat.append(mm)
@@ -260,8 +263,6 @@ class ImagePairs:
 
     def __init__(self, rows: Sequence[dict[str, str]], grid: GridSpec, *, spatial: SpatialAugment | None = None,
                  mix_modalities: bool = True, train: bool = True, device: torch.device | str = "cpu") -> None:
-        from ..preprocess import PreprocessConfig, to_network_input
-
         self.grid = grid
         self.spatial = spatial or SpatialAugment()
         self.mix_modalities = mix_modalities
@@ -303,9 +304,6 @@ class ImagePairs:
         return len(self.images)
 
     def _draw(self, index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from .losses import warp_on_grid
-        from ..transforms import AffineTransform
-
         frame = torch.from_numpy(self.frame)
         mat = random_affine(1, g, torch.zeros(3), self.spatial, device=self.device)
         aff = frame.to(self.device)[None]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..geometry import apply_affine, voxel_to_grid_sample
+from ..geometry import apply_affine, rotation_matrix, voxel_to_grid_sample
 
 __all__ = [
     "TISSUE_CLASSES",
@@ -147,39 +147,39 @@ def synthesize_image(
     aug = augment or IntensityAugment()
     dev = labels.device
     lab_all = labels.long()
+    top = int(lab_all.max())
     if means is None:
-        means = random_means(labels.shape[0], int(lab_all.max()) + 1, generator, contrast=contrast, device=dev)
-    if means.shape[1] <= int(lab_all.max()):
-        raise ValueError(f"means table has {means.shape[1]} entries but labels go up to {int(lab_all.max())}")
+        means = random_means(labels.shape[0], top + 1, generator, contrast=contrast, device=dev)
+    if means.shape[1] <= top:
+        raise ValueError(f"means table has {means.shape[1]} entries but labels go up to {top}")
+    # every per-image scalar drawn at once: one device -> host transfer per batch
+    draws = torch.cat([torch.rand((labels.shape[0], 6), generator=generator, device=dev),
+                       torch.randn((labels.shape[0], 1), generator=generator, device=dev)], 1).tolist()
     out = []
-    for b in range(labels.shape[0]):
+    for b, (u_strip, u_res, u_axis, u_factor, u_blur, u_noise, n_gamma) in enumerate(draws):
         mu = means[b].to(dev)
         sd = _uniform(mu.shape, *aug.std_range, generator, dev)
         lab = lab_all[b : b + 1]  # (1, 1, I, J, K) ids index the tables directly
         img = mu[lab] + sd[lab] * torch.randn(lab.shape, generator=generator, device=dev)
-        strip = (torch.rand((), generator=generator, device=dev) < aug.skull_strip_prob) if skull_strip is None \
-            else skull_strip
-        if strip:
+        if u_strip < aug.skull_strip_prob if skull_strip is None else skull_strip:
             img = torch.where(extracerebral_mask(labels[b : b + 1]), torch.zeros_like(img), img)
-        if aug.resolution_prob > 0 and torch.rand((), generator=generator, device=dev) < aug.resolution_prob:
-            axis = int(torch.randint(3, (), generator=generator, device=dev))
-            factor = float(_uniform((), 2.0, 4.0, generator, dev))
+        if u_res < aug.resolution_prob:
+            axis = min(int(3 * u_axis), 2)
+            factor = 2.0 + 2.0 * u_factor
             size = list(img.shape[2:])
             low = size.copy()
             low[axis] = max(2, int(round(size[axis] / factor)))
             img = F.interpolate(F.interpolate(img, size=low, mode="trilinear", align_corners=True),
                                 size=size, mode="trilinear", align_corners=True)
-        img = _gaussian_blur(img, float(_uniform((), 0.0, aug.blur_sigma, generator, dev)))
+        img = _gaussian_blur(img, aug.blur_sigma * u_blur)
         if aug.bias_std > 0:
             coarse = aug.bias_std * torch.randn((1, 1, 4, 4, 4), generator=generator, device=dev)
             img = img * torch.exp(F.interpolate(coarse, size=img.shape[2:], mode="trilinear", align_corners=True))
-        img = img + float(_uniform((), 0.0, aug.noise_std, generator, dev)) * torch.randn(
-            img.shape, generator=generator, device=dev)
+        img = img + aug.noise_std * u_noise * torch.randn(img.shape, generator=generator, device=dev)
         img = img.clamp_min(0)
         lo, hi = img.amin(), img.amax()
         img = (img - lo) / (hi - lo).clamp_min(1e-6)
-        gamma = float(torch.exp(aug.gamma_std * torch.randn((), generator=generator, device=dev)))
-        out.append(img.pow(gamma))
+        out.append(img.pow(math.exp(aug.gamma_std * n_gamma)))
     return torch.cat(out).float()
 
 
@@ -190,19 +190,8 @@ def random_rotation(batch: int, generator: torch.Generator, *, max_degrees: floa
     With ``max_degrees=180`` every orientation can occur (the whole sphere).
     """
     axis = torch.randn((batch, 3), generator=generator, device=device, dtype=dtype)
-    axis = axis / axis.norm(dim=1, keepdim=True).clamp_min(1e-12)
     angle = torch.deg2rad(max_degrees * torch.rand((batch,), generator=generator, device=device, dtype=dtype))
     return rotation_matrix(axis, angle)
-
-
-def rotation_matrix(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Rodrigues: unit ``axis (B, 3)``, ``angle (B,)`` radians -> ``(B, 3, 3)``."""
-    x, y, z = axis.unbind(-1)
-    zero = torch.zeros_like(x)
-    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(-1, 3, 3)
-    eye = torch.eye(3, dtype=axis.dtype, device=axis.device)
-    s, c = torch.sin(angle)[:, None, None], torch.cos(angle)[:, None, None]
-    return eye + s * k + (1 - c) * (k @ k)
 
 
 @dataclass
@@ -251,7 +240,7 @@ def random_smooth_field(batch: int, shape: Sequence[int], voxel_size: float, gen
     (``control_spacing`` mm), upsampled trilinearly; maximum amplitude ``max_displacement``."""
     s = spec or SpatialAugment()
     coarse = [max(2, int(round(n * voxel_size / s.control_spacing)) + 1) for n in shape]
-    amp = float(_uniform((), 0.0, s.max_displacement, generator, device)) / 2.0
+    amp = _uniform((batch, 1, 1, 1, 1), 0.0, s.max_displacement / 2.0, generator, device)  # no host sync
     ctrl = amp * torch.randn((batch, 3, *coarse), generator=generator, device=device)
     return F.interpolate(ctrl, size=tuple(shape), mode="trilinear", align_corners=True)
 
