@@ -143,7 +143,7 @@ def save_qc_figure(
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
     return _save(plt, fig, path)
 
 
@@ -155,7 +155,7 @@ def save_keypoint_figure(path: str | Path, volume: Volume, keypoints: np.ndarray
     _draw_row(axes[0], volume, affine_center(volume), [(keypoints, "red", "o")], slab_mm, volume.name)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
     return _save(plt, fig, path)
 
 
