@@ -193,7 +193,7 @@ def read_only_output_dir(e):
 def output_below_a_file(e):
     (e.tmp / "afile").write_text("x")
     e.out = e.tmp / "afile" / "out"
-    return register(e), r"afile/out/pairs: cannot write here \(.*Not a directory"
+    return register(e), r"afile/out: cannot write here \(.*Not a directory"
 
 
 def disk_full(e):
@@ -221,11 +221,11 @@ def tps_lambda_negative(e):
 
 
 def field_stride_zero(e):
-    return register(e, extra=["--field_stride", "0"]), r"--field_stride must be >= 1, got 0"
+    return register(e, extra=["--field_stride", "0"]), r"the field stride must be an integer >= 1, got 0"
 
 
 def metric_needs_segmentations(e):
-    return register(e, extra=["--list_of_metrics", "harddice"]), r"metric 'harddice' needs --moving_seg and --fixed_seg"
+    return register(e, extra=["--list_of_metrics", "harddice"]), r"metric 'harddice' needs the moving and the fixed segmentation"
 
 
 def apply_unknown_transform_type(e):

@@ -30,8 +30,9 @@ def _table(path: Path) -> list[dict]:
 
 
 def test_skip_existing_resumes_an_interrupted_batch(data, tiny_model_files, tmp_path, monkeypatch, capsys):  # noqa: F811
-    import keyreg.api as api
     import keyreg.export as export
+    from keyreg.io import nifti_stem
+    from keyreg.pipeline import Registrar
 
     out = tmp_path / "out"
     args = _args(data, tiny_model_files, out, "--save_eval_to_disk", "--skip_existing")
@@ -59,14 +60,14 @@ def test_skip_existing_resumes_an_interrupted_batch(data, tiny_model_files, tmp_
     mtime = (pairs / "a" / "done.json").stat().st_mtime_ns
 
     monkeypatch.setattr(export, "save_alignment", real_save)
-    real_register = api.register
+    real_register = Registrar.register
     redone: list[str] = []
 
-    def counting_register(moving, fixed, **kw):
-        redone.append(f"{moving.name}->{fixed.name}")
-        return real_register(moving, fixed, **kw)
+    def counting_register(self, moving, fixed, **kw):
+        redone.append(f"{nifti_stem(moving)}->{nifti_stem(fixed)}")
+        return real_register(self, moving, fixed, **kw)
 
-    monkeypatch.setattr(api, "register", counting_register)
+    monkeypatch.setattr(Registrar, "register", counting_register)
     capsys.readouterr()
     assert main(args) == 0
     assert "2 pair(s) were already complete and skipped" in capsys.readouterr().err
@@ -79,13 +80,13 @@ def test_skip_existing_resumes_an_interrupted_batch(data, tiny_model_files, tmp_
 
     # the resumed table equals an uninterrupted run's
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(api, "register", real_register)
+    monkeypatch.setattr(Registrar, "register", real_register)
     assert main(_args(data, tiny_model_files, fresh, "--save_eval_to_disk")) == 0
     assert _table(fresh / "metrics.csv") == resumed
 
     # other options: nothing is reused
     redone.clear()
-    monkeypatch.setattr(api, "register", counting_register)
+    monkeypatch.setattr(Registrar, "register", counting_register)
     assert main([*args, "--list_of_metrics", "mse", "ncc"]) == 0
     assert len(redone) == 4
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from conftest import blob_image, make_volume, rotation, world_points
-from keyreg.api import ImageKeypoints, detect_keypoints, register
+from keyreg.api import ImageKeypoints, detect_keypoints
+from keyreg.pipeline import Registrar
 from keyreg.geometry import (apply_affine, fov_center, fov_half_extent, normalized_to_voxel, ras_to_lps_matrix, ras_to_lps_points,
                              voxel_to_grid_sample, voxel_to_normalized)
 from keyreg.models import ArchitectureConfig, KeypointDetector, ModelConfig
@@ -142,7 +143,7 @@ def test_identical_keypoints_give_exact_identity_warp(oblique_fixed_grid, align)
     img = blob_image(shape, aff, _fov_points(shape, aff, 5, seed=3), radius=5.0)
     vol = make_volume(img, aff)
     kp = _keypoints(_fov_points(shape, aff), aff, shape)
-    reg = register(vol, vol, aligns=[align], keypoints=(kp, kp))
+    reg = Registrar(aligns=[align], device="cpu").register_keypoints(vol, vol, kp, kp)
     np.testing.assert_array_equal(reg[align].warped.data, img)
 
 
@@ -164,7 +165,8 @@ def test_known_linear_transform_recovered_on_oblique_grids(oblique_fixed_grid, o
     pm = pf @ truth[:3, :3].T + truth[:3, 3]
     moving = make_volume(blob_image(ms, ma, _fov_points(ms, ma, 6, seed=5), radius=6.0), ma)
     fixed = make_volume(np.random.default_rng(0).random(fs).astype(np.float32), fa)
-    reg = register(moving, fixed, aligns=[kind], keypoints=(_keypoints(pf, fa, fs), _keypoints(pm, ma, ms)))
+    reg = Registrar(aligns=[kind], device="cpu").register_keypoints(moving, fixed, _keypoints(pf, fa, fs),
+                                                                 _keypoints(pm, ma, ms))
     res = reg[kind]
     assert np.abs(res.matrix - truth).max() < 1e-4
     # the warp samples the moving image exactly where the true transform says, in moving voxels
@@ -186,12 +188,13 @@ def test_known_tps_recovered_on_oblique_grids(oblique_fixed_grid, oblique_moving
     lin = _known("affine", centre)
     ctrl = _fov_points(fs, fa, 25, seed=11)
     bent = ctrl @ lin[:3, :3].T + lin[:3, 3] + np.random.default_rng(2).normal(0, 2.5, ctrl.shape)
-    # same normalisation as register() uses (the fixed grid's field of view), so affine parts compare
+    # same normalisation as the pipeline uses (the fixed grid's field of view), so affine parts compare
     truth = fit_tps(torch.as_tensor(ctrl)[None], torch.as_tensor(bent)[None], 0.0,
                     center=torch.as_tensor(fov_center(fa, fs)), scale=fov_half_extent(fa, fs))
     moving = make_volume(blob_image(ms, ma, _fov_points(ms, ma, 6, seed=5), radius=6.0), ma)
     fixed = make_volume(np.random.default_rng(0).random(fs).astype(np.float32), fa)
-    reg = register(moving, fixed, aligns=["tps_0"], keypoints=(_keypoints(ctrl, fa, fs), _keypoints(bent, ma, ms)))
+    reg = Registrar(aligns=["tps_0"], device="cpu").register_keypoints(moving, fixed, _keypoints(ctrl, fa, fs),
+                                                                    _keypoints(bent, ma, ms))
     res = reg["tps_0"]
     assert np.abs(res.transform.affine_part()[0].numpy() - truth.affine_part()[0].numpy()).max() < 1e-4
     grid_world = torch.as_tensor(world_points(fs, fa).reshape(1, -1, 3))

@@ -35,11 +35,11 @@ from .errors import ConfigError, ImageContentError, ImageIOError, ShapeError
 from .formats import (field_from_displacement, load_transform, read_displacement_field, save_transform,
                       transform_format, write_displacement_field)
 from .formats._common import as_points, read_text, reading
+from .formats.tps import read_tps_json, tps_from_dict
 from .geometry import apply_affine, as_affine_tensor
 from .io import Volume, atomic_write_text, grid_volume, is_nifti_path, load_volume, read_grid
-from .transforms import AffineTransform, DisplacementField, ThinPlateSpline, fit_tps, invert_points
+from .transforms import AffineTransform, DisplacementField, ThinPlateSpline, invert_points
 from .transforms.field import coarse_grid_affine
-from .warp import warp_image, warp_labels
 
 __all__ = [
     "SavedTransform",
@@ -106,33 +106,9 @@ def _grid_from_doc(doc: Any, name: str) -> Volume | None:
     return grid_volume(doc["shape"], np.asarray(doc["affine"], dtype=np.float64), str(doc.get("name") or name))
 
 
-def tps_from_dict(doc: dict[str, Any]) -> ThinPlateSpline:
-    """Refit the TPS of a ``tps.json`` document exactly (same keypoints, lambda, weights, normalisation).
-
-    Returns:
-        A batch-1 :class:`ThinPlateSpline` ``moving_from_fixed`` (float64, CPU).
-    """
-    try:
-        pf = torch.tensor(doc["fixed_keypoints_ras"], dtype=torch.float64).reshape(1, -1, 3)
-        pm = torch.tensor(doc["moving_keypoints_ras"], dtype=torch.float64).reshape(1, -1, 3)
-        w = doc.get("weights")
-        weights = None if w is None else torch.tensor(w, dtype=torch.float64).reshape(1, -1)
-        center = torch.tensor(doc["center_ras"], dtype=torch.float64).reshape(3)
-    except RuntimeError as e:  # torch's shape errors
-        raise ValueError(str(e).splitlines()[0]) from None
-    lam = float(doc["lambda"])
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lambda must be a finite number >= 0, got {doc['lambda']!r}")
-    return fit_tps(pf, pm, lam, weights, center=center, scale=float(doc["scale_mm"]))
-
-
 def _load_tps_json(p: Path) -> SavedTransform:
-    _, text = read_text(p, "a keyreg tps.json file")
+    tps, doc = read_tps_json(p)
     with reading(p, "a keyreg tps.json file"):
-        doc = json.loads(text)
-        if not isinstance(doc, dict) or doc.get("format") != "keyreg-tps":
-            raise ImageIOError(f"{p}: not a keyreg tps.json file (no \"format\": \"keyreg-tps\")")
-        tps = tps_from_dict(doc)
         grids = (_grid_from_doc(doc.get("fixed_grid"), "fixed"), _grid_from_doc(doc.get("moving_grid"), "moving"))
     return SavedTransform(tps, p, "tps", *grids, tps=doc)
 
@@ -277,6 +253,7 @@ def apply_transform(
     interp: str | None = None,
     reference: Any = None,
     device: torch.device | str | None = None,
+    pad_value: float | None = None,
 ) -> Volume:
     """Resample an image or label map of the moving space onto a reference grid, in one pass.
 
@@ -291,26 +268,25 @@ def apply_transform(
         reference: output grid (NIfTI path or :class:`Volume`); default: the fixed grid recorded
             with ``transforms[-1]``.
         device: where to resample (default CPU).
+        pad_value: image intensity outside the source (default: 0, or the source's minimum when
+            it is negative, e.g. CT air); label maps get 0.
 
     Returns:
         A :class:`Volume` ``(I, J, K)`` on the reference grid (float32 image or int64 labels),
         carrying the reference's header: ``out(p) = source(T(p))``, 0 outside the source.
     """
-    from .api import _image_interp, _label_interp
+    from .pipeline import resolve_device
+    from .results import image_interp, label_interp, warp_volume
 
-    mode = _label_interp(interp) if kind == "labels" else _image_interp(interp)
+    mode = label_interp(interp) if kind == "labels" else image_interp(interp)
+    dev = resolve_device(device or "cpu")
     saved = [_as_saved(t) for t in transforms]
     if not saved:
         raise ConfigError("no transform given")
     ref = resolve_reference(reference, saved)
     vol = load_volume(source, kind=kind)
-    dev = torch.device(device or "cpu")
     t = compose(saved).to(dev)
-    if kind == "labels":
-        lab = warp_labels(vol.tensor(dev)[:, 0], vol.affine, ref.shape, ref.affine, t, mode=mode)  # type: ignore[arg-type]
-        return ref.with_data(lab[0].cpu().numpy(), name=vol.name, kind="labels")
-    img = warp_image(vol.tensor(dev).float(), vol.affine, ref.shape, ref.affine, t, mode=mode)  # type: ignore[arg-type]
-    return ref.with_data(img[0, 0].cpu().numpy(), name=vol.name, kind="image")
+    return warp_volume(vol, ref, t, kind=kind, interp=mode, pad_value=pad_value, device=dev)
 
 
 def transform_points(

@@ -57,7 +57,7 @@ import torch
 
 from .errors import ConfigError, ImageContentError, ImageIOError, KeyregError
 from .geometry import fov_center, rotation_about
-from .io import Volume, atomic_path, atomic_write_text, load_volume, nifti_stem
+from .io import Volume, atomic_path, atomic_write_text, check_same_grid, load_volume, nifti_stem
 from .pairing import list_nifti
 
 __all__ = [
@@ -113,10 +113,9 @@ class EvalImage:
 
 def _load_pair(img_path: Path, seg_path: Path, name: str) -> tuple[Volume, Volume]:
     image = load_volume(img_path, kind="image", name=name)
-    seg = load_volume(seg_path, kind="labels", name=f"{name}_seg")
-    if seg.shape != image.shape or not np.allclose(seg.affine, image.affine, atol=1e-3):
-        raise ImageContentError(f"{seg_path}: segmentation grid {seg.shape} does not match its image "
-                                f"{img_path} grid {image.shape} (shapes and affines must be equal)")
+    seg = load_volume(seg_path, kind="labels", name=str(seg_path))
+    check_same_grid(seg, image, f"segmentation (of {img_path})")
+    seg.name = f"{name}_seg"
     return image, seg
 
 
@@ -492,50 +491,6 @@ class EvaluationResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _metrics_before(moving: Volume, moving_seg: Volume, fixed: Volume, fixed_seg: Volume,
-                    metrics: Sequence[str], label_interp: str, device: torch.device) -> dict[str, Any]:
-    """Metrics of the unregistered pair: the moving image and segmentation resampled onto the fixed
-    grid through the identity (world space), normalised as :meth:`Registration.evaluate` does."""
-    from .metrics import METRICS, compute_metrics
-    from .preprocess import IntensitySpec, normalize_intensity
-    from .transforms import AffineTransform
-    from .warp import warp_image, warp_labels
-
-    ident = AffineTransform(torch.eye(4, dtype=torch.float64, device=device))
-    need = {METRICS[m] for m in metrics}
-    kw: dict[str, Any] = {}
-    if "image" in need:
-        warped = warp_image(moving.tensor(device).float(), moving.affine, fixed.shape, fixed.affine)[0, 0]
-        lo, hi = float(moving.data.min()), float(moving.data.max())
-        kw["warped_image"] = (warped.cpu().numpy() - lo) / (hi - lo)
-        kw["fixed_image"] = normalize_intensity(torch.as_tensor(fixed.data), IntensitySpec()).numpy()
-    seg = warp_labels(moving_seg.tensor(device)[:, 0], moving_seg.affine, fixed.shape, fixed.affine,
-                      mode=label_interp)[0]  # type: ignore[arg-type]
-    return compute_metrics(metrics, warped_seg=seg.cpu().numpy(), fixed_seg=fixed_seg.data,
-                           spacing=fixed.spacing, transform=ident, fixed_shape=fixed.shape,
-                           fixed_affine=fixed.affine, moving_seg=moving_seg.data,
-                           moving_affine=moving_seg.affine, **kw)
-
-
-def _warp_for_metrics(reg: Any, need_image: bool, label_interp: str, device: torch.device, timer: Any) -> None:
-    """Resample what the metrics need onto the fixed grid: the segmentation always, the image only
-    for image metrics (``register(warp=True)`` would always resample both)."""
-    from .warp import warp_image, warp_labels
-
-    moving_seg = reg.moving_seg.tensor(device)[:, 0]
-    moving_img = reg.moving.tensor(device).float() if need_image else None
-    for res in reg:
-        with timer("dense_field"):
-            dense = res.dense_transform()
-        with timer("warp"):
-            seg = warp_labels(moving_seg, reg.moving_seg.affine, reg.fixed.shape, reg.fixed.affine, dense,
-                              mode=label_interp)  # type: ignore[arg-type]
-            res.warped_seg = reg.fixed.with_data(seg[0].cpu().numpy(), kind="labels")
-            if moving_img is not None:
-                out = warp_image(moving_img, reg.moving.affine, reg.fixed.shape, reg.fixed.affine, dense)
-                res.warped = reg.fixed.with_data(out[0, 0].cpu().numpy())
-
-
 def evaluate(
     images: Sequence[EvalImage],
     pairs: Sequence[EvalPair],
@@ -574,28 +529,26 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from .api import Timer, detect_keypoints, register, resolve_device, resolve_model
+    from .measure import measure_before
     from .metrics import METRICS, parse_metrics
-    from .transforms import DEFAULT_FIELD_STRIDE, parse_aligns
+    from .pipeline import Registrar, RegistrationOptions
+    from .transforms import DEFAULT_FIELD_STRIDE
 
-    align_names = [s.name for s in parse_aligns(list(aligns))]
+    options = RegistrationOptions(aligns=tuple(aligns), weighted=weighted, label_interp=label_interp,
+                                  field_stride=DEFAULT_FIELD_STRIDE if field_stride is None else field_stride,
+                                  use_amp=use_amp)
+    align_names = list(options.aligns)
     metric_names = parse_metrics(list(metrics))
     if not rotations:
-        raise ConfigError("--rotations needs at least one angle")
+        raise ConfigError("at least one rotation angle is needed")
     rotations = [float(r) for r in dict.fromkeys(float(r) for r in rotations)]
-    if label_interp not in ("nearest", "labelwise"):
-        raise ConfigError(f"unknown label interpolation {label_interp!r}: use nearest or labelwise")
-    stride = DEFAULT_FIELD_STRIDE if field_stride is None else int(field_stride)
-    if stride < 1:
-        raise ConfigError(f"--field_stride must be >= 1, got {stride}")
     if not pairs:
         raise ConfigError("no pairs to evaluate")
     # validate perturbation options before any work
     draw_perturbation(seed, "check", 0.0, axis=axis, translation=translation, scaling=scaling)
-    dev = resolve_device(device)
-    timer = Timer()
-    with timer("model"):
-        net = resolve_model(model, dev)
+    registrar = Registrar(model, device=device, options=options)
+    dev = registrar.device
+    net = registrar.model
     grid_mode = net.config.preprocessing.grid.mode
     if mode == "auto":
         mode = "resample" if grid_mode == "fov" else "header"
@@ -603,18 +556,7 @@ def evaluate(
         raise ConfigError(f"unknown perturbation mode {mode!r}: use auto, header or resample")
 
     need_image = any(METRICS[m] == "image" for m in metric_names)
-    kp_cache: dict[tuple[int, bytes], Any] = {}
-    passes = 0
-
-    def keypoints(index: int, vol: Volume, p: np.ndarray):
-        nonlocal passes
-        key = (index, np.round(p, 9).tobytes())
-        if key not in kp_cache:
-            with timer("keypoints"):
-                kp_cache[key] = detect_keypoints(net, [vol], device=dev, use_amp=use_amp)[0]
-            passes += 1
-        return kp_cache[key]
-
+    timer = registrar.timer
     rows: list[dict[str, Any]] = []
     failures: list[tuple[str, str]] = []
     tasks = [(pair, angle) for pair in pairs for angle in rotations]
@@ -628,20 +570,16 @@ def evaluate(
             pert = draw_perturbation(seed, pair_name, angle, axis=axis, translation=translation, scaling=scaling)
             with timer("perturb"):
                 moving, moving_seg, p = perturb(mov.image, mov.seg, pert, mode, dev)
-            kf = keypoints(pair.fixed, fix.image, np.eye(4))
-            km = keypoints(pair.moving, moving, p)
             with timer("metrics"):
-                results = {"none": _metrics_before(moving, moving_seg, fix.image, fix.seg, metric_names,
-                                                   label_interp, dev)}
-            reg = register(moving, fix.image, model=net, aligns=align_names, moving_seg=moving_seg,
-                           fixed_seg=fix.seg, weighted=weighted, device=dev, label_interp=label_interp,
-                           field_stride=stride, keypoints=(kf, km), warp=False)
-            for k, v in reg.timings.items():
-                if k != "model":
-                    timer.seconds[k] = timer.seconds.get(k, 0.0) + v
-            _warp_for_metrics(reg, need_image, label_interp, dev, timer)
-            with timer("metrics"):
-                results.update(reg.evaluate(metric_names))
+                results = {"none": measure_before(metric_names, fixed=fix.image, moving=moving, fixed_seg=fix.seg,
+                                                  moving_seg=moving_seg, label_interp=options.label_interp,
+                                                  device=dev)}
+            # keypoints are cached per image and perturbation; the image is resampled only for image metrics
+            reg = registrar.register(moving, fix.image, moving_seg=moving_seg, fixed_seg=fix.seg,
+                                     fixed_key=(pair.fixed, np.eye(4).tobytes()),
+                                     moving_key=(pair.moving, np.round(p, 9).tobytes()), warp=False)
+            registrar.warp(reg, image=need_image, seg=True)
+            results.update(registrar.measure(reg, metric_names))
         except KeyregError as e:
             failures.append((task, str(e)))
             bar.write(f"FAILED {task}: {e}", file=sys.stderr)
@@ -659,12 +597,13 @@ def evaluate(
             log(f"{task} ({time.perf_counter() - start:.1f} s)  " +
                 " ".join(f"{a}={results[a][first]:.4f}" for a in ["none", *align_names]))
     bar.close()
+    passes = registrar.network_passes
     settings = {"images": len(images), "pairs": len(pairs), "rotations": rotations, "aligns": align_names,
                 "metrics": metric_names, "axis": None if axis is None else [float(a) for a in axis],
                 "translation_mm": translation, "scaling": scaling, "seed": seed, "mode": mode,
                 "model": f"{net.config.name} ({net.config.architecture.describe()}, {grid_mode} grid)",
                 "device": str(dev), "kinds": sorted({p.kind for p in pairs}, key=PAIR_KINDS.index)}
-    return EvaluationResult(rows, failures, timer.seconds, passes, settings)
+    return EvaluationResult(rows, failures, dict(timer.seconds), passes, settings)
 
 
 # --------------------------------------------------------------------------------------------------

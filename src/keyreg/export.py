@@ -1,4 +1,4 @@
-"""Writing a registration's outputs to disk (layout documented in ``docs/outputs.md``).
+"""The save stage: a registration's outputs on disk (layout in the README, "Output layout").
 
 Per pair directory::
 
@@ -15,32 +15,36 @@ Per pair directory::
     <align>/tps.json                     TPS: keypoint pairs, lambda, weights, normalisation
     <align>/qc.png                       with visualize=True
 
-Every file is written atomically (temporary name, then rename).
+Every file is written atomically (temporary name, then rename).  Keypoint files are labelled with the
+model's keypoint names (``K-1 .. K-N`` for unnamed models).  This module depends on the result types
+only through their attributes (no import of :mod:`keyreg.results` at run time).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import OutputError
-from .io import atomic_write_text, save_volume
+from .io import save_volume
 
 if TYPE_CHECKING:
-    from .api import AlignmentResult, Registration
+    from .results import AlignmentResult, Registration
 
 __all__ = ["save_alignment", "save_registration", "save_keypoints", "tps_to_dict"]
 
 
 def save_keypoints(directory: Path, stem: str, points: np.ndarray,
-                   weights: np.ndarray | None = None) -> dict[str, Path]:
-    """``stem.csv`` (RAS) and ``stem.mrk.json`` (Slicer, LPS) for ``(K, 3)`` world points."""
+                   weights: np.ndarray | None = None, names: list[str] | None = None) -> dict[str, Path]:
+    """``stem.csv`` (RAS) and ``stem.mrk.json`` (Slicer, LPS) for ``(K, 3)`` world points, labelled
+    with ``names`` (default ``K-1 .. K-N``)."""
     from .formats import write_markups_json, write_points_csv
 
-    labels = [f"K-{i + 1}" for i in range(len(points))]
+    labels = [f"K-{i + 1}" for i in range(len(points))] if names is None else list(names)
+    if weights is not None and len(weights) != len(points):
+        weights = None
     csv = write_points_csv(directory / f"{stem}.csv", points, labels=labels, weights=weights)
     mrk = write_markups_json(directory / f"{stem}.mrk.json", points, labels=labels)
     return {f"{stem}_csv": Path(csv), f"{stem}_mrk": Path(mrk)}
@@ -49,24 +53,17 @@ def save_keypoints(directory: Path, stem: str, points: np.ndarray,
 def tps_to_dict(res: "AlignmentResult") -> dict:
     """Everything needed to rebuild a TPS exactly: keypoint pairs (world RAS), lambda, weights and
     the normalisation (centre, scale); plus the grids of both images (``shape``, RAS ``affine``), so
-    that ``keyreg apply`` / ``keyreg invert`` know the default output grid."""
+    that ``keyreg apply`` / ``keyreg invert`` know the default output grid
+    (:func:`keyreg.formats.tps.tps_document`)."""
+    from .formats.tps import grid_document, tps_document
+
     tps = res.transform
-    return {
-        "format": "keyreg-tps",
-        "format_version": 1,
-        "direction": "moving_from_fixed (fixed RAS mm -> moving RAS mm)",
-        "kernel": "r^2 log r",
-        "lambda": res.spec.lmbda,
-        "center_ras": tps.center[0].tolist(),
-        "scale_mm": float(tps.scale[0]),
-        "fixed_keypoints_ras": np.asarray(res.fixed_keypoints).tolist(),
-        "moving_keypoints_ras": np.asarray(res.moving_keypoints).tolist(),
-        "weights": None if res.weights is None else np.asarray(res.weights).tolist(),
-        "fixed_grid": {"name": res.fixed.name, "shape": list(res.fixed.shape),
-                       "affine": np.asarray(res.fixed.affine, dtype=np.float64).tolist()},
-        "moving_grid": {"name": res.moving.name, "shape": list(res.moving.shape),
-                        "affine": np.asarray(res.moving.affine, dtype=np.float64).tolist()},
-    }
+    return tps_document(
+        lmbda=res.spec.lmbda, center=tps.center[0].detach().cpu().numpy(), scale=float(tps.scale[0]),
+        fixed_keypoints=res.fixed_keypoints, moving_keypoints=res.moving_keypoints, weights=res.weights,
+        keypoint_names=res.keypoint_names,
+        fixed_grid=grid_document(res.fixed.name, res.fixed.shape, res.fixed.affine),
+        moving_grid=grid_document(res.moving.name, res.moving.shape, res.moving.affine))
 
 
 def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: bool = True,
@@ -84,7 +81,7 @@ def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: boo
     if write_images and res.warped_seg is not None:
         out["warped_seg"] = save_volume(res.warped_seg.data, res.fixed, directory / "warped_seg.nii.gz")
     aligned = res.aligned_keypoints
-    out.update(save_keypoints(directory, "keypoints_aligned", aligned, res.weights))
+    out.update(save_keypoints(directory, "keypoints_aligned", aligned, res.weights, res.keypoint_names))
     matrix = res.matrix
     if matrix is not None:
         out["matrix"] = Path(write_matrix_txt(directory / "transform_matrix.txt", matrix))
@@ -96,7 +93,9 @@ def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: boo
     else:
         out["warp"] = Path(write_displacement_field(directory / "warp.nii.gz", res.displacement(),
                                                     res.fixed.affine, header=res.fixed.header))
-        out["tps"] = atomic_write_text(directory / "tps.json", json.dumps(tps_to_dict(res), indent=1) + "\n")
+        from .formats.tps import write_tps_json
+
+        out["tps"] = Path(write_tps_json(directory / "tps.json", tps_to_dict(res)))
     if visualize and res.warped is not None:
         from .viz import save_qc_figure
 
@@ -111,8 +110,10 @@ def save_registration(reg: "Registration", directory: Path, *, write_images: boo
                       visualize: bool = False) -> dict[str, Path]:
     """Write the keypoints of both images and every alignment (one sub-directory per align)."""
     out: dict[str, Path] = {}
-    out.update(save_keypoints(directory, "keypoints_fixed", reg.fixed_keypoints.numpy(), reg.weights))
-    out.update(save_keypoints(directory, "keypoints_moving", reg.moving_keypoints.numpy(), reg.weights))
+    out.update(save_keypoints(directory, "keypoints_fixed", reg.fixed_keypoints.numpy(), reg.weights,
+                              reg.fixed_keypoints.names))
+    out.update(save_keypoints(directory, "keypoints_moving", reg.moving_keypoints.numpy(), reg.weights,
+                              reg.moving_keypoints.names))
     for res in reg:
         files = save_alignment(res, directory / res.name, write_images=write_images, visualize=visualize)
         out.update({f"{res.name}/{k}": v for k, v in files.items()})

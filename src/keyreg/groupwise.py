@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, ImageContentError, OutputError
-from .geometry import apply_affine, fov_center, fov_half_extent
-from .io import Volume, grid_volume, load_volume, nifti_stem, read_grid, save_volume
+from .geometry import fov_center
+from .io import Volume, check_same_grid, grid_volume, load_volume, nifti_stem, read_grid, save_volume
+from .measure import normalize_like
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, fit_transform,
-                         invert_points, parse_align)
-from .warp import warp_image, warp_labels
+                         map_to_fixed, parse_align)
 
 __all__ = ["GroupwiseFit", "GroupwiseResult", "groupwise_keypoints", "groupwise", "pairwise_dice"]
 
@@ -73,9 +73,7 @@ class GroupwiseFit:
 
 def _map_inverse(t: AffineTransform | ThinPlateSpline, points: torch.Tensor) -> torch.Tensor:
     """``T^-1(points)`` for ``(B, K, 3)`` points (exact for affine, Newton for TPS)."""
-    if isinstance(t, AffineTransform):
-        return apply_affine(torch.linalg.inv(t.matrix.double()), points)
-    return invert_points(t, points, iterations=50, tolerance=1e-6)[0]
+    return map_to_fixed(t, points, iterations=50, tolerance=1e-6)[0]
 
 
 def groupwise_keypoints(
@@ -260,45 +258,47 @@ def groupwise(
     """
     from tqdm import tqdm
 
-    from .api import AlignmentResult, _label_interp, detect_keypoints, resolve_device, resolve_model
     from .export import save_keypoints
+    from .keypoints import tps_frame
     from .metrics import jacobian_determinant_stats
+    from .pipeline import Registrar
+    from .results import AlignmentResult, warp_volume
 
     spec = parse_align(align)
-    interp = _label_interp(label_interp)
-    if field_stride < 1:
-        raise ConfigError(f"field_stride must be >= 1, got {field_stride}")
+    registrar = Registrar(model, device=device, aligns=(spec.name,), label_interp=label_interp,
+                          field_stride=field_stride, use_amp=use_amp)
     if len(images) < 2:
         raise ConfigError(f"groupwise registration needs at least 2 images, got {len(images)}")
     if segs is not None and len(segs) != len(images):
         raise ConfigError(f"got {len(segs)} label maps for {len(images)} images")
     if keypoints is not None and len(keypoints) != len(images):
         raise ConfigError(f"got {len(keypoints)} keypoint sets for {len(images)} images")
-    dev = resolve_device(device)
+    dev = registrar.device
     names = _unique_names([_name(x, i) for i, x in enumerate(images)])
     grids = [read_grid(x) if isinstance(x, (str, os.PathLike, Volume)) else None for x in images]
     if segs is not None:
         for name, g, s in zip(names, grids, segs):
             sg = read_grid(s) if isinstance(s, (str, os.PathLike, Volume)) else None
-            if g is not None and sg is not None and (sg.shape != g.shape or not np.allclose(sg.affine, g.affine, atol=1e-3)):
-                raise ImageContentError(f"{name}: label map grid {sg.shape} does not match its image grid {g.shape}")
+            if g is not None and sg is not None:
+                check_same_grid(grid_volume(sg.shape, sg.affine, name), g, "label map")
     # bars are removed when done or on an error, so a failure leaves only its one-line message
     bar = dict(file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=False)
     center, scale = None, None
+    names_kp = None
     if keypoints is None:
-        net = resolve_model(model, dev)
+        registrar.model  # noqa: B018 - load (and check) the model before the first image
         kps = []
         with tqdm(images, desc="keypoints", unit="image", **bar) as images_bar:
             for x in images_bar:
-                kp = detect_keypoints(net, [load_volume(x, kind="image")], device=dev, use_amp=use_amp)[0]
+                kp = registrar.keypoints(load_volume(x, kind="image"))
                 kps.append(kp.numpy())
                 if center is None:  # TPS frame: the first image's network grid, as in pairwise registration
-                    center = fov_center(kp.world_from_net, kp.grid_shape)
-                    scale = fov_half_extent(kp.world_from_net, kp.grid_shape)
+                    center, scale = tps_frame(kp.world_from_net, kp.grid_shape)
+                    names_kp = list(kp.names)
         keypoints = kps
     first = grids[0] if grids[0] is not None else load_volume(images[0])
     if center is None:
-        center, scale = fov_center(first.affine, first.shape), fov_half_extent(first.affine, first.shape)
+        center, scale = tps_frame(first.affine, first.shape)
     fit = groupwise_keypoints(keypoints, spec, tolerance=tolerance, max_iterations=max_iterations,
                               center=center, scale=scale)
     grid = read_grid(template_grid) if template_grid is not None else _template_grid(first, fit.transforms[0])
@@ -319,19 +319,18 @@ def groupwise(
             vol = load_volume(images[i], kind="image")
             t = fit.transforms[i].to(dev)
             res = AlignmentResult(spec, t, grid, vol, fit.template_keypoints, np.asarray(keypoints[i], np.float64),
-                                  None, field_stride)
-            dense = res.dense_transform()
-            warped = warp_image(vol.tensor(dev), vol.affine, grid.shape, grid.affine, dense)[0, 0].cpu().numpy()
-            res.warped = grid.with_data(warped, name=f"{names[i]}_warped")
-            lo, hi = float(vol.data.min()), float(vol.data.max())
-            total += (warped - lo) / (hi - lo)
+                                  None, registrar.options.field_stride, keypoint_names=names_kp)
+            dense = registrar.dense(res)
+            res.warped = warp_volume(vol, grid, dense, device=dev)
+            res.warped.name = f"{names[i]}_warped"
+            warped = res.warped.data
+            total += normalize_like(warped, vol)
             seg = None
             if segs is not None:
-                seg = load_volume(segs[i], kind="labels")
-                if seg.shape != vol.shape or not np.allclose(seg.affine, vol.affine, atol=1e-3):
-                    raise ImageContentError(f"{names[i]}: label map grid {seg.shape} does not match its image grid {vol.shape}")
-                lab = warp_labels(seg.tensor(dev)[:, 0], seg.affine, grid.shape, grid.affine, dense, mode=interp)
-                lab_np = lab[0].cpu().numpy()
+                seg = load_volume(segs[i], kind="labels", name=names[i])
+                check_same_grid(seg, vol, "label map")
+                lab_np = warp_volume(seg, grid, dense, kind="labels", interp=registrar.options.label_interp,
+                                     device=dev).data
                 res.warped_seg = grid.with_data(lab_np, kind="labels", name=f"{names[i]}_warped_seg")
                 seg_files.append(work / f".seg{i}.npy")
                 np.save(seg_files[-1], lab_np)
@@ -342,7 +341,7 @@ def groupwise(
             if out_dir is not None:
                 d = work / "images" / names[i]
                 res.save(d)
-                save_keypoints(d, "keypoints", np.asarray(keypoints[i], np.float64))
+                save_keypoints(d, "keypoints", np.asarray(keypoints[i], np.float64), names=names_kp)
             del vol, res, dense, warped, seg
             warp_bar.update()
         warp_bar.close()
@@ -362,7 +361,7 @@ def groupwise(
             f.unlink()
         if out_dir is not None:
             save_volume(template.data, grid, work / "template.nii.gz")
-            save_keypoints(work, "template_keypoints", fit.template_keypoints)
+            save_keypoints(work, "template_keypoints", fit.template_keypoints, names=names_kp)
             _write_metrics(work, metrics)
             _finish(work, out_dir)
         else:
@@ -389,13 +388,6 @@ def _write_metrics(directory: Path, metrics: dict[str, Any]) -> None:
         writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
     atomic_write_text(directory / "metrics.csv", buf.getvalue())
 
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not np.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
+    from .batch import json_clean
 
-    atomic_write_text(directory / "metrics.json", json.dumps(clean(metrics), indent=1) + "\n")
+    atomic_write_text(directory / "metrics.json", json.dumps(json_clean(metrics), indent=1) + "\n")

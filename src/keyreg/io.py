@@ -27,9 +27,12 @@ from .errors import ImageContentError, ImageIOError, OutputError
 from .geometry import voxel_sizes
 
 __all__ = ["Volume", "load_volume", "save_volume", "read_grid", "grid_volume", "atomic_path", "atomic_dir",
-           "atomic_write_text", "NIFTI_SUFFIXES", "is_nifti_path", "nifti_stem", "MAX_VOXELS"]
+           "atomic_write_text", "NIFTI_SUFFIXES", "IMAGE_SUFFIXES", "is_nifti_path", "is_image_path", "nifti_stem",
+           "MAX_VOXELS", "check_same_grid", "check_affine", "clean_stale_temporaries"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Every image file keyreg reads: NIfTI, and FreeSurfer MGH/MGZ (outputs are always NIfTI).
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 #: Largest volume accepted (voxels); 1024^3 float32 is already 4 GiB.
 MAX_VOXELS = 1024**3
 
@@ -39,6 +42,31 @@ VolumeKind = Literal["image", "labels"]
 def is_nifti_path(path: str | os.PathLike) -> bool:
     """True for names ending in ``.nii`` or ``.nii.gz``."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """True for the image files keyreg reads: ``.nii``, ``.nii.gz``, ``.mgz``, ``.mgh``."""
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def check_affine(affine: Any, where: str) -> np.ndarray:
+    """``affine`` as a float64 4x4 world-from-voxel matrix; :class:`ImageContentError` unless it is
+    finite and invertible (the one place this is checked for images and grids)."""
+    try:
+        a = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ImageContentError(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)") from None
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ImageContentError(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)")
+    return a
+
+
+def check_same_grid(vol: "Volume", image: "Volume", role: str = "segmentation") -> None:
+    """``vol`` (a segmentation) must lie on ``image``'s grid: equal shapes and affines (1e-3 mm)."""
+    if vol.shape != image.shape or not np.allclose(vol.affine, image.affine, atol=1e-3):
+        raise ImageContentError(
+            f"{vol.name}: {role} grid {vol.shape} does not match its image grid {image.shape} "
+            f"(shapes and affines must be equal)")
 
 
 @dataclass
@@ -87,20 +115,37 @@ class Volume:
                 f"orientation={self.orientation}, dtype={self.data.dtype})")
 
 
-def _read_nifti(path: Path) -> nib.Nifti1Image:
+def _read_nifti(path: Path) -> nib.spatialimages.SpatialImage:
+    """A NIfTI-1/2 or MGH/MGZ image, its header checked (zero voxel sizes are refused, not set to 1 mm)."""
     if not path.exists():
         raise ImageIOError(f"{path}: file does not exist")
     if path.is_dir():
         raise ImageIOError(f"{path}: is a directory, expected a NIfTI file")
-    if not is_nifti_path(path):
-        raise ImageIOError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz)")
+    if not is_image_path(path):
+        raise ImageIOError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz, or FreeSurfer .mgz)")
+    mgh = str(path).lower().endswith((".mgz", ".mgh"))
+    what = "MGH/MGZ" if mgh else "NIfTI"
     try:
         img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as e:
-        raise ImageIOError(f"{path}: cannot read as NIfTI ({_short(e)})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise ImageIOError(f"{path}: not a NIfTI image")
+        raw = None if mgh else _raw_nifti_header(path, type(img.header))
+    except Exception as e:  # nibabel raises many types for bad headers (HeaderDataError, KeyError, ...)
+        raise ImageIOError(f"{path}: cannot read as {what} ({_short(e)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image, nib.MGHImage)):
+        raise ImageIOError(f"{path}: not a {what} image")
+    if raw is not None and int(raw["sform_code"]) == 0:  # the affine comes from pixdim (qform or fallback)
+        pix = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+        if not np.all(np.isfinite(pix)) or np.any(pix == 0):
+            raise ImageContentError(f"{path}: voxel size (pixdim) {pix.tolist()} has a zero or non-finite value "
+                                    f"and there is no sform: the image has no valid geometry")
     return img
+
+
+def _raw_nifti_header(path: Path, header_class: type) -> Any:
+    """The header as stored, before nibabel's fixes (which turn a zero pixdim into 1 mm)."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f:
+        return header_class.from_fileobj(f, check=False)
 
 
 def _short(e: BaseException) -> str:
@@ -115,11 +160,25 @@ def _array_from_image(img: nib.spatialimages.SpatialImage, where: str) -> np.nda
     if n > MAX_VOXELS:
         raise ImageContentError(
             f"{where}: {shape[:3]} is {n:,} voxels, more than the {MAX_VOXELS:,} keyreg accepts")
+    dtype = np.dtype(img.get_data_dtype())
+    _check_dtype(dtype, where)
     try:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as e:
         raise ImageIOError(f"{where}: corrupt or truncated data ({_short(e)})") from None
+    except Exception as e:  # nibabel's own errors for inconsistent headers
+        raise ImageIOError(f"{where}: cannot read the voxel data ({_short(e)})") from None
     return data
+
+
+def _check_dtype(dtype: np.dtype, where: str) -> None:
+    """Scalar real voxels only: RGB/structured and complex data would be silently mangled."""
+    if dtype.fields is not None or dtype.kind == "V":
+        raise ImageContentError(f"{where}: voxels of type {dtype} (RGB or structured) are not a scalar image")
+    if dtype.kind == "c":
+        raise ImageContentError(f"{where}: complex-valued voxels are not supported (take the magnitude first)")
+    if dtype.kind not in "biuf":
+        raise ImageContentError(f"{where}: voxels of type {dtype} are not numbers")
 
 
 def _check_dims(shape: tuple[int, ...], where: str) -> None:
@@ -133,11 +192,13 @@ def _check_dims(shape: tuple[int, ...], where: str) -> None:
 
 def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str) -> np.ndarray:
     _check_dims(data.shape, where)
+    _check_dtype(data.dtype, where)
     data = data.reshape(data.shape[:3])
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ImageContentError(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)")
+    check_affine(affine, where)
     if kind == "labels":
+        if data.dtype == np.uint64 and data.size and int(data.max()) > np.iinfo(np.int64).max:
+            raise ImageContentError(f"{where}: label id {int(data.max())} is larger than 2^63 - 1, the largest "
+                                    f"id keyreg keeps exactly")
         if np.issubdtype(data.dtype, np.integer):
             return data.astype(np.int64, copy=False)
         if data.dtype == bool:
@@ -147,13 +208,18 @@ def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):
             raise ImageContentError(f"{where}: label map has non-integer values (is it an image?)")
+        if rounded.size and float(np.abs(rounded).max()) >= 2.0**63:
+            raise ImageContentError(f"{where}: label ids beyond +-2^63 cannot be kept exactly")
         return rounded.astype(np.int64)
     data = np.asarray(data, dtype=np.float32)
     if not np.all(np.isfinite(data)):
         bad = int((~np.isfinite(data)).sum())
         raise ImageContentError(f"{where}: {bad} voxels are NaN or Inf")
-    if float(data.max()) == float(data.min()):
-        raise ImageContentError(f"{where}: image is constant (value {float(data.min()):g}), nothing to register")
+    lo, hi = float(data.min()), float(data.max())
+    if hi == lo:
+        raise ImageContentError(f"{where}: image is constant (value {lo:g}), nothing to register")
+    if hi - lo > 1e30:  # min-max normalisation in float32 would overflow
+        raise ImageContentError(f"{where}: intensity range [{lo:.3g}, {hi:.3g}] is too large (more than 1e30)")
     return data
 
 
@@ -193,7 +259,7 @@ def load_volume(
         img = _read_nifti(path)
         data = _array_from_image(img, where)
         affine = img.affine
-        header = img.header
+        header = img.header if isinstance(img.header, nib.Nifti1Header) else None
         name = name or nifti_stem(path)
     elif isinstance(source, nib.spatialimages.SpatialImage):
         where = name or "image"
@@ -222,12 +288,13 @@ def grid_volume(shape: Any, affine: np.ndarray, name: str = "grid",
     Its ``data`` is a read-only broadcast of one zero (no memory), so it can serve as the reference
     grid of :func:`save_volume`, :meth:`Volume.with_data` and the warping functions.
     """
-    shape = tuple(int(s) for s in tuple(shape)[:3])
     where = f"{name}: grid"
+    try:
+        shape = tuple(int(s) for s in tuple(shape)[:3])
+    except (TypeError, ValueError, OverflowError):
+        raise ImageContentError(f"{where}: the shape must be 3 integers, got {shape!r}") from None
     _check_dims(shape, where)
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ImageContentError(f"{where} has an invalid affine (must be a finite, invertible 4x4 matrix)")
+    affine = check_affine(affine, where)
     return Volume(np.broadcast_to(np.zeros((), np.float32), shape), affine, header, name, "image")
 
 
@@ -252,10 +319,10 @@ def read_grid(source: Any, *, name: str | None = None) -> Volume:
 
 
 def nifti_stem(path: str | os.PathLike) -> str:
-    """File name without ``.nii`` / ``.nii.gz`` (any case)."""
+    """File name without ``.nii`` / ``.nii.gz`` / ``.mgz`` / ``.mgh`` (any case)."""
     path = Path(path)
     name = path.name
-    for suf in NIFTI_SUFFIXES[::-1]:
+    for suf in (".nii.gz", ".nii", ".mgz", ".mgh"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return path.stem
@@ -332,6 +399,27 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def clean_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted :func:`atomic_dir` / :func:`atomic_path` calls left directly in
+    ``directory`` (hidden ``.<name>.*.tmp`` / ``.old`` entries, e.g. after ``kill -9``); returns them.
+
+    Only call this while no other process writes into ``directory`` (see :mod:`keyreg.batch`'s lock).
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    removed = []
+    for entry in sorted(d.iterdir()):
+        n = entry.name
+        if n.startswith(".") and (n.endswith(".old") or ".tmp" in n):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

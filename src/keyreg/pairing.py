@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, ImageIOError
-from .io import is_nifti_path, nifti_stem
+from .io import is_image_path, nifti_stem
 
 __all__ = ["Pair", "build_pairs", "list_nifti", "pair_name"]
 
@@ -30,10 +30,22 @@ def pair_name(moving: Path, fixed: Path) -> str:
 
 
 def list_nifti(directory: Path) -> list[Path]:
-    """NIfTI files directly in ``directory``, sorted by name."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and is_nifti_path(p))
+    """Image files (NIfTI, MGZ) directly in ``directory``, sorted by name.
+
+    Raises:
+        ImageIOError: none there.  ConfigError: two files with one name stem (``a.nii`` and
+            ``a.nii.gz``), whose outputs would overwrite each other.
+    """
+    files = sorted(p for p in directory.iterdir() if p.is_file() and is_image_path(p))
     if not files:
-        raise ImageIOError(f"{directory}: no .nii or .nii.gz files in this directory")
+        raise ImageIOError(f"{directory}: no .nii, .nii.gz or .mgz files in this directory")
+    seen: dict[str, Path] = {}
+    for f in files:
+        stem = nifti_stem(f)
+        if stem in seen:
+            raise ConfigError(f"{directory}: {seen[stem].name} and {f.name} have the same name {stem!r}; their "
+                              f"outputs would overwrite each other (rename or remove one)")
+        seen[stem] = f
     return files
 
 

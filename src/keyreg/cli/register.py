@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
-import time
 from pathlib import Path
 
-from ._common import add_device_arguments, format_summary, write_metric_tables
+from ._common import add_device_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="resampling of segmentations (ids are never blended)")
     a.add_argument("--field_stride", type=int, default=None,
                    help="sub-grid stride for the dense TPS field (default 1 = exact at every voxel; 2 or 4 trade accuracy for speed, see docs/benchmarks.md)")
+    a.add_argument("--exclude_keypoints", nargs="+", default=None, metavar="PATTERN",
+                   help="leave keypoints whose name matches any of these globs out of every fit (fnmatch: "
+                        "'K-1*', 'cerebellum_*'); unnamed models have the names K-1 .. K-N")
+    a.add_argument("--pad_value", type=float, default=None,
+                   help="intensity of warped voxels that fall outside the moving image (default: 0, or the "
+                        "moving image's minimum when it is negative, e.g. -1024 for CT air)")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--save_dir", default="./register_output", help="output directory (default ./register_output)")
@@ -54,197 +56,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "written last, records the same inputs and options) is not redone; its metrics are reused")
 
 
-def _distributed() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the torchrun environment (``(0, 1, 0)`` without it)."""
-    from ..errors import ConfigError
-
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"invalid RANK={rank} for WORLD_SIZE={world}")
-    return rank, world, local
-
-
-def _pair_config(pair, args: argparse.Namespace, aligns: list[str], metrics: list[str]) -> dict:
-    """What a finished pair directory must record to be reused by ``--skip_existing``."""
-    return {"moving": str(pair.moving), "fixed": str(pair.fixed),
-            "moving_seg": str(pair.moving_seg) if pair.moving_seg else None,
-            "fixed_seg": str(pair.fixed_seg) if pair.fixed_seg else None,
-            "aligns": aligns, "metrics": metrics, "model": str(args.load_path),
-            "label_interp": args.label_interp, "field_stride": args.field_stride,
-            "weighted_kp_align": args.weighted_kp_align, "half_resolution": args.half_resolution,
-            "save_eval_to_disk": args.save_eval_to_disk, "visualize": args.visualize}
-
-
-def _completed(pair_dir: Path, config: dict) -> list[dict] | None:
-    """The metric rows of a finished pair (``done.json`` with the same config), else ``None``."""
-    try:
-        done = json.loads((pair_dir / "done.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(done, dict) or done.get("config") != config or not isinstance(done.get("rows"), list):
-        return None
-    return done["rows"]
-
-
-def _json_clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _json_clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_clean(x) for x in v]
-    return v
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from ..batch import register_batch
+    from ..pipeline import RegistrationOptions
+    from ..transforms import DEFAULT_FIELD_STRIDE
 
-    from ..api import Timer, detect_keypoints, register, resolve_device, resolve_model
-    from ..errors import KeyregError
-    from ..io import atomic_dir, atomic_write_text, load_volume
-    from ..metrics import parse_metrics
-    from ..pairing import build_pairs
-    from ..transforms import DEFAULT_FIELD_STRIDE, parse_aligns
-
-    aligns = [s.name for s in parse_aligns(args.list_of_aligns)]
-    pairs, warnings = build_pairs(args.moving, args.fixed, args.moving_seg, args.fixed_seg,
-                                  all_pairs=args.all_pairs)
-    has_seg = any(p.moving_seg and p.fixed_seg for p in pairs)
-    metrics = parse_metrics(args.list_of_metrics or (["mse", "harddice"] if has_seg else ["mse"]))
-    stride = DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride
-    if stride < 1:
-        from ..errors import ConfigError
-        raise ConfigError(f"--field_stride must be >= 1, got {stride}")
-    rank, world, local_rank = _distributed()
-    if rank == 0:
-        for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
-    device = resolve_device(args.device)
-    if world > 1 and device.type == "cuda" and device.index is None:  # one GPU per rank
-        import torch
-
-        device = resolve_device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}")
-    timer = Timer()
-    with timer("model"):
-        net = resolve_model(args.load_path, device, half_resolution=args.half_resolution,
-                            backbone=args.backbone, num_keypoints=args.num_keypoints)
-    weighted = None if args.weighted_kp_align is None else args.weighted_kp_align == "power"
-    save_dir = Path(args.save_dir)
-    single = len(pairs) == 1 and world == 1  # a single pair fails with one line (exit 2); a batch skips bad pairs
-    mine = list(range(rank, len(pairs), world))  # this rank's shard (all pairs without torchrun)
-    tag = f"[rank {rank}/{world}] " if world > 1 else ""
-    if not single:
-        print(f"keyreg register: {tag}{len(mine)} of {len(pairs)} pair(s), model {net.config.name} "
-              f"({net.config.architecture.describe()}), aligns {' '.join(aligns)}, device {device}",
-              file=sys.stderr)
-    dist, own_group = _init_distributed(world)
-
-    cache: dict[Path, object] = {}
-    results: list[tuple[int, list[dict]]] = []
-    failures: list[tuple[int, str, str]] = []
-    skipped = 0
-    write_pairs = args.save_eval_to_disk or args.visualize or args.skip_existing
-    bar = tqdm(mine, desc=f"{tag}pairs", unit="pair", file=sys.stderr, dynamic_ncols=True, disable=single)
-    for index in bar:
-        pair = pairs[index]
-        pair_dir = save_dir / "pairs" / pair.name
-        config = _pair_config(pair, args, aligns, metrics)
-        if args.skip_existing:
-            done = _completed(pair_dir, config)
-            if done is not None:
-                results.append((index, done))
-                skipped += 1
-                continue
-        start = time.perf_counter()
-        try:
-            with timer("load"):
-                fixed = load_volume(pair.fixed, kind="image")
-                moving = load_volume(pair.moving, kind="image")
-                fixed_seg = None if not (pair.fixed_seg and pair.moving_seg) else \
-                    load_volume(pair.fixed_seg, kind="labels")
-                moving_seg = None if fixed_seg is None else load_volume(pair.moving_seg, kind="labels")
-            need = [p for p, v in ((pair.fixed, fixed), (pair.moving, moving)) if p not in cache]
-            if need:
-                with timer("keypoints"):
-                    vols = {pair.fixed: fixed, pair.moving: moving}
-                    for path, kp in zip(need, detect_keypoints(net, [vols[p] for p in need], device=device,
-                                                               use_amp=args.use_amp)):
-                        cache[path] = kp
-            reg = register(moving, fixed, model=net, aligns=aligns, moving_seg=moving_seg, fixed_seg=fixed_seg,
-                           weighted=weighted, device=device, label_interp=args.label_interp,
-                           field_stride=stride, keypoints=(cache[pair.fixed], cache[pair.moving]))
-            for k, v in reg.timings.items():
-                if k not in ("load", "model"):
-                    timer.seconds[k] = timer.seconds.get(k, 0.0) + v
-            with timer("metrics"):
-                per_align = reg.evaluate(metrics)
-            rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **vals}
-                    for align, vals in per_align.items()]
-            if write_pairs:
-                # everything goes to a temporary directory renamed to pairs/<pair> at the end; done.json is
-                # written last, so an interrupted pair never looks complete
-                with timer("write"), atomic_dir(pair_dir) as tmp:
-                    if args.save_eval_to_disk or args.visualize:
-                        reg.save(tmp, write_images=args.save_eval_to_disk, visualize=args.visualize)
-                    atomic_write_text(tmp / "done.json", json.dumps(
-                        {"config": config, "rows": _json_clean(rows)}, indent=1) + "\n")
-        except KeyregError as e:
-            if single:
-                raise
-            failures.append((index, pair.name, str(e)))
-            tqdm.write(f"{tag}FAILED {pair.name}: {e}", file=sys.stderr)
-            continue
-        results.append((index, rows))
-        summary = "  ".join(f"{a}: " + " ".join(f"{k}={v:.4f}" for k, v in vals.items()
-                                                if isinstance(v, float)) for a, vals in per_align.items())
-        tqdm.write(f"{tag}{pair.name} ({time.perf_counter() - start:.1f} s)  {summary}", file=sys.stderr)
-    bar.close()
-    stages = ", ".join(f"{k} {v:.2f} s" for k, v in timer.seconds.items())
-    print(f"{tag}time per stage ({len(mine)} pair(s)): {stages}", file=sys.stderr)
-
-    if dist is not None:  # every rank sends its shard; rank 0 writes the merged tables after the barrier
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (results, failures, skipped))
-        dist.barrier()
-        results = [r for part in gathered for r in part[0]]
-        failures = [f for part in gathered for f in part[1]]
-        skipped = sum(part[2] for part in gathered)
-        if own_group:
-            dist.destroy_process_group()
-    results.sort(key=lambda r: r[0])
-    failures.sort(key=lambda f: f[0])
-    rows = [row for _, pair_rows in results for row in pair_rows]
-    failed = [(name, msg) for _, name, msg in failures]
-
-    if rank == 0:
-        if skipped:
-            print(f"{skipped} pair(s) were already complete and skipped (--skip_existing)", file=sys.stderr)
-        if rows:
-            paths = write_metric_tables(save_dir, rows, failed)
-            print(format_summary(rows, aligns))
-            print(f"\nmetrics written to {paths[0]} and {paths[1]}")
-            if args.save_eval_to_disk or args.visualize:
-                print(f"per-pair outputs in {save_dir / 'pairs'}")
-        if failed:
-            print(f"\n{len(failed)} of {len(pairs)} pair(s) failed:", file=sys.stderr)
-            for name, msg in failed:
-                print(f"  {name}: {msg}", file=sys.stderr)
-    return 1 if failed else 0
+    if bool(args.moving_seg) != bool(args.fixed_seg):
+        given, missing = ("--moving_seg", "--fixed_seg") if args.moving_seg else ("--fixed_seg", "--moving_seg")
+        print(f"warning: {given} is ignored without {missing} (segmentation metrics and warped "
+              f"segmentations need both)", file=sys.stderr)
+    options = RegistrationOptions(
+        aligns=tuple(args.list_of_aligns), weighted=None if args.weighted_kp_align is None else
+        args.weighted_kp_align == "power", label_interp=args.label_interp,
+        field_stride=DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride,
+        half_resolution=args.half_resolution, use_amp=args.use_amp, pad_value=args.pad_value,
+        exclude_keypoints=tuple(args.exclude_keypoints or ()))
+    res = register_batch(args.moving, args.fixed, moving_seg=args.moving_seg, fixed_seg=args.fixed_seg,
+                         all_pairs=args.all_pairs, model=args.load_path, device=args.device, backbone=args.backbone,
+                         num_keypoints=args.num_keypoints, options=options, save_dir=args.save_dir,
+                         metrics=args.list_of_metrics, save_eval_to_disk=args.save_eval_to_disk,
+                         visualize=args.visualize, skip_existing=args.skip_existing)
+    return report(res, Path(args.save_dir), args.save_eval_to_disk or args.visualize)
 
 
-def _init_distributed(world: int):
-    """``(torch.distributed, created)`` with a gloo group when run under torchrun with several
-    processes (pairs are sharded by rank; only picklable Python objects are exchanged), else ``(None, False)``."""
-    if world < 2:
-        return None, False
-    import torch.distributed as dist
+def report(res, save_dir: Path, per_pair: bool) -> int:
+    """Print what a batch did; the exit status: 1 if a pair failed, else 0."""
+    from ..batch import format_summary
 
-    if dist.is_initialized():
-        return dist, False
-    dist.init_process_group("gloo")
-    return dist, True
+    tag = f"[rank {res.rank}/{res.world}] " if res.world > 1 else ""
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in res.seconds.items())
+    print(f"{tag}time per stage ({res.mine} pair(s)): {stages}", file=sys.stderr)
+    if res.rank != 0:
+        return 1 if res.failures else 0
+    if res.skipped:
+        print(f"{res.skipped} pair(s) were already complete and skipped (--skip_existing)", file=sys.stderr)
+    if res.rows:
+        print(format_summary(res.rows, res.aligns))
+    if res.tables:
+        print(f"\nmetrics written to {res.tables[0]} and {res.tables[1]}")
+    if res.rows and per_pair:
+        print(f"per-pair outputs in {save_dir / 'pairs'}")
+    if res.failures:
+        print(f"\n{len(res.failures)} of {res.pairs} pair(s) failed:", file=sys.stderr)
+        for name, msg in res.failures:
+            print(f"  {name}: {msg}", file=sys.stderr)
+    return 1 if res.failures else 0

@@ -3,8 +3,8 @@
 All transforms map FIXED world points to MOVING world points (RAS mm): ``moving_from_fixed``.
 """
 
-from .field import DEFAULT_FIELD_STRIDE, DisplacementField, SpatialTransform, sample_field
-from .invert import invert_points
+from .field import DEFAULT_FIELD_STRIDE, DisplacementField, SpatialTransform, check_field_stride, sample_field
+from .invert import invert_points, map_to_fixed
 from .linear import AffineTransform, fit_affine, fit_rigid
 from .spec import AlignSpec, fit_transform, parse_align, parse_aligns
 from .tps import ThinPlateSpline, fit_tps, tps_kernel
@@ -23,6 +23,8 @@ __all__ = [
     "parse_align",
     "parse_aligns",
     "sample_field",
+    "check_field_stride",
     "invert_points",
+    "map_to_fixed",
     "DEFAULT_FIELD_STRIDE",
 ]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import ShapeError
 from ..geometry import apply_affine, as_affine_tensor, voxel_to_grid_sample
 
-__all__ = ["SpatialTransform", "DisplacementField", "sample_field", "coarse_grid_affine",
+__all__ = ["SpatialTransform", "DisplacementField", "sample_field", "coarse_grid_affine", "check_field_stride",
            "DEFAULT_FIELD_STRIDE"]
 
 #: Default sub-sampling of the fixed grid on which nonlinear transforms are evaluated: 1 = exact at
@@ -79,6 +79,15 @@ class DisplacementField:
         return DisplacementField(self.displacement.to(device), self.grid_affine.to(device))
 
 
+def check_field_stride(stride: object) -> int:
+    """The field stride as an int >= 1 (:class:`~keyreg.errors.ConfigError` otherwise)."""
+    from ..errors import ConfigError
+
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ConfigError(f"the field stride must be an integer >= 1, got {stride!r}")
+    return int(stride)
+
+
 def coarse_grid_affine(shape: Sequence[int], affine: np.ndarray | torch.Tensor,
                        stride: int) -> tuple[tuple[int, int, int], torch.Tensor]:
     """Shape and world-from-voxel affine of the uniform sub-grid of stride ``<= stride``.
@@ -86,8 +95,7 @@ def coarse_grid_affine(shape: Sequence[int], affine: np.ndarray | torch.Tensor,
     Along an axis of ``n`` voxels the sub-grid has ``m = ceil((n - 1) / stride) + 1`` points at
     fine indices ``o (n - 1) / (m - 1)``: both end voxels are on it, spacing is uniform.
     """
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+    check_field_stride(stride)
     shape = tuple(int(s) for s in shape[:3])
     coarse = tuple(math.ceil((n - 1) / stride) + 1 for n in shape)
     steps = [(n - 1) / (m - 1) for n, m in zip(shape, coarse)]
@@ -129,7 +137,7 @@ def sample_field(
     for start in range(0, idx.shape[0], slab_points):
         world = apply_affine(grid_aff, idx[start : start + slab_points]).to(dtype)
         world_b = world.unsqueeze(0).expand(batch_size, -1, -1)
-        if hasattr(transform, "displacement"):  # evaluates u directly, without cancellation
+        if callable(getattr(transform, "displacement", None)):  # a TPS evaluates u directly, without cancellation
             out[:, start : start + slab_points] = transform.displacement(world_b)
         else:
             out[:, start : start + slab_points] = transform.map_points(world_b) - world_b

@@ -6,7 +6,7 @@ import torch
 
 from .field import SpatialTransform
 
-__all__ = ["invert_points"]
+__all__ = ["invert_points", "map_to_fixed"]
 
 
 def invert_points(
@@ -44,3 +44,39 @@ def invert_points(
         p = p - delta
     residual = (transform.map_points(p).to(q.dtype) - q).norm(dim=-1)
     return p.to(points_moving.dtype), residual.to(points_moving.dtype)
+
+
+def map_to_fixed(
+    transform: SpatialTransform,
+    points_moving: torch.Tensor,
+    *,
+    iterations: int = 30,
+    tolerance: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map moving-space points into the fixed space through ``T^-1``: the one way keyreg does it.
+
+    Exact (float64 matrix inverse) for an :class:`~keyreg.transforms.AffineTransform`, Newton's
+    method (:func:`invert_points`) otherwise.
+
+    Args:
+        transform: ``moving_from_fixed``.
+        points_moving: ``(B, M, 3)`` world mm.
+
+    Returns:
+        ``(p, residual)``: ``(B, M, 3)`` float64 fixed-space points and ``(B, M)`` ``|T(p) - q|`` mm.
+    """
+    from ..errors import ImageContentError
+    from ..geometry import apply_affine
+    from .linear import AffineTransform
+
+    q = points_moving.to(torch.float64)
+    if isinstance(transform, AffineTransform):
+        m = transform.matrix.detach().to(q.device).double()
+        if float(torch.linalg.det(m[:, :3, :3]).abs().min()) < 1e-12:
+            raise ImageContentError("the transform's matrix is singular, it has no inverse")
+        p = apply_affine(torch.linalg.inv(m), q)
+    else:
+        p, _ = invert_points(transform, q, iterations=iterations, tolerance=tolerance)
+        p = p.double()
+    residual = (transform.map_points(p).double() - q).norm(dim=-1)
+    return p, residual

@@ -1,0 +1,428 @@
+"""The batch runner behind ``keyreg register``: pairing, torchrun sharding, resume, atomic pair
+directories, the failure policy and the summary tables.
+
+* **Pairing**: :func:`keyreg.pairing.build_pairs` (files, directories paired by name, ``all_pairs``).
+* **Sharding**: under ``torchrun`` each rank takes ``pairs[rank::world]``; rank 0 gathers every
+  rank's rows (gloo, Python objects only) and writes the tables.
+* **Atomic pair directories**: everything of a pair is written into a hidden temporary directory
+  renamed to ``pairs/<pair>`` at the end; ``done.json`` is written last.
+* **Resume** (``skip_existing``): a pair whose ``done.json`` records the same inputs (path, size and
+  modification time of every file), the same model (a hash of its weights and configuration) and the
+  same options is not redone.  Hidden temporaries left by a killed run are removed first.
+* **Lock**: one run at a time per output directory and rank (``flock`` on ``.keyreg-<rank>.lock``;
+  released by the kernel when a process dies), so two runs never interleave their outputs.
+* **Failure policy**: a single pair raises its error (the CLI prints one line, exit 2).  In a batch,
+  ANY exception of a pair is recorded and the batch goes on; the tables are always written and list
+  the failures (the CLI exits 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, KeyregError, OutputError
+from .io import atomic_dir, atomic_write_text
+from .pairing import Pair, build_pairs
+
+__all__ = ["BatchResult", "run_batch", "register_batch", "distributed_env", "json_clean", "file_identity",
+           "model_fingerprint", "output_lock", "write_metric_tables", "format_summary", "scalar_metrics"]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def distributed_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the torchrun environment (``(0, 1, 0)`` without it)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ConfigError("the environment variables RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"invalid RANK={rank} for WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def json_clean(v: Any) -> Any:
+    """``v`` with non-finite floats as ``None`` and keys as strings (strict JSON)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): json_clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_clean(x) for x in v]
+    return v
+
+
+def file_identity(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """``{"path", "size", "mtime_ns"}`` of a file: replacing or editing it changes the identity."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {"path": str(p), "size": None, "mtime_ns": None}
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of a model's configuration and weights: equal for the same model however it was named."""
+    h = hashlib.sha256(model.config.to_json().encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def output_lock(directory: Path, rank: int = 0) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` for this rank; :class:`OutputError` if another run holds it."""
+    import fcntl
+
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = directory / f".keyreg-{rank}.lock"
+        f = open(lock, "a+")
+    except OSError as e:
+        raise OutputError(f"{directory}: cannot write here ({e.strerror or e})") from None
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(f"{directory}: another keyreg run is writing into this directory "
+                              f"(wait for it, or choose another output directory)") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+    finally:
+        f.close()
+        if created:  # a run that wrote nothing leaves nothing behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _clean_stale(pairs_dir: Path, names: Sequence[str]) -> int:
+    """Remove hidden temporaries of these pairs (left by a killed run): ``.<pair>.<random>.tmp|old``."""
+    if not pairs_dir.is_dir():
+        return 0
+    import shutil
+
+    patterns = [re.compile(rf"^\.{re.escape(n)}\.[A-Za-z0-9_]+\.(tmp|old)$") for n in names]
+    removed = 0
+    for entry in pairs_dir.iterdir():
+        if entry.name.startswith(".") and any(p.match(entry.name) for p in patterns):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def scalar_metrics(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def format_summary(rows: Sequence[dict], aligns: Sequence[str]) -> str:
+    """A markdown table: one row per align, ``mean ± std`` (over pairs) per scalar metric."""
+    names: list[str] = []
+    for r in rows:
+        for k in scalar_metrics(r):
+            if k not in names:
+                names.append(k)
+    lines = ["| align | pairs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for align in aligns:
+        sel = [r for r in rows if r["align"] == align]
+        if not sel:
+            continue
+        cells = []
+        for n in names:
+            vals = [float(r[n]) for r in sel if n in r and r[n] is not None and not math.isnan(float(r[n]))]
+            if not vals:
+                cells.append("n/a")
+                continue
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+            cells.append(f"{mean:.4f} ± {std:.4f}" if len(vals) > 1 else f"{mean:.4f}")
+        lines.append(f"| {align} | {len(sel)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_metric_tables(save_dir: Path, rows: Sequence[dict],
+                        failures: Sequence[tuple[str, str]] = ()) -> tuple[Path, Path]:
+    """``metrics.csv`` (one row per pair and align, scalar metrics) and ``metrics.json`` (everything,
+    per-label values and failures included), both written atomically."""
+    keys = ["pair", "moving", "fixed", "align"]
+    for r in rows:
+        for k in scalar_metrics(r):
+            if k not in keys:
+                keys.append(k)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in keys})
+    csv_path = atomic_write_text(save_dir / "metrics.csv", buf.getvalue())
+    doc = {"results": [json_clean(dict(r)) for r in rows],
+           "failures": [{"pair": n, "error": e} for n, e in failures]}
+    json_path = atomic_write_text(save_dir / "metrics.json", json.dumps(doc, indent=1) + "\n")
+    return csv_path, json_path
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+@dataclass
+class BatchResult:
+    """What a batch did (this rank's view, merged over ranks on rank 0).
+
+    Attributes:
+        rows: one dict per (pair, align): ``pair, moving, fixed, align`` and the metrics.
+        failures: ``(pair, message)`` of the pairs that failed.
+        skipped: pairs reused from a previous run (``skip_existing``).
+        pairs: number of pairs in the whole batch; ``mine``: of this rank.
+        tables: paths of ``metrics.csv`` / ``metrics.json`` (rank 0), else ``None``.
+        rank, world: torchrun rank and size.
+        seconds: wall time per stage on this rank.
+        warnings: pairing warnings (unmatched files).
+        description: model, aligns and device.
+    """
+
+    rows: list[dict] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped: int = 0
+    pairs: int = 0
+    mine: int = 0
+    tables: tuple[Path, Path] | None = None
+    rank: int = 0
+    world: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    description: str = ""
+    aligns: list[str] = field(default_factory=list)
+
+
+def _pair_config(pair: Pair, registrar, metrics: list[str], fingerprint: str, write_images: bool,
+                 visualize: bool) -> dict:
+    """What a finished pair directory must record to be reused by ``skip_existing``."""
+    return {"inputs": {"moving": file_identity(pair.moving), "fixed": file_identity(pair.fixed),
+                       "moving_seg": file_identity(pair.moving_seg), "fixed_seg": file_identity(pair.fixed_seg)},
+            "model": fingerprint, "options": registrar.options.to_dict(), "metrics": metrics,
+            "save_eval_to_disk": write_images, "visualize": visualize}
+
+
+def _completed(pair_dir: Path, config: dict) -> list[dict] | None:
+    """The metric rows of a finished pair (``done.json`` with the same config), else ``None``."""
+    try:
+        done = json.loads((pair_dir / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("config") != json_clean(config) or not isinstance(done.get("rows"), list):
+        return None
+    return done["rows"]
+
+
+def run_batch(
+    registrar,
+    pairs: Sequence[Pair],
+    *,
+    save_dir: str | os.PathLike,
+    metrics: Sequence[str] | None = None,
+    save_eval_to_disk: bool = False,
+    visualize: bool = False,
+    skip_existing: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BatchResult:
+    """Register, measure and (optionally) save every pair of this rank's shard.
+
+    Args:
+        registrar: a :class:`~keyreg.pipeline.Registrar`.
+        pairs: the whole batch (every rank passes the same list).
+        metrics: metric names (default: ``mse``, plus ``harddice`` when pairs have segmentations).
+        save_eval_to_disk, visualize: write per-pair files / QC figures under ``save_dir/pairs``.
+        skip_existing: reuse finished pair directories (see the module docstring).
+        rank, world: torchrun rank and size (:func:`distributed_env`).
+        progress: a progress bar on stderr (batches only).
+        log: called with one line per finished or failed pair (default: stderr).
+
+    Returns:
+        A :class:`BatchResult`; on rank 0 ``tables`` are written (always, for a batch).
+    """
+    from tqdm import tqdm
+
+    from .metrics import parse_metrics
+
+    if not pairs:
+        raise ConfigError("no pairs to register")
+    has_seg = any(p.moving_seg and p.fixed_seg for p in pairs)
+    metric_names = parse_metrics(list(metrics) if metrics else (["mse", "harddice"] if has_seg else ["mse"]))
+    aligns = list(registrar.options.aligns)
+    save_dir = Path(save_dir)
+    single = len(pairs) == 1 and world == 1  # a single pair fails with its error; a batch goes on
+    mine = list(range(rank, len(pairs), world))
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    emit = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    write_pairs = save_eval_to_disk or visualize or skip_existing
+    out = BatchResult(pairs=len(pairs), mine=len(mine), rank=rank, world=world, aligns=aligns)
+
+    # validate the model before anything is written (a bad model file fails the run with one line)
+    registrar.model  # noqa: B018 - loads it
+    with output_lock(save_dir, rank):
+        out.description = registrar.describe()
+        if not single:
+            emit(f"{tag}{len(mine)} of {len(pairs)} pair(s), {out.description}")
+        fingerprint = model_fingerprint(registrar.model) if skip_existing else ""
+        if skip_existing:
+            _clean_stale(save_dir / "pairs", [pairs[i].name for i in mine])
+        results: list[tuple[int, list[dict]]] = []
+        failures: list[tuple[int, str, str]] = []
+        bar = tqdm(mine, desc=f"{tag}pairs", unit="pair", file=sys.stderr, dynamic_ncols=True,
+                   disable=single or not progress)
+        for index in bar:
+            pair = pairs[index]
+            pair_dir = save_dir / "pairs" / pair.name
+            config = _pair_config(pair, registrar, metric_names, fingerprint, save_eval_to_disk, visualize) \
+                if write_pairs else {}
+            if skip_existing:
+                done = _completed(pair_dir, config)
+                if done is not None:
+                    results.append((index, done))
+                    out.skipped += 1
+                    continue
+            start = time.perf_counter()
+            try:
+                rows, per_align = _one_pair(registrar, pair, metric_names, pair_dir, config, write_pairs,
+                                            save_eval_to_disk, visualize)
+            except KeyregError as e:
+                if single:
+                    raise
+                failures.append((index, pair.name, str(e)))
+                emit(f"{tag}FAILED {pair.name}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: record it, keep going
+                if single:
+                    raise
+                msg = f"internal error {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                failures.append((index, pair.name, msg))
+                emit(f"{tag}FAILED {pair.name}: {msg}")
+                continue
+            results.append((index, rows))
+            summary = "  ".join(f"{a}: " + " ".join(f"{k}={v:.4f}" for k, v in vals.items() if isinstance(v, float))
+                                for a, vals in per_align.items())
+            if not single:
+                emit(f"{tag}{pair.name} ({time.perf_counter() - start:.1f} s)  {summary}")
+        bar.close()
+        out.seconds = dict(registrar.timer.seconds)
+
+        if world > 1:
+            results, failures, out.skipped = _gather(world, results, failures, out.skipped)
+        results.sort(key=lambda r: r[0])
+        failures.sort(key=lambda f: f[0])
+        out.rows = [row for _, pair_rows in results for row in pair_rows]
+        out.failures = [(name, msg) for _, name, msg in failures]
+        if rank == 0 and (out.rows or not single):
+            out.tables = write_metric_tables(save_dir, out.rows, out.failures)
+    return out
+
+
+def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config: dict, write_pairs: bool,
+              write_images: bool, visualize: bool) -> tuple[list[dict], dict]:
+    both = pair.moving_seg is not None and pair.fixed_seg is not None
+    reg = registrar.register(pair.moving, pair.fixed, moving_seg=pair.moving_seg if both else None,
+                             fixed_seg=pair.fixed_seg if both else None,
+                             moving_key=_key(pair.moving), fixed_key=_key(pair.fixed))
+    per_align = registrar.measure(reg, metrics)
+    rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **vals}
+            for align, vals in per_align.items()]
+    if write_pairs:
+        # everything goes to a temporary directory renamed to pairs/<pair> at the end; done.json is
+        # written last, so an interrupted pair never looks complete
+        with atomic_dir(pair_dir) as tmp:
+            if write_images or visualize:
+                registrar.save(reg, tmp, write_images=write_images, visualize=visualize)
+            atomic_write_text(tmp / "done.json", json.dumps(
+                {"config": json_clean(config), "rows": json_clean(rows)}, indent=1) + "\n")
+    return rows, per_align
+
+
+def _key(path: Path) -> tuple:
+    ident = file_identity(path) or {}
+    return ("file", ident.get("path"), ident.get("size"), ident.get("mtime_ns"))
+
+
+def _gather(world: int, results, failures, skipped):
+    """Every rank sends its shard; all get the merged lists (gloo, Python objects)."""
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    try:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (results, failures, skipped))
+        dist.barrier()
+    finally:
+        if own:
+            dist.destroy_process_group()
+    return ([r for part in gathered for r in part[0]], [f for part in gathered for f in part[1]],
+            sum(part[2] for part in gathered))
+
+
+def register_batch(
+    moving: str | os.PathLike,
+    fixed: str | os.PathLike,
+    *,
+    moving_seg: str | os.PathLike | None = None,
+    fixed_seg: str | os.PathLike | None = None,
+    all_pairs: bool = False,
+    model: Any = None,
+    device: str | None = "auto",
+    backbone: str | None = None,
+    num_keypoints: int | None = None,
+    options: Any = None,
+    **batch_kwargs: Any,
+) -> BatchResult:
+    """Pair the inputs, build a :class:`~keyreg.pipeline.Registrar` for this rank's device (one GPU per
+    rank under torchrun) and :func:`run_batch` them: what ``keyreg register`` does."""
+    from .pipeline import Registrar, resolve_device
+
+    pairs, warnings = build_pairs(moving, fixed, moving_seg, fixed_seg, all_pairs=all_pairs)
+    rank, world, local_rank = distributed_env()
+    dev = resolve_device(device)
+    if world > 1 and dev.type == "cuda" and dev.index is None:  # one GPU per rank
+        import torch
+
+        dev = resolve_device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}")
+    registrar = Registrar(model, device=dev, options=options, backbone=backbone, num_keypoints=num_keypoints)
+    if rank == 0:
+        log = batch_kwargs.get("log") or (lambda line: print(line, file=sys.stderr))
+        for w in warnings:
+            log(f"warning: {w}")
+    result = run_batch(registrar, pairs, rank=rank, world=world, **batch_kwargs)
+    result.warnings = warnings
+    return result

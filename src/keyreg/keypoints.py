@@ -1,0 +1,136 @@
+"""The keypoint stage: one network pass per image gives ``K`` world keypoints, with their names.
+
+:func:`detect_keypoints` is the one seam between the pipeline (:mod:`keyreg.pipeline`) and the
+network (:mod:`keyreg.models`): ``detect_keypoints(model, volumes, device=...) -> list[ImageKeypoints]``.
+Everything downstream (fits, outputs) only sees :class:`ImageKeypoints`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DegenerateFitError, ImageContentError
+from .geometry import apply_affine, fov_center, fov_half_extent, normalized_to_voxel
+from .io import Volume
+from .preprocess import to_network_input
+
+__all__ = ["ImageKeypoints", "detect_keypoints", "default_keypoint_names", "model_keypoint_names",
+           "select_keypoints", "tps_frame"]
+
+
+def default_keypoint_names(k: int) -> list[str]:
+    """``K-1 .. K-k``: the labels of an unnamed model's keypoints (as written to keypoints_*.csv)."""
+    return [f"K-{i + 1}" for i in range(k)]
+
+
+def model_keypoint_names(model) -> list[str]:
+    """The model's keypoint names (``ModelConfig.keypoint_names``), else ``K-1 .. K-N``."""
+    k = int(model.config.architecture.num_keypoints)
+    names = getattr(model.config, "keypoint_names", None)
+    if names is None or len(names) != k:
+        return default_keypoint_names(k)
+    return [str(n) for n in names]
+
+
+@dataclass
+class ImageKeypoints:
+    """Keypoints of one image.
+
+    Attributes:
+        points: ``(K, 3)`` float64 world RAS mm.
+        mass: ``(K,)`` total heatmap activation (for ``power`` weights).
+        world_from_net: ``(4, 4)`` the network grid's affine.
+        grid_shape: the network grid shape.
+        names: ``K`` keypoint names (the model's ``keypoint_names``, else ``K-1 .. K-N``).
+    """
+
+    points: torch.Tensor
+    mass: torch.Tensor
+    world_from_net: np.ndarray
+    grid_shape: tuple[int, int, int]
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names = default_keypoint_names(int(self.points.shape[0]))
+
+    def numpy(self) -> np.ndarray:
+        return self.points.detach().cpu().numpy()
+
+    def subset(self, keep: Sequence[int]) -> "ImageKeypoints":
+        """The keypoints at indices ``keep`` (same grid)."""
+        idx = torch.as_tensor(list(keep), dtype=torch.long, device=self.points.device)
+        return replace(self, points=self.points[idx], mass=self.mass[idx.to(self.mass.device)],
+                       names=[self.names[i] for i in keep])
+
+
+def detect_keypoints(
+    model,
+    volumes: Sequence[Volume],
+    *,
+    device: torch.device | str | None = None,
+    use_amp: bool = False,
+    batch_size: int = 1,
+) -> list[ImageKeypoints]:
+    """One network pass per image (batched ``batch_size`` at a time); keypoints in world mm.
+
+    The default ``batch_size=1`` makes an image's keypoints independent of the images it is
+    processed with: on CPU, convolutions over a batch of 2 differ from batch 1 in the last bits
+    (of order 1e-5 mm), which would make a pair's result depend on batch order, resumption or sharding.
+
+    Raises:
+        ImageContentError: the network gives non-finite keypoints for an image (e.g. intensities so
+            large that they overflow, or a model with NaN weights).
+    """
+    device = torch.device(device) if device is not None else model.device
+    pre = model.config.preprocessing
+    names = model_keypoint_names(model)
+    out: list[ImageKeypoints] = []
+    for start in range(0, len(volumes), batch_size):
+        chunk = volumes[start : start + batch_size]
+        inputs, affines = zip(*(to_network_input(v, pre, device) for v in chunk))
+        x = torch.cat(inputs, dim=0)
+        amp = use_amp and device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            u, mass = model(x)
+        for b, aff in enumerate(affines):
+            idx = normalized_to_voxel(u[b].double(), pre.grid.shape)
+            world = apply_affine(torch.as_tensor(aff, device=idx.device), idx)
+            if not bool(torch.isfinite(world).all()) or not bool(torch.isfinite(mass[b]).all()):
+                raise ImageContentError(
+                    f"{chunk[b].name}: the model gives non-finite keypoints for this image (intensities "
+                    f"out of range, or a model with invalid weights)")
+            out.append(ImageKeypoints(world, mass[b].float(), aff, pre.grid.shape, list(names)))
+    return out
+
+
+def select_keypoints(names: Sequence[str], exclude: Sequence[str]) -> list[int]:
+    """Indices of the keypoints whose name matches none of the ``exclude`` globs (fnmatch)."""
+    return [i for i, n in enumerate(names) if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+
+
+def check_enough(kept: int, total: int, needed: int, what: str, exclude: Sequence[str]) -> None:
+    if kept < needed:
+        raise DegenerateFitError(
+            f"excluding keypoints {' '.join(exclude)} leaves {kept} of {total} keypoints; "
+            f"{what} needs at least {needed}")
+
+
+def tps_frame(world_from_net: np.ndarray, grid_shape: Sequence[int]) -> tuple[np.ndarray, float]:
+    """``(centre, scale)`` of the TPS normalisation: the centre of a grid's field of view and half
+    its longest physical side (mm).  The one place this choice is made: pairwise fits use the fixed
+    image's network grid, groupwise the first image's."""
+    return fov_center(world_from_net, grid_shape), float(fov_half_extent(world_from_net, grid_shape))
+
+
+def validate_patterns(patterns: Sequence[str] | None) -> tuple[str, ...]:
+    pats = tuple(patterns or ())
+    for p in pats:
+        if not isinstance(p, str) or not p:
+            raise ConfigError(f"keypoint exclusion patterns must be non-empty strings, got {p!r}")
+    return pats

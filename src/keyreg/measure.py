@@ -1,0 +1,85 @@
+"""The measure stage: metrics of a registration on the fixed grid.
+
+Image metrics compare min-max normalised intensities: the fixed image by its own range, the warped
+moving image by the MOVING image's range (:func:`metric_intensities`; the one place this is decided).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .io import Volume
+
+__all__ = ["normalize_like", "metric_intensities", "measure_alignment", "measure_before"]
+
+
+def _minmax(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return (np.asarray(data, dtype=np.float32) - np.float32(lo)) / np.float32(max(hi - lo, 1e-12))
+
+
+def normalize_like(data: np.ndarray, source: Volume) -> np.ndarray:
+    """``data`` (a resampled copy of ``source``) min-max normalised by ``source``'s range."""
+    return _minmax(data, float(source.data.min()), float(source.data.max()))
+
+
+def metric_intensities(fixed: Volume, moving: Volume, warped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(fixed, warped)`` normalised for image metrics: fixed by its min-max, warped by the moving
+    image's min-max (so a perfect warp of the same contrast compares equal)."""
+    f = torch.as_tensor(fixed.data).float()
+    lo, hi = f.min(), f.max()
+    fixed_n = ((f - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+    if warped is None:
+        return fixed_n, None
+    return fixed_n, _minmax(warped, float(moving.data.min()), float(moving.data.max()))
+
+
+def _check_inputs(metrics: Sequence[str], has_image: bool, has_seg: bool) -> None:
+    from .metrics import METRICS
+
+    for m in metrics:
+        need = METRICS[m]
+        if need == "seg" and not has_seg:
+            raise ConfigError(f"metric {m!r} needs the moving and the fixed segmentation")
+        if need == "image" and not has_image:
+            raise ConfigError(f"metric {m!r} needs the warped moving image")
+
+
+def measure_alignment(metrics: Sequence[str], *, fixed: Volume, moving: Volume, transform: Any,
+                      warped: Volume | None, warped_seg: Volume | None, fixed_seg: Volume | None,
+                      moving_seg: Volume | None) -> dict[str, Any]:
+    """Every metric of one alignment (``transform`` as used for warping on the fixed grid)."""
+    from .metrics import compute_metrics
+
+    _check_inputs(metrics, warped is not None, warped_seg is not None and fixed_seg is not None)
+    fixed_n, warped_n = metric_intensities(fixed, moving, None if warped is None else warped.data)
+    return compute_metrics(
+        metrics, warped_image=warped_n, fixed_image=fixed_n,
+        warped_seg=None if warped_seg is None else warped_seg.data,
+        fixed_seg=None if fixed_seg is None else fixed_seg.data,
+        spacing=fixed.spacing, transform=transform, fixed_shape=fixed.shape, fixed_affine=fixed.affine,
+        moving_seg=None if moving_seg is None else moving_seg.data, moving_affine=moving.affine)
+
+
+def measure_before(metrics: Sequence[str], *, fixed: Volume, moving: Volume, fixed_seg: Volume,
+                   moving_seg: Volume, label_interp: str, device: torch.device) -> dict[str, Any]:
+    """Metrics of the unregistered pair: the moving image and segmentation resampled onto the fixed
+    grid through the identity (world space), normalised as for a registration."""
+    from .metrics import METRICS
+    from .transforms import AffineTransform
+    from .warp import warp_image, warp_labels
+
+    ident = AffineTransform(torch.eye(4, dtype=torch.float64, device=device))
+    warped = None
+    if any(METRICS[m] == "image" for m in metrics):
+        out = warp_image(moving.tensor(device).float(), moving.affine, fixed.shape, fixed.affine)[0, 0]
+        warped = fixed.with_data(out.cpu().numpy())
+    seg = warp_labels(moving_seg.tensor(device)[:, 0], moving_seg.affine, fixed.shape, fixed.affine,
+                      mode=label_interp)[0]  # type: ignore[arg-type]
+    return measure_alignment(metrics, fixed=fixed, moving=moving, transform=ident, warped=warped,
+                             warped_seg=fixed.with_data(seg.cpu().numpy(), kind="labels"),
+                             fixed_seg=fixed_seg, moving_seg=moving_seg)

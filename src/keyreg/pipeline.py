@@ -1,0 +1,382 @@
+"""The registration pipeline: one :class:`Registrar` that every workflow goes through.
+
+A registrar holds the model, the device and the options (:class:`RegistrationOptions`).  Its stages
+are explicit methods, run in this order:
+
+====================  =====================================================  ============================
+stage                 what                                                   module doing the work
+====================  =====================================================  ============================
+``keypoints``         one network pass per image, cached per image key       :mod:`keyreg.keypoints`
+``fit``               every requested transform from the two keypoint sets   :mod:`keyreg.transforms`
+``dense``             a TPS sampled as a displacement field on the fixed grid :mod:`keyreg.transforms.field`
+``warp``              moving image / segmentation onto the fixed grid        :mod:`keyreg.warp`
+``measure``           metrics on the fixed grid                              :mod:`keyreg.measure`
+``save``              files per pair and align                               :mod:`keyreg.export`
+====================  =====================================================  ============================
+
+:meth:`Registrar.register` runs load -> keypoints -> fit -> dense -> warp; ``measure`` and ``save``
+are called on its :class:`~keyreg.results.Registration`.  ``keyreg register`` (through
+:mod:`keyreg.batch`), ``keyreg evaluate``, ``keyreg groupwise`` and :func:`keyreg.register` all use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DegenerateFitError
+from .io import Volume, check_same_grid, load_volume
+from .keypoints import (ImageKeypoints, check_enough, detect_keypoints, select_keypoints, tps_frame,
+                        validate_patterns)
+from .results import AlignmentResult, Registration, label_interp, pad_value_for, warp_volume
+from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, check_field_stride,
+                         fit_transform, parse_aligns)
+
+__all__ = ["RegistrationOptions", "Registrar", "resolve_device", "resolve_model", "Timer", "fit_alignments",
+           "min_keypoints"]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` / ``"auto"``: CUDA when available, else CPU; otherwise ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ConfigError: an unknown device name, a device type keyreg does not run on, or CUDA that is
+            not available (or has no such index).
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {str(device)!r} is not supported: use cpu, cuda, cuda:N or auto")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise ConfigError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} was requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def resolve_model(model: Any, device: torch.device, *, half_resolution: bool = False,
+                  backbone: str | None = None, num_keypoints: int | None = None):
+    """A ready model on ``device``: a loaded detector, a path, a bundled name, or ``None`` (the default).
+
+    A detector passed in is never changed: when it is not already in eval mode on ``device``, a copy
+    is used; ``half_resolution`` gives a shallow copy (shared weights) with its own configuration, so
+    calling this twice halves the grid once, not twice.
+    """
+    from .models import KeypointDetector, load_model
+    from .preprocess import PreprocessConfig
+
+    if not isinstance(model, KeypointDetector):
+        net = load_model(model, backbone=backbone, num_keypoints=num_keypoints, device=device)
+    else:
+        net = model
+        if net.training or net.device != device:
+            net = copy.deepcopy(net).to(device).eval()
+        a = net.config.architecture
+        if backbone is not None and backbone != a.backbone:
+            from .errors import CheckpointError
+            raise CheckpointError(f"model is a {a.backbone} backbone, not the requested {backbone}")
+        if num_keypoints is not None and num_keypoints != a.num_keypoints:
+            from .errors import CheckpointError
+            raise CheckpointError(f"model has {a.num_keypoints} keypoints, not the requested {num_keypoints}")
+    if half_resolution:
+        pre = net.config.preprocessing
+        net = copy.copy(net)  # shares the weights; the configuration below is the copy's own
+        net.config = dataclasses.replace(net.config,
+                                         preprocessing=PreprocessConfig(pre.grid.half_resolution(), pre.intensity))
+    return net
+
+
+class Timer:
+    """Accumulates wall time per named stage (``with timer("warp"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def add(self, other: dict[str, float], skip: Sequence[str] = ()) -> None:
+        for k, v in other.items():
+            if k not in skip:
+                self.seconds[k] = self.seconds.get(k, 0.0) + v
+
+
+def min_keypoints(spec: AlignSpec) -> int:
+    """Fewest keypoints that determine a transform of this type (3 non-collinear for rigid, 4
+    non-coplanar for affine and TPS)."""
+    return 3 if spec.kind == "rigid" else 4
+
+
+@dataclass(frozen=True)
+class RegistrationOptions:
+    """Everything besides the model and the device that decides a registration's result.
+
+    Attributes:
+        aligns: transform types: ``rigid``, ``affine``, ``tps_<lambda>``.
+        weighted: ``power`` keypoint weights in the fits (``None``: the model's setting).
+        label_interp: ``nearest`` or ``labelwise`` for segmentations.
+        field_stride: sub-grid stride of the dense TPS field (1 = exact at every voxel).
+        half_resolution: run the network at half the model's resolution.
+        use_amp: bf16 autocast for the network on GPU.
+        pad_value: image intensity outside the moving image (``None``: 0, or the image's minimum
+            when it is negative, e.g. CT air).
+        exclude_keypoints: fnmatch patterns of keypoint names dropped from both sets before every
+            fit (unnamed models: ``K-1 .. K-N``).
+    """
+
+    aligns: tuple[str, ...] = ("affine", "tps_0")
+    weighted: bool | None = None
+    label_interp: str = "nearest"
+    field_stride: int = DEFAULT_FIELD_STRIDE
+    half_resolution: bool = False
+    use_amp: bool = False
+    pad_value: float | None = None
+    exclude_keypoints: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.aligns, str):
+            object.__setattr__(self, "aligns", (self.aligns,))
+        object.__setattr__(self, "aligns", tuple(s.name for s in parse_aligns(list(self.aligns))))
+        label_interp(self.label_interp)
+        object.__setattr__(self, "field_stride", check_field_stride(self.field_stride))
+        if self.pad_value is not None:
+            v = float(self.pad_value)
+            if not math.isfinite(v):
+                raise ConfigError(f"the pad value must be a finite number, got {self.pad_value!r}")
+        if isinstance(self.exclude_keypoints, str):
+            object.__setattr__(self, "exclude_keypoints", (self.exclude_keypoints,))
+        object.__setattr__(self, "exclude_keypoints", validate_patterns(self.exclude_keypoints))
+
+    @property
+    def specs(self) -> list[AlignSpec]:
+        return parse_aligns(list(self.aligns))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"aligns": list(self.aligns),
+                                           "exclude_keypoints": list(self.exclude_keypoints)}
+
+
+def fit_alignments(
+    fixed_kp: ImageKeypoints,
+    moving_kp: ImageKeypoints,
+    aligns: Sequence[AlignSpec],
+    weights: torch.Tensor | None = None,
+) -> dict[str, AffineTransform | ThinPlateSpline]:
+    """Fit every requested transform (``moving_from_fixed``) from one pair of keypoint sets.
+
+    TPS coordinates are normalised by the fixed network grid's field of view
+    (:func:`keyreg.keypoints.tps_frame`), which keeps lambda's official meaning.
+    """
+    pf, pm = fixed_kp.points.unsqueeze(0), moving_kp.points.unsqueeze(0)
+    w = None if weights is None else weights.unsqueeze(0)
+    c, scale = tps_frame(fixed_kp.world_from_net, fixed_kp.grid_shape)
+    center = torch.as_tensor(c, device=pf.device)
+    return {spec.name: fit_transform(spec, pf, pm, w, center=center, scale=scale) for spec in aligns}
+
+
+class Registrar:
+    """The registration pipeline for one model, device and set of options.
+
+    Example:
+        >>> reg = Registrar("keyreg-starter", device="cpu", aligns=["affine"])  # doctest: +SKIP
+        >>> r = reg.register("moving.nii.gz", "fixed.nii.gz")                  # doctest: +SKIP
+        >>> reg.measure(r, ["mse"]); reg.save(r, "out/")                        # doctest: +SKIP
+
+    Args:
+        model: bundled model name, model file, a loaded :class:`~keyreg.models.KeypointDetector`
+            (never modified) or ``None`` (the default bundled model).
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``auto``/``None``.
+        options: a :class:`RegistrationOptions`, or its fields as keywords.
+        backbone, num_keypoints: if given, the model must have them.
+    """
+
+    def __init__(self, model: Any = None, *, device: str | torch.device | None = None,
+                 options: RegistrationOptions | None = None, backbone: str | None = None,
+                 num_keypoints: int | None = None, **option_fields: Any) -> None:
+        if options is None:
+            options = RegistrationOptions(**option_fields)
+        elif option_fields:
+            options = dataclasses.replace(options, **option_fields)
+        self.options = options
+        self.device = resolve_device(device)
+        self.timer = Timer()
+        self._model_arg, self._model_checks = model, {"backbone": backbone, "num_keypoints": num_keypoints}
+        self._net: Any = None
+        self._cache: dict[Any, ImageKeypoints] = {}
+        self.network_passes = 0
+
+    @property
+    def model(self):
+        """The keypoint model, loaded on first use (a registration from given keypoints needs none)."""
+        if self._net is None:
+            with self.timer("model"):
+                self._net = resolve_model(self._model_arg, self.device, half_resolution=self.options.half_resolution,
+                                          **self._model_checks)
+        return self._net
+
+    # ------------------------------------------------------------------------------------ stages
+    def keypoints(self, volume: Volume, key: Any = None) -> ImageKeypoints:
+        """Stage 1: keypoints of one image (world RAS mm); cached under ``key`` when given."""
+        if key is not None and key in self._cache:
+            return self._cache[key]
+        with self.timer("keypoints"):
+            kp = detect_keypoints(self.model, [volume], device=self.device, use_amp=self.options.use_amp)[0]
+        self.network_passes += 1
+        if key is not None:
+            self._cache[key] = kp
+        return kp
+
+    def forget(self, key: Any) -> None:
+        """Drop one cached keypoint set."""
+        self._cache.pop(key, None)
+
+    @property
+    def weighted(self) -> bool:
+        """Power-weighted fits: the option, else the model's setting (no model given: unweighted)."""
+        w = self.options.weighted
+        if w is not None:
+            return bool(w)
+        if self._net is None and self._model_arg is None:
+            return False
+        return self.model.config.weighting == "power"
+
+    def select(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints) -> tuple[ImageKeypoints, ImageKeypoints, list[str]]:
+        """Drop the keypoints named by ``exclude_keypoints`` from both sets; returns the kept sets and
+        the names dropped."""
+        pats = self.options.exclude_keypoints
+        if not pats:
+            return fixed_kp, moving_kp, []
+        keep = select_keypoints(fixed_kp.names, pats)
+        need = max(min_keypoints(s) for s in self.options.specs)
+        worst = max(self.options.specs, key=min_keypoints)
+        check_enough(len(keep), len(fixed_kp.names), need, f"a {worst.name} fit", pats)
+        dropped = [n for i, n in enumerate(fixed_kp.names) if i not in set(keep)]
+        return fixed_kp.subset(keep), moving_kp.subset(keep), dropped
+
+    def fit(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Stage 2: every requested transform (``moving_from_fixed``) and the fit weights."""
+        from .models import power_weights
+
+        if fixed_kp.points.shape != moving_kp.points.shape:
+            raise DegenerateFitError(f"the two keypoint sets differ in size: {tuple(fixed_kp.points.shape)} "
+                                     f"and {tuple(moving_kp.points.shape)}")
+        w = power_weights(fixed_kp.mass.unsqueeze(0), moving_kp.mass.unsqueeze(0))[0] if self.weighted else None
+        with self.timer("fit"):
+            return fit_alignments(fixed_kp, moving_kp, self.options.specs, w), w
+
+    def dense(self, res: AlignmentResult):
+        """Stage 3: the transform as used for warping on the fixed grid (cached on the result)."""
+        with self.timer("dense_field"):
+            return res.dense_transform()
+
+    def warp(self, reg: Registration, *, image: bool = True, seg: bool = True) -> None:
+        """Stage 4: resample the moving image (``image``) and segmentation (``seg``, when given) onto
+        the fixed grid, for every alignment."""
+        pad = pad_value_for(reg.moving, self.options.pad_value) if image else 0.0
+        for res in reg:
+            dense = self.dense(res)
+            with self.timer("warp"):
+                if image:
+                    res.warped = warp_volume(reg.moving, reg.fixed, dense, pad_value=pad, device=self.device)
+                    res.warped.name = f"{reg.moving.name}_{res.name}"
+                if seg and reg.moving_seg is not None:
+                    res.warped_seg = warp_volume(reg.moving_seg, reg.fixed, dense, kind="labels",
+                                                 interp=self.options.label_interp, device=self.device)
+                    res.warped_seg.name = f"{reg.moving.name}_{res.name}_seg"
+
+    def measure(self, reg: Registration, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Stage 5: metrics for every alignment (also stored in each result's ``metrics``)."""
+        with self.timer("metrics"):
+            return reg.evaluate(metrics)
+
+    def save(self, reg: Registration, directory: str | Path, *, write_images: bool = True,
+             visualize: bool = False) -> dict[str, Path]:
+        """Stage 6: keypoints and every alignment's files under ``directory``."""
+        with self.timer("write"):
+            return reg.save(directory, write_images=write_images, visualize=visualize)
+
+    # ------------------------------------------------------------------------------------ runs
+    def load(self, moving: Any, fixed: Any, moving_seg: Any = None,
+             fixed_seg: Any = None) -> tuple[Volume, Volume, Volume | None, Volume | None]:
+        """Read and check the inputs: images, and segmentations on their images' grids."""
+        with self.timer("load"):
+            fixed_v = load_volume(fixed, kind="image")
+            moving_v = load_volume(moving, kind="image")
+            fixed_s = None if fixed_seg is None else load_volume(fixed_seg, kind="labels")
+            moving_s = None if moving_seg is None else load_volume(moving_seg, kind="labels")
+        if fixed_s is not None:
+            check_same_grid(fixed_s, fixed_v, "fixed segmentation")
+        if moving_s is not None:
+            check_same_grid(moving_s, moving_v, "moving segmentation")
+        return moving_v, fixed_v, moving_s, fixed_s
+
+    def register(self, moving: Any, fixed: Any, *, moving_seg: Any = None, fixed_seg: Any = None,
+                 moving_key: Any = None, fixed_key: Any = None, warp: bool = True) -> Registration:
+        """Load, detect keypoints (cached under ``*_key``), fit every align, and (``warp``) resample
+        the moving image and segmentation onto the fixed grid.
+
+        Returns:
+            A :class:`~keyreg.results.Registration`; measure and save it with :meth:`measure`,
+            :meth:`save`.
+        """
+        start = dict(self.timer.seconds)
+        moving_v, fixed_v, moving_s, fixed_s = self.load(moving, fixed, moving_seg, fixed_seg)
+        kf = self.keypoints(fixed_v, fixed_key)
+        km = self.keypoints(moving_v, moving_key)
+        reg = self._assemble(moving_v, fixed_v, moving_s, fixed_s, kf, km)
+        if warp:
+            self.warp(reg)
+        reg.timings = {k: v - start.get(k, 0.0) for k, v in self.timer.seconds.items() if v != start.get(k, 0.0)}
+        return reg
+
+    def register_keypoints(self, moving: Any, fixed: Any, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints, *,
+                           moving_seg: Any = None, fixed_seg: Any = None, warp: bool = True) -> Registration:
+        """:meth:`register` from keypoints found elsewhere (landmarks, another model): the pipeline from
+        the fit stage on; the network is not run."""
+        start = dict(self.timer.seconds)
+        moving_v, fixed_v, moving_s, fixed_s = self.load(moving, fixed, moving_seg, fixed_seg)
+        reg = self._assemble(moving_v, fixed_v, moving_s, fixed_s, fixed_kp, moving_kp)
+        if warp:
+            self.warp(reg)
+        reg.timings = {k: v - start.get(k, 0.0) for k, v in self.timer.seconds.items() if v != start.get(k, 0.0)}
+        return reg
+
+    def _assemble(self, moving_v: Volume, fixed_v: Volume, moving_s: Volume | None, fixed_s: Volume | None,
+                  kf: ImageKeypoints, km: ImageKeypoints) -> Registration:
+        kf_fit, km_fit, dropped = self.select(kf, km)
+        transforms, w = self.fit(kf_fit, km_fit)
+        w_np = None if w is None else w.detach().cpu().numpy()
+        results = {
+            spec.name: AlignmentResult(spec, transforms[spec.name], fixed_v, moving_v, kf_fit.numpy(), km_fit.numpy(),
+                                       w_np, self.options.field_stride, keypoint_names=list(kf_fit.names),
+                                       pad_value=self.options.pad_value)
+            for spec in self.options.specs}
+        return Registration(fixed_v, moving_v, kf, km, results, fixed_s, moving_s, w_np, excluded_keypoints=dropped)
+
+    def describe(self) -> str:
+        c = self.model.config
+        return f"model {c.name} ({c.architecture.describe()}), aligns {' '.join(self.options.aligns)}, device {self.device}"
+

@@ -1,0 +1,279 @@
+"""What a registration produces: one :class:`AlignmentResult` per transform type, gathered in a
+:class:`Registration`.  Built by :class:`keyreg.pipeline.Registrar`; written by :mod:`keyreg.export`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from . import export
+from .errors import ConfigError
+from .io import Volume, load_volume
+from .keypoints import ImageKeypoints
+from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, DisplacementField, ThinPlateSpline,
+                         map_to_fixed, parse_aligns, sample_field)
+from .warp import ImageInterp, LabelInterp, warp_image, warp_labels
+
+__all__ = ["AlignmentResult", "Registration", "warp_volume", "image_interp", "label_interp", "pad_value_for",
+           "INVERSE_WARN_MM"]
+
+#: An inverse mapped point whose residual ``|T(p) - q|`` exceeds this (mm) is reported with a warning.
+INVERSE_WARN_MM = 0.01
+
+
+def image_interp(interp: str | None) -> ImageInterp:
+    """Validated image interpolation (default ``linear``)."""
+    interp = interp or "linear"
+    if interp not in ("linear", "nearest", "cubic"):
+        raise ConfigError(f"unknown image interpolation {interp!r}: use linear, nearest or cubic")
+    return interp  # type: ignore[return-value]
+
+
+def label_interp(interp: str | None) -> LabelInterp:
+    """Validated label interpolation (default ``nearest``)."""
+    interp = interp or "nearest"
+    if interp not in ("nearest", "labelwise"):
+        raise ConfigError(f"unknown label interpolation {interp!r}: use nearest or labelwise")
+    return interp  # type: ignore[return-value]
+
+
+def pad_value_for(vol: Volume, pad_value: float | None) -> float:
+    """The intensity given to fixed-grid points that fall outside the moving image.
+
+    ``None`` (the default): 0, unless the image's background is negative — the median of its border
+    voxels (the six faces of the volume) below 0, as for CT in Hounsfield units — then the image's
+    minimum (air).  MR images, whose background is 0 or positive noise, keep 0.
+    """
+    if pad_value is None:
+        d = np.asarray(vol.data)
+        faces = np.concatenate([d[[0, -1]].ravel(), d[:, [0, -1]].ravel(), d[:, :, [0, -1]].ravel()])
+        return float(d.min()) if float(np.median(faces)) < 0 else 0.0
+    v = float(pad_value)
+    if not np.isfinite(v):
+        raise ConfigError(f"the pad value must be a finite number, got {pad_value!r}")
+    return v
+
+
+def _transform_device(transform) -> torch.device:
+    if isinstance(transform, AffineTransform):
+        return transform.matrix.device
+    if isinstance(transform, DisplacementField):
+        return transform.displacement.device
+    if isinstance(transform, ThinPlateSpline):
+        return transform.control_points.device
+    return torch.device("cpu")
+
+
+def warp_volume(vol: Volume, reference: Volume, transform, *, kind: str = "image",
+                interp: str | None = None, pad_value: float | None = None,
+                device: torch.device | str | None = None) -> Volume:
+    """Resample ``vol`` (moving space) onto ``reference``'s grid through ``transform``
+    (``moving_from_fixed``): ``out(p) = vol(T(p))``; outside ``vol`` images get
+    :func:`pad_value_for`, label maps 0."""
+    dev = torch.device(device) if device is not None else _transform_device(transform)
+    if kind == "labels":
+        out = warp_labels(vol.tensor(dev)[:, 0], vol.affine, reference.shape, reference.affine,
+                          transform, mode=label_interp(interp))[0]
+        return reference.with_data(out.cpu().numpy(), name=vol.name, kind="labels")
+    pad = pad_value_for(vol, pad_value)
+    src = vol.tensor(dev).float()
+    if pad != 0.0:  # interpolation weights sum to 1: warp(x - pad) + pad pads with ``pad``, else unchanged
+        src = src - pad
+    out = warp_image(src, vol.affine, reference.shape, reference.affine, transform, mode=image_interp(interp))[0, 0]
+    if pad != 0.0:
+        out = out + pad
+    return reference.with_data(out.cpu().numpy(), name=vol.name, kind="image")
+
+
+@dataclass
+class AlignmentResult:
+    """One transform type of one registration.
+
+    Attributes:
+        spec: the transform type (``rigid``, ``affine``, ``tps_<lambda>``).
+        transform: ``moving_from_fixed`` (batch 1), world RAS mm.
+        fixed, moving: the two images (original grids).
+        fixed_keypoints, moving_keypoints: ``(K, 3)`` world RAS mm, the keypoints the fit used.
+        weights: ``(K,)`` keypoint weights used by the fit, or ``None``.
+        field_stride: sub-grid stride of the dense TPS field.
+        warped: the moving image resampled onto the fixed grid (if computed).
+        warped_seg: the moving segmentation resampled onto the fixed grid (if given).
+        metrics: metric name -> value (filled by the measure stage).
+        keypoint_names: ``K`` names of the keypoints (labels of the keypoint files).
+        pad_value: intensity outside the moving image (``None``: see :func:`pad_value_for`).
+    """
+
+    spec: AlignSpec
+    transform: AffineTransform | ThinPlateSpline
+    fixed: Volume
+    moving: Volume
+    fixed_keypoints: np.ndarray
+    moving_keypoints: np.ndarray
+    weights: np.ndarray | None = None
+    field_stride: int = DEFAULT_FIELD_STRIDE
+    warped: Volume | None = None
+    warped_seg: Volume | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    keypoint_names: list[str] | None = None
+    pad_value: float | None = None
+    _dense: Any = field(default=None, repr=False)
+    _aligned: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def matrix(self) -> np.ndarray | None:
+        """``(4, 4)`` world RAS matrix fixed -> moving (rigid/affine only; ``None`` for TPS)."""
+        if isinstance(self.transform, AffineTransform):
+            return self.transform.matrix[0].detach().cpu().double().numpy()
+        return None
+
+    def dense_transform(self) -> AffineTransform | DisplacementField:
+        """The transform as used for warping on the fixed grid (a TPS becomes a displacement field
+        sampled every ``field_stride`` voxels; computed once and cached)."""
+        if isinstance(self.transform, AffineTransform):
+            return self.transform
+        if self._dense is None:
+            dev = self.transform.control_points.device
+            self._dense = sample_field(self.transform, self.fixed.shape, self.fixed.affine,
+                                       stride=self.field_stride, device=dev)
+        return self._dense
+
+    def displacement(self) -> np.ndarray:
+        """``(I, J, K, 3)`` displacement ``u = T(p) - p`` (RAS mm) on the full fixed grid."""
+        dense = self.dense_transform()
+        if isinstance(dense, AffineTransform):
+            dense = sample_field(dense, self.fixed.shape, self.fixed.affine, stride=1, device=dense.matrix.device)
+        full = dense.upsample(self.fixed.shape, self.fixed.affine)
+        return full.displacement[0].permute(1, 2, 3, 0).cpu().numpy()
+
+    @property
+    def aligned_keypoints(self) -> np.ndarray:
+        """Moving keypoints mapped into the fixed space, ``T^-1(moving)``: ``(K, 3)`` world mm."""
+        return self._aligned_pair()[0]
+
+    @property
+    def aligned_residual_mm(self) -> float:
+        """Largest ``|T(aligned) - moving|`` (mm): the accuracy of the inverse (0 up to rounding for
+        rigid/affine; Newton iterations for TPS)."""
+        return float(self._aligned_pair()[1].max(initial=0.0))
+
+    def _aligned_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._aligned is None:
+            pts = torch.as_tensor(np.asarray(self.moving_keypoints), dtype=torch.float64).unsqueeze(0)
+            p, res = map_to_fixed(self.transform.to("cpu"), pts)
+            self._aligned = (p[0].numpy(), res[0].numpy())
+            if res.numel() and float(res.max()) > INVERSE_WARN_MM:
+                warnings.warn(f"{self.name}: the inverse of the transform at the moving keypoints has a residual "
+                              f"of {float(res.max()):.3g} mm", stacklevel=3)
+        return self._aligned
+
+    def apply(
+        self,
+        x: Any,
+        *,
+        kind: Literal["image", "labels", "points"] | None = None,
+        interp: str | None = None,
+        reference: Any = None,
+        points_space: Literal["moving", "fixed"] = "moving",
+    ) -> Volume | np.ndarray:
+        """Apply this transform to another image, label map or points.
+
+        Args:
+            x: an image or label map in the MOVING image's world space (any grid; path, nibabel
+                image, Volume, ``(array, affine)``), or ``(N, 3)`` world RAS points.
+            kind: ``"image"``, ``"labels"`` or ``"points"`` (default: points for ``(N, 3)``
+                arrays, else image).
+            interp: ``linear`` / ``nearest`` / ``cubic`` for images; ``nearest`` / ``labelwise``
+                for labels.
+            reference: output grid (default: the fixed image's grid).
+            points_space: ``"moving"``: map moving-space points into the fixed space
+                (``T^-1``, like the images; a residual above 0.01 mm is warned about);
+                ``"fixed"``: map fixed-space points into the moving space (``T``).
+
+        Returns:
+            A :class:`Volume` on the reference grid, or ``(N, 3)`` points.
+        """
+        if kind is None:
+            arr = np.asarray(x) if isinstance(x, (np.ndarray, list)) else None
+            kind = "points" if arr is not None and arr.ndim == 2 and arr.shape[1] == 3 else "image"
+        if kind == "points":
+            from .formats._common import as_points
+
+            pts = torch.from_numpy(as_points(x)).reshape(1, -1, 3)
+            t = self.transform.to("cpu")
+            if points_space == "fixed":
+                return t.map_points(pts)[0].numpy()
+            p, res = map_to_fixed(t, pts)
+            if res.numel() and float(res.max()) > INVERSE_WARN_MM:
+                warnings.warn(f"{self.name}: inverse residual up to {float(res.max()):.3g} mm", stacklevel=2)
+            return p[0].numpy()
+        vol = load_volume(x, kind="labels" if kind == "labels" else "image")
+        ref = self.fixed if reference is None else reference if isinstance(reference, Volume) \
+            else load_volume(reference, kind="image")
+        return warp_volume(vol, ref, self._transform_for(ref), kind=vol.kind, interp=interp, pad_value=self.pad_value)
+
+    def _transform_for(self, ref: Volume):
+        if ref is self.fixed or (ref.shape == self.fixed.shape and np.allclose(ref.affine, self.fixed.affine)):
+            return self.dense_transform()
+        if isinstance(self.transform, AffineTransform):
+            return self.transform
+        return sample_field(self.transform, ref.shape, ref.affine, stride=self.field_stride,
+                            device=self.transform.control_points.device)
+
+    def save(self, directory: str | Path, *, write_images: bool = True, visualize: bool = False) -> dict[str, Path]:
+        """Write this alignment's outputs (layout in the README); returns name -> path."""
+        return export.save_alignment(self, Path(directory), write_images=write_images, visualize=visualize)
+
+
+@dataclass
+class Registration:
+    """The result of a registration: keypoints of both images and one result per transform type."""
+
+    fixed: Volume
+    moving: Volume
+    fixed_keypoints: ImageKeypoints
+    moving_keypoints: ImageKeypoints
+    results: dict[str, AlignmentResult]
+    fixed_seg: Volume | None = None
+    moving_seg: Volume | None = None
+    weights: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    excluded_keypoints: list[str] = field(default_factory=list)
+
+    def __getitem__(self, align: str) -> AlignmentResult:
+        key = parse_aligns([align])[0].name
+        if key not in self.results:
+            raise KeyError(f"{align!r} was not computed; available: {', '.join(self.results)}")
+        return self.results[key]
+
+    def __iter__(self) -> Iterator[AlignmentResult]:
+        return iter(self.results.values())
+
+    def evaluate(self, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Compute metrics for every alignment (stored in each result's ``metrics``)."""
+        from .measure import measure_alignment
+        from .metrics import parse_metrics
+
+        names = parse_metrics(list(metrics))
+        out = {}
+        for res in self:
+            res.metrics = measure_alignment(
+                names, fixed=self.fixed, moving=self.moving, transform=res.dense_transform(), warped=res.warped,
+                warped_seg=res.warped_seg, fixed_seg=self.fixed_seg, moving_seg=self.moving_seg)
+            out[res.name] = res.metrics
+        return out
+
+    def save(self, directory: str | Path, *, write_images: bool = True,
+             visualize: bool = False) -> dict[str, Path]:
+        """Write keypoints and every alignment's outputs under ``directory``."""
+        return export.save_registration(self, Path(directory), write_images=write_images, visualize=visualize)
