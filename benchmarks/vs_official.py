@@ -17,7 +17,7 @@ three stages are timed, each implementation in its own fresh process:
   ``detect_keypoints`` does, then world coordinates);
 * TPS grid (lambda = 0): fit + dense transform on the fixed grid (official: ``TPS`` +
   ``get_flow_field(compute_on_subgrids=True)``, exact at every voxel; keyreg: ``fit_tps`` +
-  ``sample_field`` with ``--field_stride``, default 2 as in ``keyreg register``);
+  ``sample_field`` with ``--field_stride``, default 2 here; ``keyreg register`` defaults to 1, exact);
 * warp: official ``grid_sample`` (``keymorph.utils.align_img``); keyreg ``warp_image``.
 
 Memory is the resident set size (``benchmarks/_measure.py``): the highest RSS during the three stages

@@ -292,6 +292,409 @@ def groupwise_bad_image(e):
             r"b\.nii\.gz: image is constant \(value 0\)")
 
 
+# ------------------------------------------------------------------- headers, dtypes, values (issue 11)
+
+def _raw_header_file(e, name, **fields):
+    """A NIfTI file of the good image with raw header fields overwritten (no nibabel checks)."""
+    img = nib.load(str(e.src / "moving.nii.gz"))
+    hdr = img.header.copy()
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    block = bytearray(hdr.binaryblock)
+    raw = np.frombuffer(bytes(block), dtype=hdr.structarr.dtype).copy()
+    for k, v in fields.items():
+        raw[k] = v
+    p = e.src / name
+    p.write_bytes(raw.tobytes() + b"\x00" * 4 + data.tobytes())
+    return p
+
+
+def header_unknown_datatype(e):
+    p = _raw_header_file(e, "dtype999.nii", datatype=999, bitpix=32, vox_offset=352)
+    return register(e, moving=p), r"dtype999\.nii: cannot read as NIfTI"
+
+
+def header_binary_datatype(e):
+    p = _raw_header_file(e, "binary.nii", datatype=1, bitpix=1, vox_offset=352)
+    return register(e, moving=p), r"binary\.nii: (cannot read as NIfTI|voxels of type)"
+
+
+def header_dim0_nine(e):
+    hdr_dim = np.array([9, 24, 26, 22, 1, 1, 1, 1], dtype=np.int16)
+    p = _raw_header_file(e, "dim9.nii", dim=hdr_dim, datatype=16, bitpix=32, vox_offset=352)
+    return register(e, moving=p), r"dim9\.nii: cannot read as NIfTI"
+
+
+def rgb_image(e):
+    rgb = np.zeros(e.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = (e.img * 255).astype(np.uint8)
+    img = nib.Nifti1Image(rgb, e.aff)
+    nib.save(img, str(e.src / "rgb.nii.gz"))
+    return register(e, moving=e.src / "rgb.nii.gz"), r"rgb\.nii\.gz: voxels of type .* \(RGB or structured\)"
+
+
+def complex_image(e):
+    nib.save(nib.Nifti1Image((e.img + 1j * e.img).astype(np.complex64), e.aff), str(e.src / "cplx.nii.gz"))
+    return register(e, moving=e.src / "cplx.nii.gz"), r"cplx\.nii\.gz: complex-valued voxels are not supported"
+
+
+def complex_label_map(e):
+    nib.save(nib.Nifti1Image((e.img > 0.5).astype(np.complex64), e.aff), str(e.src / "cseg.nii.gz"))
+    return (register(e, extra=["--moving_seg", e.src / "cseg.nii.gz", "--fixed_seg", e.src / "fixed_seg.nii.gz"]),
+            r"cseg\.nii\.gz: complex-valued voxels")
+
+
+def image_huge_range(e):
+    bad = e.img.copy()
+    bad[0, 0, 0], bad[1, 1, 1] = 3e38, -3e38
+    return register(e, moving=_image(e, "huge_range.nii.gz", bad)), r"huge_range\.nii\.gz: intensity range .* too large"
+
+
+def zero_pixdim(e):
+    img = nib.Nifti1Image(e.img, None)
+    img.header["pixdim"][1:4] = [0.0, 1.5, 1.5]
+    img.header["qform_code"], img.header["sform_code"] = 1, 0
+    nib.save(img, str(e.src / "pix0.nii.gz"))
+    return register(e, moving=e.src / "pix0.nii.gz"), r"pix0\.nii\.gz: voxel size \(pixdim\) .* zero"
+
+
+def nan_affine(e):
+    row = e.aff[0].copy()
+    row[0] = np.nan
+    p = _raw_header_file(e, "nanaff.nii", srow_x=row, sform_code=1, qform_code=0)
+    return register(e, moving=p), r"nanaff\.nii: (invalid affine|cannot read)"
+
+
+def uint64_label_ids(e):
+    seg = (e.img > 0.5).astype(np.uint64) * np.uint64(2**63 + 5)
+    nib.save(nib.Nifti1Image(seg, e.aff, dtype=np.uint64), str(e.src / "u64.nii.gz"))
+    return (register(e, extra=["--moving_seg", e.src / "u64.nii.gz", "--fixed_seg", e.src / "fixed_seg.nii.gz"]),
+            r"u64\.nii\.gz: label id \d+ is larger than 2\^63 - 1")
+
+
+def mgz_corrupt(e):
+    (e.src / "bad.mgz").write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(100))
+    return register(e, moving=e.src / "bad.mgz"), r"bad\.mgz: cannot read as MGH/MGZ"
+
+
+def nan_model_weights(e):
+    from keyreg.models import load_model, save_model
+
+    m = load_model(e.model)
+    with torch.no_grad():
+        for prm in m.parameters():
+            prm.fill_(float("nan"))
+    w, _ = save_model(m, e.src / "nanw")
+    return register(e, model=w), r"the model gives non-finite keypoints"
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+def device_nonsense(e):
+    return register(e, extra=["--device", "nonsense"]), r"unknown device 'nonsense'"
+
+
+def device_cuda_abc(e):
+    return register(e, extra=["--device", "cuda:abc"]), r"unknown device 'cuda:abc'"
+
+
+def device_mps(e):
+    return register(e, extra=["--device", "mps"]), r"device 'mps' is not supported"
+
+
+def device_meta(e):
+    return register(e, extra=["--device", "meta"]), r"device 'meta' is not supported"
+
+
+def apply_device_nonsense(e):
+    return (["apply", str(e.src / "moving.nii.gz"), "-t", str(e.src / "t_matrix.txt"), "-r", str(e.src / "fixed.nii.gz"),
+             "-o", str(e.out / "w.nii.gz"), "--device", "nonsense"], r"unknown device 'nonsense'")
+
+
+def groupwise_device_meta(e):
+    return (["groupwise", str(e.src / "moving.nii.gz"), str(e.src / "fixed.nii.gz"), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--device", "meta"], r"device 'meta' is not supported")
+
+
+def evaluate_device_nonsense(e):
+    return (["evaluate", "--images", str(e.src), "--segs", str(e.src), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--device", "gpu9"], r"unknown device 'gpu9'")
+
+
+# ------------------------------------------------------------------------------------- model files
+
+def _model_json(e, edit):
+    import json
+
+    cfg = json.loads(Path(str(e.model).replace(".safetensors", ".json")).read_text())
+    doc = edit(cfg)
+    (e.src / "tiny.json").write_text(json.dumps(doc))
+    return register(e)
+
+
+def model_json_is_a_list(e):
+    return _model_json(e, lambda c: [c]), r"tiny\.json: invalid model config \(expected a JSON object, got a list\)"
+
+
+def model_json_bad_format_version(e):
+    return _model_json(e, lambda c: {**c, "format_version": "one"}), r"tiny\.json: invalid model config"
+
+
+def model_json_string_voxel_size(e):
+    def edit(c):
+        c["preprocessing"]["grid"]["voxel_size"] = "2.0"
+        return c
+    return _model_json(e, edit), r"tiny\.json: invalid model config \(voxel_size must be 3 positive numbers"
+
+
+def model_json_nan_voxel_size(e):
+    def edit(c):
+        c["preprocessing"]["grid"]["voxel_size"] = [float("nan")] * 3
+        return c
+    return _model_json(e, edit), r"tiny\.json: invalid model config \(voxel_size must be 3 positive numbers"
+
+
+def model_json_string_keypoints(e):
+    def edit(c):
+        c["architecture"]["num_keypoints"] = "many"
+        return c
+    return _model_json(e, edit), r"tiny\.json: invalid model config"
+
+
+def model_json_no_architecture(e):
+    return _model_json(e, lambda c: {k: v for k, v in c.items() if k != "architecture"}), r"tiny\.json: invalid model config"
+
+
+def h5_not_hdf5_nor_torch(e):
+    (e.src / "model.h5").write_bytes(b"this is neither hdf5 nor a torch file" * 4)
+    return register(e, model=e.src / "model.h5"), r"model\.h5: not a readable PyTorch checkpoint \("
+
+
+def h5_real_hdf5(e):
+    (e.src / "real.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 200)
+    return register(e, model=e.src / "real.h5"), r"real\.h5: an HDF5 file, not a KeyMorph/BrainMorph checkpoint"
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def _train(e, *extra):
+    return ["train", "--label_maps", str(e.src / "fixed_seg.nii.gz"), "--save_dir", str(e.out), "--steps", "1",
+            "--grid_shape", "16", "--voxel_size", "4", "--device", "cpu", "--no_progress", *map(str, extra)]
+
+
+def train_lr_nan(e):
+    return _train(e, "--lr", "nan"), r"--lr must be a finite number > 0, got nan"
+
+
+def train_lr_negative(e):
+    return _train(e, "--lr", "-1"), r"--lr must be a finite number > 0"
+
+
+def train_max_rotation_nan(e):
+    return _train(e, "--max_rotation", "nan"), r"--max_rotation must be a finite number in \[0, 180\]"
+
+
+def pretrain_max_rotation_inf(e):
+    return ["pretrain", *_train(e, "--max_rotation", "inf")[1:]], r"--max_rotation must be a finite number"
+
+
+def train_voxel_size_nan(e):
+    return _train(e, "--voxel_size", "nan"), r"--voxel_size must be a finite number > 0"
+
+
+def train_max_displacement_nan(e):
+    return _train(e, "--max_displacement", "nan"), r"--max_displacement must be a finite number >= 0"
+
+
+def train_corrupt_state_json(e):
+    ck = e.out / "checkpoints" / "step_000001"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text("{not json")
+    (e.out / "checkpoints" / "latest").write_text("step_000001\n")
+    e.keep = [ck / "state.json", e.out / "checkpoints" / "latest"]
+    return _train(e, "--resume"), r"state\.json: corrupt training state"
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+def same_stem_in_a_directory(e):
+    d, f = e.src / "mov_dir", e.src / "fix_dir"
+    d.mkdir()
+    f.mkdir()
+    for n in ("a.nii", "a.nii.gz"):
+        _image(e, f"mov_dir/{n}", e.img)
+        _image(e, f"fix_dir/{n}", e.img)
+    return register(e, moving=d, fixed=f), r"a\.nii and a\.nii\.gz have the same name 'a'"
+
+
+def save_dir_locked_by_another_run(e):
+    import fcntl
+
+    e.out.mkdir()
+    fh = open(e.out / ".keyreg-0.lock", "a+")
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    e.hold = fh
+    e.keep = [e.out / ".keyreg-0.lock"]
+    return register(e), r"out: another keyreg run is writing into this directory"
+
+
+def apply_output_is_its_input(e):
+    return (["apply", str(e.src / "moving.nii.gz"), "-t", str(e.src / "t_matrix.txt"), "-r", str(e.src / "fixed.nii.gz"),
+             "-o", str(e.src / "." / "moving.nii.gz")], r"moving\.nii\.gz: the output would overwrite an input")
+
+
+def apply_output_is_the_transform(e):
+    (e.src / "pts.csv").write_text("label,x_ras,y_ras,z_ras\nK-1,1,2,3\n")
+    return (["apply", str(e.src / "pts.csv"), "-t", str(e.src / "t_matrix.txt"), "-o", str(e.src / "pts.csv")],
+            r"pts\.csv: the output would overwrite an input")
+
+
+# ------------------------------------------------------------------------------------ transforms, points
+
+def _tps_doc(e, **edit):
+    import json
+
+    pts = [[-8.0, 4, 2], [7, -5, 6], [1, 9, -7], [-3, -8, -4], [0, 0, 0], [5, 5, 5]]
+    doc = {"format": "keyreg-tps", "format_version": 1, "lambda": 0.0, "center_ras": [0, 0, 0], "scale_mm": 20.0,
+           "fixed_keypoints_ras": pts, "moving_keypoints_ras": pts, "weights": None}
+    doc.update(edit)
+    (e.src / "tps.json").write_text(json.dumps(doc))
+    return e.src / "tps.json"
+
+
+def _apply_tps(e, t):
+    return ["apply", str(e.src / "moving.nii.gz"), "-t", str(t), "-r", str(e.src / "fixed.nii.gz"), "-o", str(e.out / "w.nii.gz")]
+
+
+def tps_json_nan_keypoint(e):
+    pts = [[-8.0, 4, 2], [7, -5, 6], [1, 9, -7], [-3, -8, -4], [0, 0, 0], [5, 5, float("nan")]]
+    return _apply_tps(e, _tps_doc(e, moving_keypoints_ras=pts)), r"tps\.json: .*moving_keypoints_ras contains NaN or Inf"
+
+
+def tps_json_zero_scale(e):
+    return _apply_tps(e, _tps_doc(e, scale_mm=0)), r"tps\.json: .*scale_mm must be a finite number > 0"
+
+
+def tps_json_negative_lambda(e):
+    return _apply_tps(e, _tps_doc(e, **{"lambda": -1})), r"tps\.json: .*lambda must be a finite number >= 0"
+
+
+def tps_json_negative_weights(e):
+    return _apply_tps(e, _tps_doc(e, weights=[1, 1, 1, 1, 1, -1])), r"tps\.json: .*weights must be one positive number"
+
+
+def tps_json_count_mismatch(e):
+    return (_apply_tps(e, _tps_doc(e, moving_keypoints_ras=[[0, 0, 0]] * 5)),
+            r"tps\.json: .*differ in number \(6 and 5\)")
+
+
+def invert_tps_json_nan_center(e):
+    return ["invert", str(_tps_doc(e, center_ras=[0, float("nan"), 0])), "-o", str(e.out / "i.json")], \
+        r"tps\.json: .*center_ras contains NaN or Inf"
+
+
+def points_at_1e300(e):
+    (e.src / "far.csv").write_text("label,x_ras,y_ras,z_ras\nK-1,1e300,0,0\n")
+    return (["apply", str(e.src / "far.csv"), "-t", str(e.src / "t_matrix.txt"), "-o", str(e.out / "q.csv")],
+            r"far\.csv: coordinates up to 1e\+300 mm are not world positions")
+
+
+def points_nan(e):
+    (e.src / "nanp.csv").write_text("label,x_ras,y_ras,z_ras\nK-1,nan,0,0\n")
+    return (["apply", str(e.src / "nanp.csv"), "-t", str(e.src / "t_matrix.txt"), "-o", str(e.out / "q.csv")],
+            r"nanp\.csv: coordinates contain NaN or Inf")
+
+
+def apply_pad_value_nan(e):
+    return (["apply", str(e.src / "moving.nii.gz"), "-t", str(e.src / "t_matrix.txt"), "-r", str(e.src / "fixed.nii.gz"),
+             "-o", str(e.out / "w.nii.gz"), "--pad_value", "nan"], r"the pad value must be a finite number")
+
+
+def apply_reference_not_an_image(e):
+    (e.src / "ref.txt").write_text("hello\n")
+    return (["apply", str(e.src / "moving.nii.gz"), "-t", str(e.src / "t_matrix.txt"), "-r", str(e.src / "ref.txt"),
+             "-o", str(e.out / "w.nii.gz")], r"ref\.txt: not a NIfTI file name")
+
+
+def invert_bad_iterations(e):
+    return ["invert", str(e.src / "t_matrix.txt"), "--iterations", "0"], r"--iterations must be >= 1"
+
+
+# ------------------------------------------------------------------------------------ register options
+
+def register_pad_value_inf(e):
+    return register(e, extra=["--pad_value", "inf"]), r"the pad value must be a finite number"
+
+
+def register_field_stride_negative(e):
+    return register(e, extra=["--field_stride", "-3"]), r"the field stride must be an integer >= 1, got -3"
+
+
+def exclude_leaves_too_few_keypoints(e):
+    return (register(e, extra=["--exclude_keypoints", "K-1*", "K-[2-9]"]),
+            r"excluding keypoints K-1\* K-\[2-9\] leaves 0 of 12 keypoints; a affine fit needs at least 4")
+
+
+def exclude_empty_pattern(e):
+    return register(e, extra=["--exclude_keypoints", ""]), r"keypoint exclusion patterns must be non-empty"
+
+
+def tps_lambda_nan(e):
+    return register(e, extra=["--list_of_aligns", "tps_nan"]), r"unknown align 'tps_nan'"
+
+
+def moving_dir_without_images(e):
+    (e.src / "empty_dir").mkdir()
+    (e.src / "empty_dir2").mkdir()
+    return register(e, moving=e.src / "empty_dir", fixed=e.src / "empty_dir2"), r"empty_dir: no \.nii, \.nii\.gz or \.mgz"
+
+
+def file_and_directory(e):
+    return register(e, fixed=e.src), r"--moving is a file but --fixed is a dir"
+
+
+def all_pairs_with_files(e):
+    return register(e, extra=["--all_pairs"]), r"--all_pairs needs directories"
+
+
+def groupwise_field_stride_zero(e):
+    return (["groupwise", str(e.src / "moving.nii.gz"), str(e.src / "fixed.nii.gz"), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--field_stride", "0"], r"the field stride must be an integer >= 1, got 0")
+
+
+def groupwise_empty_list_file(e):
+    (e.src / "list.txt").write_text("# nothing\n")
+    return (["groupwise", str(e.src / "list.txt"), "--load_path", str(e.model), "--save_dir", str(e.out)],
+            r"list\.txt: the list of images is empty")
+
+
+_KIND = ["--pair_kinds", "same_subject_cross_modality"]
+
+
+def evaluate_rotation_nan(e):
+    return (["evaluate", "--label_maps", str(e.src / "fixed_seg.nii.gz"), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--rotations", "nan", "--device", "cpu", *_KIND], r"rotation angles must be finite")
+
+
+def evaluate_axis_zero(e):
+    return (["evaluate", "--label_maps", str(e.src / "fixed_seg.nii.gz"), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--axis", "0", "0", "0", "--device", "cpu", *_KIND], r"--axis must be 3 numbers, not all zero")
+
+
+def evaluate_scaling_too_large(e):
+    return (["evaluate", "--label_maps", str(e.src / "fixed_seg.nii.gz"), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--scaling", "1.5", "--device", "cpu", *_KIND], r"--scaling must be in \[0, 1\)")
+
+
+def evaluate_label_stride_zero(e):
+    return (["evaluate", "--label_maps", str(e.src / "fixed_seg.nii.gz"), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--label_stride", "0", "--device", "cpu"], r"--label_stride must be >= 1")
+
+
+def evaluate_field_stride_zero(e):
+    return (["evaluate", "--label_maps", str(e.src / "fixed_seg.nii.gz"), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--field_stride", "0", "--device", "cpu", *_KIND], r"field stride must be an integer >= 1")
+
+
 CASES = [missing_file, unreadable_file, corrupt_gzip, truncated_data, empty_file, not_a_nifti_name, image_2d,
          image_4d_several_volumes, image_nan, image_inf, constant_image, seg_grid_mismatch, non_integer_labels,
          labels_nan, absurd_dimensions, checkpoint_text_file, checkpoint_other_architecture, keyreg_model_wrong_shapes,
@@ -299,13 +702,30 @@ CASES = [missing_file, unreadable_file, corrupt_gzip, truncated_data, empty_file
          unknown_metric, tps_lambda_not_a_number, tps_lambda_negative, field_stride_zero, metric_needs_segmentations,
          apply_unknown_transform_type, apply_corrupt_itk_file, apply_without_reference_grid, apply_labels_with_linear,
          apply_points_without_coordinates, apply_corrupt_tps_json, invert_singular_matrix, groupwise_one_image,
-         groupwise_missing_label_map, groupwise_bad_image]
+         groupwise_missing_label_map, groupwise_bad_image,
+         # issue 11
+         header_unknown_datatype, header_binary_datatype, header_dim0_nine, rgb_image, complex_image, complex_label_map,
+         image_huge_range, zero_pixdim, nan_affine, uint64_label_ids, mgz_corrupt, nan_model_weights, device_nonsense,
+         device_cuda_abc, device_mps, device_meta, apply_device_nonsense, groupwise_device_meta, evaluate_device_nonsense,
+         model_json_is_a_list, model_json_bad_format_version, model_json_string_voxel_size, model_json_nan_voxel_size,
+         model_json_string_keypoints, model_json_no_architecture, h5_not_hdf5_nor_torch, h5_real_hdf5, train_lr_nan,
+         train_lr_negative, train_max_rotation_nan, pretrain_max_rotation_inf, train_voxel_size_nan,
+         train_max_displacement_nan, train_corrupt_state_json, same_stem_in_a_directory, save_dir_locked_by_another_run,
+         apply_output_is_its_input, apply_output_is_the_transform, tps_json_nan_keypoint, tps_json_zero_scale,
+         tps_json_negative_lambda, tps_json_negative_weights, tps_json_count_mismatch, invert_tps_json_nan_center,
+         points_at_1e300, points_nan, apply_pad_value_nan, apply_reference_not_an_image, invert_bad_iterations,
+         register_pad_value_inf, register_field_stride_negative, exclude_leaves_too_few_keypoints, exclude_empty_pattern,
+         tps_lambda_nan, moving_dir_without_images, file_and_directory, all_pairs_with_files,
+         groupwise_field_stride_zero, groupwise_empty_list_file, evaluate_rotation_nan, evaluate_axis_zero,
+         evaluate_scaling_too_large, evaluate_label_stride_zero, evaluate_field_stride_zero]
 
 
 def _outputs(e) -> list[Path]:
-    """Files anywhere that a failed command may have left: the output directory, temporaries, inverses."""
-    found = [p for p in e.out.rglob("*") if p.is_file()] if e.out.is_dir() else []
-    found += [p for p in e.tmp.rglob("*") if ".tmp" in p.name or "_inverse" in p.name]
+    """Files anywhere that a failed command may have left: the output directory, temporaries, inverses
+    (minus the files a case placed there itself, ``e.keep``)."""
+    keep = set(getattr(e, "keep", []))
+    found = [p for p in e.out.rglob("*") if p.is_file() and p not in keep] if e.out.is_dir() else []
+    found += [p for p in e.tmp.rglob("*") if (".tmp" in p.name or "_inverse" in p.name) and p not in keep]
     return found
 
 
@@ -329,6 +749,8 @@ def test_bad_input_one_line_nonzero_no_partial_files(case, env, capsys, monkeypa
     assert lines[0].startswith(f"keyreg {command}: error: "), lines[0]
     assert re.search(pattern, lines[0]), lines[0]
     assert _outputs(env) == [], "partial output files were left behind"
+    if getattr(env, "hold", None):
+        env.hold.close()
     if hasattr(env, "marker"):
         assert not env.marker.exists(), "the malicious pickle ran code"
 

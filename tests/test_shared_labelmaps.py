@@ -12,7 +12,6 @@ import torch
 
 from conftest import LABELMAPS, need_shared, rotation
 from keyreg.cli import main
-from keyreg.io import Volume
 from keyreg.metrics import dice_per_label, mean_dice
 from keyreg.train.synth import synthesize_image
 from keyreg.transforms import AffineTransform, fit_rigid

@@ -78,7 +78,7 @@ __all__ = [
     "CSV_COLUMNS",
 ]
 
-PAIR_KINDS = ("same_subject_cross_modality", "cross_subject_same_modality", "cross_subject_cross_modality")
+from .pairing import PAIR_KINDS  # noqa: E402
 PerturbMode = Literal["auto", "header", "resample"]
 
 #: Columns of ``evaluation.csv`` (long format: one value per row).
@@ -542,6 +542,8 @@ def evaluate(
     if not rotations:
         raise ConfigError("at least one rotation angle is needed")
     rotations = [float(r) for r in dict.fromkeys(float(r) for r in rotations)]
+    if not all(math.isfinite(r) for r in rotations):
+        raise ConfigError(f"rotation angles must be finite, got {rotations}")
     if not pairs:
         raise ConfigError("no pairs to evaluate")
     # validate perturbation options before any work

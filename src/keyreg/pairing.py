@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, ImageIOError
-from .io import is_image_path, nifti_stem
 
 __all__ = ["Pair", "build_pairs", "list_nifti", "pair_name"]
 
@@ -23,8 +22,14 @@ class Pair:
         return pair_name(self.moving, self.fixed)
 
 
+#: Kinds of evaluation pairs (``keyreg evaluate``).
+PAIR_KINDS = ("same_subject_cross_modality", "cross_subject_same_modality", "cross_subject_cross_modality")
+
+
 def pair_name(moving: Path, fixed: Path) -> str:
     """``<moving>_to_<fixed>`` from the file names (without ``.nii[.gz]``)."""
+    from .io import nifti_stem
+
     m, f = nifti_stem(moving), nifti_stem(fixed)
     return m if m == f and moving != fixed else f"{m}_to_{f}"
 
@@ -36,6 +41,8 @@ def list_nifti(directory: Path) -> list[Path]:
         ImageIOError: none there.  ConfigError: two files with one name stem (``a.nii`` and
             ``a.nii.gz``), whose outputs would overwrite each other.
     """
+    from .io import is_image_path, nifti_stem
+
     files = sorted(p for p in directory.iterdir() if p.is_file() and is_image_path(p))
     if not files:
         raise ImageIOError(f"{directory}: no .nii, .nii.gz or .mgz files in this directory")

@@ -16,6 +16,8 @@ never normalised (they are not network inputs).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -34,11 +36,17 @@ __all__ = ["GridSpec", "IntensitySpec", "PreprocessConfig", "network_grid_affine
 
 
 def _triple(value: Any, name: str, kind: type = float) -> tuple:
-    if isinstance(value, (int, float)):
+    given = value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = (value,) * 3
-    value = tuple(kind(v) for v in value)
-    if len(value) != 3 or any(v <= 0 for v in value):
-        raise ConfigError(f"{name} must be 3 positive numbers, got {value!r}")
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{name} must be 3 positive numbers, got {given!r}")
+    try:
+        value = tuple(kind(v) for v in value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name} must be 3 positive numbers, got {given!r}") from None
+    if len(value) != 3 or any(not math.isfinite(v) or v <= 0 for v in value):
+        raise ConfigError(f"{name} must be 3 positive numbers, got {given!r}")
     return value
 
 

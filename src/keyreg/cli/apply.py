@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv_space", choices=["RAS", "LPS"], default="RAS",
                    help="frame of plain x,y,z CSV columns (x_ras/x_lps columns say their own frame)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] for resampling")
+    p.add_argument("--pad_value", type=float, default=None,
+                   help="image intensity outside the input (default: 0, or the input's minimum when its background "
+                        "is negative, e.g. -1024 for CT air); label maps get 0")
 
 
 def _is_points(path: Path) -> bool:
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io import is_nifti_path, save_volume
 
     src, out = Path(args.input), Path(args.output)
+    if out.resolve() == src.resolve() or any(out.resolve() == Path(t).resolve() for t in args.transform):
+        raise ConfigError(f"{out}: the output would overwrite an input; choose another output name")
     points = _is_points(src)
     if points and not _is_points(out):
         raise ConfigError(f"{out}: points are written as .csv, .mrk.json or .fcsv")
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if points:
         return _apply_points(args, src, out, saved, transform_points)
     kind = "labels" if args.labels else "image"
-    vol = apply_transform(src, saved, kind=kind, interp=args.interp, reference=args.reference, device=args.device)
+    vol = apply_transform(src, saved, kind=kind, interp=args.interp, reference=args.reference, device=args.device,
+                          pad_value=args.pad_value)
     save_volume(vol.data, vol, out)
     mode = args.interp or ("nearest" if args.labels else "linear")
     grid = "x".join(map(str, vol.shape))
@@ -62,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _apply_points(args, src: Path, out: Path, saved, transform_points) -> int:
+    import numpy as np
+
+    from ..errors import ImageContentError
     from ..formats import read_markups, read_points_csv, write_markups_fcsv, write_markups_json, write_points_csv
 
     weights = None
@@ -69,7 +78,14 @@ def _apply_points(args, src: Path, out: Path, saved, transform_points) -> int:
         pts, labels, weights = read_points_csv(src, args.csv_space, with_weights=True)
     else:
         pts, labels = read_markups(src)
+    big = np.abs(pts).max(initial=0.0)
+    if big > 1e6:
+        raise ImageContentError(f"{src}: coordinates up to {big:.3g} mm are not world positions of an image")
     mapped, residual = transform_points(pts, saved, direction=args.points_direction)
+    if not np.all(np.isfinite(mapped)):
+        bad = int((~np.isfinite(mapped).all(axis=1)).sum())
+        raise ImageContentError(f"{src}: {bad} point(s) map to non-finite coordinates (points far outside any "
+                                f"image, e.g. 1e300 mm?)")
     name = out.name.lower()
     if name.endswith(".csv"):
         write_points_csv(out, mapped, labels=labels, weights=weights)

@@ -9,7 +9,7 @@ from ._common import add_device_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..evaluate import PAIR_KINDS
+    from ..pairing import PAIR_KINDS
 
     i = p.add_argument_group("inputs (give exactly one of --images, --csv, --label_maps)")
     i.add_argument("--images", help="directory of images (.nii/.nii.gz); needs --segs")
@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mse ncc harddice softdice hausd jdstd jdlessthan0 (default: harddice)")
     m.add_argument("--label_interp", choices=["nearest", "labelwise"], default="nearest",
                    help="resampling of segmentations")
-    m.add_argument("--field_stride", type=int, default=None, help="sub-grid stride of the dense TPS field (default 2)")
+    m.add_argument("--field_stride", type=int, default=None, help="sub-grid stride of the dense TPS field (default 1 = exact at every voxel)")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--save_dir", default="./evaluate_output",
@@ -84,6 +84,16 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.images) != bool(args.segs):
         raise ConfigError("--images and --segs go together")
     # validate cheap options before loading anything
+    import math
+
+    from ..evaluate import draw_perturbation
+    from ..pipeline import RegistrationOptions
+
+    RegistrationOptions(aligns=tuple(args.list_of_aligns), label_interp=args.label_interp,
+                        field_stride=1 if args.field_stride is None else args.field_stride)
+    if not args.rotations or not all(math.isfinite(r) for r in args.rotations):
+        raise ConfigError(f"rotation angles must be finite, got {args.rotations}")
+    draw_perturbation(args.seed, "check", 0.0, axis=args.axis, translation=args.translation, scaling=args.scaling)
     aligns = [s.name for s in parse_aligns(args.list_of_aligns)]
     metrics = parse_metrics(args.list_of_metrics)
     device = resolve_device(args.device)

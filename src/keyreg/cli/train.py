@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
-from ..train.trainer import TrainConfig
-
-_DEFAULTS = TrainConfig()
+if TYPE_CHECKING:  # the trainer (and torch.distributed) is imported only when a training command runs
+    from ..train.trainer import TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
+    """Training flags; defaults (None here) come from :class:`~keyreg.train.trainer.TrainConfig`."""
     d = p.add_argument_group("data")
     d.add_argument("--label_maps", nargs="+", default=[], metavar="PATH",
                    help="label maps (files or directories) to synthesise training images from")
@@ -21,46 +22,46 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
     d.add_argument("--save_dir", default=f"./runs/{mode}", help="checkpoints, log.csv and the final model")
 
     m = p.add_argument_group("model")
-    m.add_argument("--name", default=_DEFAULTS.name, help="model name recorded in its config")
-    m.add_argument("--backbone", choices=["conv", "unet", "truncatedunet"], default=_DEFAULTS.backbone)
-    m.add_argument("--num_keypoints", type=int, default=_DEFAULTS.num_keypoints)
-    m.add_argument("--num_levels", type=int, default=_DEFAULTS.num_levels)
-    m.add_argument("--num_truncated", type=int, default=_DEFAULTS.num_truncated)
-    m.add_argument("--f_maps", type=int, default=_DEFAULTS.f_maps)
-    m.add_argument("--grid_shape", type=int, default=_DEFAULTS.grid_shape, help="network input voxels per axis")
-    m.add_argument("--voxel_size", type=float, default=_DEFAULTS.voxel_size, help="network input voxel size (mm)")
+    m.add_argument("--name", default=None, help="model name recorded in its config")
+    m.add_argument("--backbone", choices=["conv", "unet", "truncatedunet"], default=None)
+    m.add_argument("--num_keypoints", type=int, default=None)
+    m.add_argument("--num_levels", type=int, default=None)
+    m.add_argument("--num_truncated", type=int, default=None)
+    m.add_argument("--f_maps", type=int, default=None)
+    m.add_argument("--grid_shape", type=int, default=None, help="network input voxels per axis")
+    m.add_argument("--voxel_size", type=float, default=None, help="network input voxel size (mm)")
     m.add_argument("--load_path", help="start from this model (keyreg or official checkpoint)")
 
     o = p.add_argument_group("objective")
     if mode == "train":
         o.add_argument("--kp_align_method", "--transform_type", dest="kp_align_method",
-                       choices=["rigid", "affine", "tps", "mixed"], default=_DEFAULTS.kp_align_method)
-        o.add_argument("--tps_lmbda", default=_DEFAULTS.tps_lmbda,
+                       choices=["rigid", "affine", "tps", "mixed"], default=None)
+        o.add_argument("--tps_lmbda", default=None,
                        help="a number, or uniform | lognormal | loguniform (sampled per step)")
-        o.add_argument("--loss_fn", choices=["dice", "mse"], default=_DEFAULTS.loss_fn)
-        o.add_argument("--kpconsistency_coeff", type=float, default=_DEFAULTS.kpconsistency_coeff,
+        o.add_argument("--loss_fn", choices=["dice", "mse"], default=None)
+        o.add_argument("--kpconsistency_coeff", type=float, default=None,
                        help="weight of the keypoint-consistency term: mean squared distance between the keypoints "
                             "of one anatomy in two contrasts, divided by (half the network field of view)^2 "
                             "(0 = off; ~100 makes a 10 mm disagreement cost about as much as the Dice loss)")
         o.add_argument("--max_train_keypoints", type=int, help="random subset of keypoints per TPS fit")
         o.add_argument("--weighted_kp_align", action="store_true", help="power-weighted fits")
-        o.add_argument("--max_displacement", type=float, default=_DEFAULTS.max_displacement,
+        o.add_argument("--max_displacement", type=float, default=None,
                        help="amplitude (mm) of the random nonlinear deformation")
-    o.add_argument("--mix_modalities", action=argparse.BooleanOptionalAction, default=_DEFAULTS.mix_modalities,
+    o.add_argument("--mix_modalities", action=argparse.BooleanOptionalAction, default=None,
                    help="fixed and moving get different contrasts")
-    o.add_argument("--max_rotation", type=float, default=_DEFAULTS.max_rotation,
+    o.add_argument("--max_rotation", type=float, default=None,
                    help="degrees of random rotation (180 = any orientation)")
 
     t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", "--train_num_steps", dest="steps", type=int, default=_DEFAULTS.steps)
-    t.add_argument("--batch_size", type=int, default=_DEFAULTS.batch_size, help="pairs per step and process")
-    t.add_argument("--lr", type=float, default=_DEFAULTS.lr)
-    t.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    t.add_argument("--steps", "--train_num_steps", dest="steps", type=int, default=None)
+    t.add_argument("--batch_size", type=int, default=None, help="pairs per step and process")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--seed", type=int, default=None)
     t.add_argument("--use_amp", action="store_true", help="bf16 autocast on GPU")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU under torchrun, else best)")
-    t.add_argument("--checkpoint_every", type=int, default=_DEFAULTS.checkpoint_every)
-    t.add_argument("--val_every", type=int, default=_DEFAULTS.val_every)
-    t.add_argument("--num_val_pairs", type=int, default=_DEFAULTS.num_val_pairs)
+    t.add_argument("--checkpoint_every", type=int, default=None)
+    t.add_argument("--val_every", type=int, default=None)
+    t.add_argument("--num_val_pairs", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue from save_dir/checkpoints/latest")
     if mode == "train":
         t.add_argument("--eval", action="store_true", help="only validate --load_path and print the table")
@@ -69,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
 
 
 def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
-    """A :class:`TrainConfig` from parsed flags (flags absent in this mode keep their defaults)."""
+    """A :class:`TrainConfig` from parsed flags (flags not given keep the config's defaults)."""
+    from ..train.trainer import TrainConfig
+
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values["mode"] = mode

@@ -40,7 +40,7 @@ def write_itk_affine(path: PathLike, matrix) -> Path:
         ``path``.  The file holds ``F A F`` (LPS, same direction), centre ``0 0 0``, and every
         number in round-trip (shortest exact) double precision.
 
-    Example (the 10 mm RAS x shift of FORMATS.md): ``Parameters: 1 0 0 0 1 0 0 0 1 -10 0 0``.
+    Example (a 10 mm shift to the subject's Right, fixed -> moving): ``Parameters: 1 0 0 0 1 0 0 0 1 -10 0 0``.
     """
     a_lps = LPS_FROM_RAS @ as_matrix(matrix) @ LPS_FROM_RAS
     params = [*a_lps[:3, :3].ravel(), *a_lps[:3, 3]]

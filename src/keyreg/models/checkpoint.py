@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -121,10 +122,16 @@ def official_preset(arch: ArchitectureConfig) -> tuple[PreprocessConfig, str | N
 
 def _short(e: BaseException) -> str:
     text = str(e)
-    m = re.search(r"unsupported (?:global|operand)[^\n]*", text, flags=re.IGNORECASE)
+    m = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, flags=re.IGNORECASE)
+    if m:  # name the refused global; torch's advice to allow-list it is not passed on
+        return f"unsupported GLOBAL {m.group(1).rstrip('.')}"
+    m = re.search(r"unsupported operand[^\n.]*", text, flags=re.IGNORECASE)
     if m:
         return m.group(0).strip()
-    return (text.strip().splitlines() or [type(e).__name__])[0][:200]
+    first = (text.strip().splitlines() or [type(e).__name__])[0][:200]
+    if re.fullmatch(r"[\d\s()-]*", first):  # zip reader error codes such as "(101)"
+        return "neither a torch zip archive nor a pickle"
+    return first
 
 
 def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -137,6 +144,10 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.T
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+            raise CheckpointError(f"{path}: an HDF5 file, not a KeyMorph/BrainMorph checkpoint (their .h5 files are "
+                                  f"PyTorch pickles)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -206,9 +217,14 @@ def _load_keyreg(weights: Path, config_path: Path) -> KeypointDetector:
     if not config_path.is_file():
         raise CheckpointError(f"{weights}: its config {config_path.name} is missing")
     try:
-        config = ModelConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{config_path}: invalid model config ({e})") from None
+        doc = json.loads(config_path.read_text())
+        if not isinstance(doc, dict):
+            raise ConfigError(f"expected a JSON object, got a {type(doc).__name__}")
+        config = ModelConfig.from_dict(doc)
+    except (OSError, UnicodeError) as e:
+        raise CheckpointError(f"{config_path}: cannot read the model config ({e})") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON syntax, field types (ConfigError too)
+        raise CheckpointError(f"{config_path}: invalid model config ({str(e).splitlines()[0][:200]})") from None
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:

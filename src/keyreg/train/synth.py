@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..geometry import apply_affine, rotation_matrix, voxel_to_grid_sample
+from ..geometry import apply_affine, rotation_matrix
 
 __all__ = [
     "TISSUE_CLASSES",
@@ -272,6 +272,11 @@ def warp_labels_on_grid(
     if displacement is not None:
         world = world + displacement.flatten(2).transpose(1, 2).double()
     src = apply_affine(torch.linalg.inv(source_affine.to(dev, torch.float64))[None] @ matrix.to(dev), world)
-    grid = voxel_to_grid_sample(src, labels.shape[2:]).reshape(b, *out_shape, 3).float()
-    out = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
-    return out.round().long()
+    # nearest voxel by index and an integer gather: exact for any id (a float32 grid_sample is not above 2^24)
+    n = torch.tensor(labels.shape[2:], device=dev)
+    near = torch.round(src).long()  # (B, M, 3)
+    inside = ((near >= 0) & (near < n)).all(-1)
+    near = torch.minimum(near.clamp_min(0), n - 1)
+    flat = (near[..., 0] * n[1] + near[..., 1]) * n[2] + near[..., 2]
+    vals = torch.gather(labels.reshape(b, -1).long(), 1, flat)
+    return torch.where(inside, vals, torch.zeros_like(vals)).reshape(b, 1, *out_shape)

@@ -97,6 +97,13 @@ class TrainConfig:
             raise ConfigError("give either --label_maps or --data_dir, not both")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("--steps and --batch_size must be >= 1")
+        for name, lo, hi in (("lr", 0.0, None), ("max_rotation", 0.0, 180.0), ("max_displacement", 0.0, None),
+                             ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and math.isfinite(v) and v >= lo and (hi is None or v <= hi)
+            if not ok or (name in ("lr", "voxel_size") and v == 0):
+                rng = f"in [{lo:g}, {hi:g}]" if hi is not None else ("> 0" if name in ("lr", "voxel_size") else ">= 0")
+                raise ConfigError(f"--{name} must be a finite number {rng}, got {v!r}")
 
 
 def sample_lambda(spec: str | float, g: torch.Generator) -> float:
@@ -370,7 +377,13 @@ class Trainer:
             path = path / (path / "latest").read_text().strip()
         if not (path / "state.json").exists():
             raise CheckpointError(f"{path}: not a keyreg training checkpoint (no state.json)")
-        state = json.loads((path / "state.json").read_text())
+        try:
+            state = json.loads((path / "state.json").read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise ValueError("no integer step")
+        except (OSError, UnicodeError, ValueError) as e:
+            raise CheckpointError(f"{path / 'state.json'}: corrupt training state ({str(e).splitlines()[0][:120]}); "
+                                  f"resume from an earlier checkpoint or start afresh") from None
         loaded = load_model(path / "model.safetensors", device=self.device)
         self.model.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
