@@ -471,7 +471,7 @@ def h5_not_hdf5_nor_torch(e):
 
 def h5_real_hdf5(e):
     (e.src / "real.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 200)
-    return register(e, model=e.src / "real.h5"), r"real\.h5: an HDF5 file, not a KeyMorph/BrainMorph checkpoint"
+    return register(e, model=e.src / "real.h5"), r"real\.h5: not a readable PyTorch checkpoint \(an HDF5 file"
 
 
 # ------------------------------------------------------------------------------------------ training

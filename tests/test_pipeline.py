@@ -128,3 +128,83 @@ def test_options_are_validated_once():
     with pytest.raises(Exception, match="unknown label interpolation"):
         RegistrationOptions(label_interp="linear")
     assert RegistrationOptions(aligns=("tps_1.0", "affine")).aligns == ("tps_1", "affine")
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+def _dirs(tmp_path, names=("a", "b")):
+    shape = (24, 26, 22)
+    aff = grid_affine((1.5, 1.4, 1.6), rotation([1, 0, 0], 8), shape=shape)
+    img = blob_image(shape, aff, CENTRES, radius=5.0) + 0.01
+    for sub in ("mov", "fix"):
+        (tmp_path / sub).mkdir()
+        for n in names:
+            save_nifti(tmp_path / sub / f"{n}.nii.gz", img, aff)
+    return tmp_path / "mov", tmp_path / "fix", img, aff
+
+
+def _reg_args(mov, fix, model, out, *extra):
+    return ["register", "--moving", str(mov), "--fixed", str(fix), "--load_path", str(model), "--list_of_aligns",
+            "affine", "--save_dir", str(out), "--device", "cpu", *map(str, extra)]
+
+
+def test_a_batch_survives_any_exception_of_a_pair(tmp_path, tiny_model_files, monkeypatch, capsys):
+    from keyreg.cli import main
+
+    mov, fix, _, _ = _dirs(tmp_path)
+    real = Registrar.register
+
+    def flaky(self, moving, fixed, **kw):
+        if "b.nii" in str(moving):
+            raise RuntimeError("boom")
+        return real(self, moving, fixed, **kw)
+
+    monkeypatch.setattr(Registrar, "register", flaky)
+    out = tmp_path / "out"
+    assert main(_reg_args(mov, fix, tiny_model_files, out)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "b: internal error RuntimeError: boom" in err
+    with open(out / "metrics.csv", newline="") as f:
+        assert [r["pair"] for r in csv.DictReader(f)] == ["a"]
+    import json
+    assert json.loads((out / "metrics.json").read_text())["failures"] == [
+        {"pair": "b", "error": "internal error RuntimeError: boom"}]
+
+
+def test_skip_existing_redoes_a_pair_whose_input_changed_and_cleans_temporaries(tmp_path, tiny_model_files, capsys):
+    import os
+
+    from keyreg.cli import main
+
+    mov, fix, img, aff = _dirs(tmp_path)
+    out = tmp_path / "out"
+    args = _reg_args(mov, fix, tiny_model_files, out, "--skip_existing")
+    assert main(args) == 0
+    (out / "pairs" / ".a.k1l2m3n4.tmp").mkdir()  # left by a killed run
+    save_nifti(mov / "b.nii.gz", np.roll(img, 2, axis=0), aff)  # replaced input: same name, new content
+    os.utime(mov / "b.nii.gz", ns=(1, 1))
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "1 pair(s) were already complete and skipped" in err
+    assert not (out / "pairs" / ".a.k1l2m3n4.tmp").exists()
+
+
+def test_moving_seg_without_fixed_seg_warns(tmp_path, tiny_model_files, capsys):
+    from keyreg.cli import main
+
+    mov, fix, img, aff = _dirs(tmp_path, ("a",))
+    save_nifti(tmp_path / "seg.nii.gz", (img > 0.5).astype(np.int16), aff)
+    assert main(_reg_args(mov / "a.nii.gz", fix / "a.nii.gz", tiny_model_files, tmp_path / "o",
+                          "--moving_seg", tmp_path / "seg.nii.gz")) == 0
+    assert "warning: --moving_seg is ignored without --fixed_seg" in capsys.readouterr().err
+
+
+def test_training_label_warp_is_exact_for_large_ids():
+    from keyreg.train.synth import warp_labels_on_grid
+
+    labels = torch.zeros(1, 1, 6, 6, 6, dtype=torch.long)
+    labels[0, 0, 1:5, 1:5, 1:5] = 2**40 + 7  # not representable in float32
+    eye = torch.eye(4, dtype=torch.float64)
+    out = warp_labels_on_grid(labels, eye, (6, 6, 6), eye, eye[None])
+    assert torch.equal(out, labels)

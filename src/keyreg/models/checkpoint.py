@@ -146,8 +146,8 @@ def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.T
         raise CheckpointError(f"{path}: checkpoint file does not exist")
     with contextlib.suppress(OSError), open(path, "rb") as f:
         if f.read(8) == b"\x89HDF\r\n\x1a\n":
-            raise CheckpointError(f"{path}: an HDF5 file, not a KeyMorph/BrainMorph checkpoint (their .h5 files are "
-                                  f"PyTorch pickles)")
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (an HDF5 file; the KeyMorph/BrainMorph "
+                                  f".h5 files are PyTorch pickles)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
