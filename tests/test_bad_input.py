@@ -765,13 +765,18 @@ if __name__ == "__main__":  # print the table of cases and their messages (for t
         pass
 
     pytest.skip = lambda msg: (_ for _ in ()).throw(_Skip(msg))  # type: ignore[assignment]
+    counts = {"cases": 0, "skipped": 0, "exit 2": 0, "tracebacks": 0, "not one line": 0, "wrong message": 0,
+              "partial files": 0}
+    print("| case | exit | message |\n|---|---|---|")
     for case in CASES:
+        counts["cases"] += 1
         with tempfile.TemporaryDirectory() as d:
             e = env.__wrapped__(Path(d))  # type: ignore[attr-defined]
             try:
-                argv, _ = case(e)
+                argv, pattern = case(e)
             except _Skip as s:
                 print(f"| {case.__name__} | (skipped: {s}) |")
+                counts["skipped"] += 1
                 continue
             buf, restore = io.StringIO(), None
             if getattr(e, "patch", None):
@@ -781,9 +786,26 @@ if __name__ == "__main__":  # print the table of cases and their messages (for t
                 restore = (mod, attr, getattr(mod, attr))
                 setattr(mod, attr, e.patch[1])
             with redirect_stderr(buf):
-                rc = main(argv)
+                try:
+                    rc = main(argv)
+                except BaseException:  # noqa: BLE001 - counted, never expected
+                    import traceback
+                    buf.write("Traceback (most recent call last):\n" + traceback.format_exc())
+                    rc = -1
             if restore:
                 setattr(*restore)
-            msg = buf.getvalue().strip().replace(d, "…")
+            if getattr(e, "hold", None):
+                e.hold.close()
+            if e.out.is_dir():
+                e.out.chmod(0o755)
+            err = buf.getvalue()
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            counts["exit 2"] += rc == 2
+            counts["tracebacks"] += "Traceback" in err
+            counts["not one line"] += len(lines) != 1
+            counts["wrong message"] += not (lines and re.search(pattern, lines[0]))
+            counts["partial files"] += bool(_outputs(e))
+            msg = err.strip().replace(d, "…").replace("|", "\\|")
             print(f"| {case.__name__} | {rc} | `{msg}` |")
             sys.stdout.flush()
+    print("\n" + ", ".join(f"{k}: {v}" for k, v in counts.items()))

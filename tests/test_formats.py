@@ -30,6 +30,7 @@ from keyreg.formats import (
     read_lta,
     read_markups,
     read_matrix_txt,
+    read_point_set,
     read_points_csv,
     save_transform,
     write_ants_mat,
@@ -606,13 +607,14 @@ def test_points_csv_roundtrip(tmp_path, points):
     p, labels = read_points_csv(path)
     np.testing.assert_array_equal(p, points)  # full precision
     assert labels == [f"K-{i}" for i in range(1, 8)]
-    p, labels, weights = read_points_csv(path, with_weights=True)
+    ps = read_point_set(path)
+    p, labels, weights = ps.points, ps.labels, ps.weights
     np.testing.assert_array_equal(weights, w)
 
     names = ["a", "b,with comma", "c", "d", "e", "f", "g"]
     write_points_csv(tmp_path / "n.csv", points, labels=names)
     assert read_points_csv(tmp_path / "n.csv")[1] == names
-    assert read_points_csv(tmp_path / "n.csv", with_weights=True)[2] is None
+    assert read_point_set(tmp_path / "n.csv").weights is None
 
 
 def test_points_csv_spaces(tmp_path, points):

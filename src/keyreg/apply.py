@@ -34,11 +34,15 @@ import torch
 from .errors import ConfigError, ImageContentError, ImageIOError, ShapeError
 from .formats import (field_from_displacement, load_transform, read_displacement_field, save_transform,
                       transform_format, write_displacement_field)
-from .formats._common import as_points, read_text, reading
+from .formats._common import as_points, reading
+from .formats.lta import read_lta_file
 from .formats.tps import read_tps_json, tps_from_dict
-from .geometry import apply_affine, as_affine_tensor
+from .geometry import apply_affine, as_affine_tensor, voxel_grid
 from .io import Volume, atomic_write_text, grid_volume, is_nifti_path, load_volume, read_grid
-from .transforms import AffineTransform, DisplacementField, ThinPlateSpline, invert_points
+from .transforms import AffineTransform, DisplacementField, ThinPlateSpline, map_to_fixed
+from .transforms.compose import ComposedTransform, compose_transforms
+from .transforms.invert import invert_on_grid as _invert_on_grid
+from .transforms.invert import voxel_indices as _voxel_indices
 from .transforms.field import coarse_grid_affine
 
 __all__ = [
@@ -115,21 +119,9 @@ def _load_tps_json(p: Path) -> SavedTransform:
 
 def _lta_grids(p: Path) -> tuple[Volume | None, Volume | None]:
     """``(fixed, moving)`` = (dst, src) grids of an LTA file, ``None`` where invalid or absent."""
-    from .formats.lta import _block_affine, _parse_block
-
-    _, text = read_text(p, "a FreeSurfer LTA file")
-    lines = [s for s in (ln.strip() for ln in text.splitlines()) if s and not s.startswith("#")]
-    grids: dict[str, Volume] = {}
-    with reading(p, "a FreeSurfer LTA file"):
-        for i, ln in enumerate(lines):
-            if ln.startswith(("src volume info", "dst volume info")):
-                info, _ = _parse_block(lines, i + 1)
-                aff = _block_affine(info)
-                if aff is not None:
-                    dims = [int(round(float(v))) for v in info["volume"].split()]
-                    if min(dims) >= 2:
-                        grids[ln[:3]] = grid_volume(dims, aff, info.get("filename") or ln[:3])
-    return grids.get("dst"), grids.get("src")
+    lta = read_lta_file(p)
+    return tuple(None if g is None else grid_volume(g.shape, g.affine, g.name)  # type: ignore[return-value]
+                 for g in (lta.fixed_grid, lta.moving_grid))
 
 
 def _load_align_dir(d: Path) -> SavedTransform:
@@ -176,11 +168,14 @@ def load_saved_transform(path: str | os.PathLike) -> SavedTransform:
     except ConfigError:
         raise ConfigError(f"{p}: unknown transform file type (use a 4x4 matrix .txt, ITK .tfm/.txt, ANTs .mat, "
                           "FreeSurfer .lta, a displacement field .nii.gz, a tps.json or an align directory)") from None
+    if fmt == "lta":  # one read: the matrix and both recorded grids
+        lta = read_lta_file(p)
+        st = SavedTransform(AffineTransform(torch.from_numpy(lta.matrix)[None]), p, "lta")
+        st.fixed_grid, st.moving_grid = (None if g is None else grid_volume(g.shape, g.affine, g.name)
+                                         for g in (lta.fixed_grid, lta.moving_grid))
+        return st
     matrix = load_transform(p, fmt=fmt)
-    st = SavedTransform(AffineTransform(torch.from_numpy(matrix)[None]), p, fmt)  # type: ignore[arg-type]
-    if fmt == "lta":
-        st.fixed_grid, st.moving_grid = _lta_grids(p)
-    return st
+    return SavedTransform(AffineTransform(torch.from_numpy(matrix)[None]), p, fmt)  # type: ignore[arg-type]
 
 
 def _as_saved(t: Any) -> SavedTransform:
@@ -196,23 +191,6 @@ def _as_saved(t: Any) -> SavedTransform:
 
 # -------------------------------------------------------------------------------------- composition
 
-@dataclass
-class ComposedTransform:
-    """``T = parts[0] o parts[1] o ... o parts[-1]`` (``moving_from_fixed``): a point of the
-    reference space goes through ``parts[-1]`` first and ``parts[0]`` last."""
-
-    parts: list[Any]
-
-    def map_points(self, points: torch.Tensor) -> torch.Tensor:
-        """Reference world points ``(1, M, 3)`` -> moving world points ``(1, M, 3)``."""
-        for t in reversed(self.parts):
-            points = t.map_points(points)
-        return points
-
-    def to(self, device: torch.device | str) -> "ComposedTransform":
-        return ComposedTransform([t.to(device) for t in self.parts])
-
-
 def compose(transforms: Sequence[Any]) -> Transform | ComposedTransform:
     """One map from ``[T1, ..., Tn]`` (saved transforms, paths or transform objects): ``T1 o ... o Tn``.
 
@@ -222,13 +200,7 @@ def compose(transforms: Sequence[Any]) -> Transform | ComposedTransform:
     parts = [_as_saved(t).transform for t in transforms]
     if not parts:
         raise ConfigError("no transform given")
-    merged: list[Any] = []
-    for t in parts:
-        if merged and isinstance(t, AffineTransform) and isinstance(merged[-1], AffineTransform):
-            merged[-1] = AffineTransform(merged[-1].matrix.double() @ t.matrix.double())
-        else:
-            merged.append(t)
-    return merged[0] if len(merged) == 1 else ComposedTransform(merged)
+    return compose_transforms(parts)
 
 
 def resolve_reference(reference: Any, transforms: Sequence[SavedTransform]) -> Volume:
@@ -322,10 +294,8 @@ def transform_points(
     if len(pts[0]) == 0:
         return np.zeros((0, 3)), np.zeros(0)
     if isinstance(t, AffineTransform):
-        p = apply_affine(_inverse_matrix(t.matrix, "the composed transform"), pts)
-    else:
-        p, _ = invert_points(t, pts, iterations=iterations, tolerance=tolerance)
-    residual = (t.map_points(p).double() - pts).norm(dim=-1)
+        _inverse_matrix(t.matrix, "the composed transform")  # singular: one line naming the transform
+    p, residual = map_to_fixed(t, pts, iterations=iterations, tolerance=tolerance)
     return p[0].double().numpy(), residual[0].numpy()
 
 
@@ -339,21 +309,6 @@ def _inverse_matrix(matrix: torch.Tensor, where: str) -> torch.Tensor:
     return torch.linalg.inv(m)
 
 
-def _linear_part(t: Any) -> torch.Tensor | None:
-    if isinstance(t, AffineTransform):
-        return t.matrix[0, :3, :3].double()
-    if isinstance(t, ThinPlateSpline):
-        return t.affine_part()[0, :3, :3].double()
-    return None
-
-
-def _voxel_indices(shape: Sequence[int], start: int, stop: int) -> torch.Tensor:
-    """``(stop - start, 3)`` float64 voxel indices ``(i, j, k)`` of the C-order voxels ``start:stop``."""
-    lin = torch.arange(start, stop, dtype=torch.int64)
-    j_k = int(shape[1]) * int(shape[2])
-    return torch.stack([lin // j_k, (lin // int(shape[2])) % int(shape[1]), lin % int(shape[2])], dim=-1).double()
-
-
 def invert_on_grid(
     transform: Any,
     grid: Volume,
@@ -362,35 +317,10 @@ def invert_on_grid(
     tolerance: float = 1e-3,
     slab_points: int = 1 << 18,
 ) -> tuple[DisplacementField, np.ndarray]:
-    """Numerical inverse of ``T`` as a displacement field on ``grid`` (a grid of the MOVING space).
-
-    For every voxel centre ``q`` of ``grid`` it solves ``T(p) = q`` by the fixed-point iteration
-    ``p <- p - L^-1 (T(p) - q)`` from ``p = q``, with ``L`` the linear part of ``T`` (identity for
-    a displacement field).  It converges where ``T``'s nonlinear part is a contraction
-    (``|L^-1 grad u| < 1``: no folding); the residual says where it did.
-
-    Returns:
-        ``(inverse, residual)``: a batch-1 :class:`DisplacementField` ``(1, 3, I, J, K)`` float32 on
-        ``grid`` (``T^-1(q) = q + v(q)``, world RAS mm) and ``|T(q + v(q)) - q|`` ``(I, J, K)`` mm.
-    """
-    shape, aff = grid.shape, as_affine_tensor(grid.affine)
-    lin = _linear_part(transform)
-    pre = torch.eye(3, dtype=torch.float64) if lin is None else torch.linalg.inv(lin)
-    total = int(np.prod(shape))
-    disp = torch.empty(total, 3, dtype=torch.float32)
-    residual = torch.empty(total, dtype=torch.float64)
-    for start in range(0, total, slab_points):  # memory: a few (slab_points, 3) arrays
-        q = apply_affine(aff, _voxel_indices(shape, start, min(total, start + slab_points))).unsqueeze(0)
-        p = q.clone()
-        for _ in range(iterations):
-            r = transform.map_points(p).double() - q
-            if float(r.norm(dim=-1).max()) < tolerance:
-                break
-            p = p - r @ pre.T
-        residual[start : start + slab_points] = (transform.map_points(p).double() - q).norm(dim=-1)[0]
-        disp[start : start + slab_points] = (p - q)[0].float()
-    field_t = disp.T.reshape(1, 3, *shape).contiguous()
-    return DisplacementField(field_t, aff), residual.reshape(shape).numpy()
+    """Numerical inverse of ``T`` as a displacement field on ``grid`` (a grid of the MOVING space):
+    :func:`keyreg.transforms.invert.invert_on_grid` on the grid's shape and affine."""
+    return _invert_on_grid(transform, grid.shape, grid.affine, iterations=iterations, tolerance=tolerance,
+                           slab_points=slab_points)
 
 
 @dataclass
@@ -433,9 +363,7 @@ def _lattice(grid: Volume | None, points: np.ndarray, max_side: int = 24) -> tor
     if grid is not None:
         stride = max(1, math.ceil((max(grid.shape) - 1) / (max_side - 1)))
         coarse, aff = coarse_grid_affine(grid.shape, grid.affine, stride)
-        axes = [torch.arange(n, dtype=torch.float64) for n in coarse]
-        idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, 3)
-        return apply_affine(aff, idx)
+        return apply_affine(aff, voxel_grid(coarse).reshape(1, -1, 3))
     lo, hi = points.min(0), points.max(0)
     axes = [torch.linspace(a, b, max_side, dtype=torch.float64) for a, b in zip(lo, hi)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, 3)

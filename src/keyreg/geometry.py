@@ -104,40 +104,14 @@ def voxel_to_grid_sample(index: torch.Tensor, shape: Sequence[int]) -> torch.Ten
 
 def voxel_grid(
     shape: Sequence[int],
-    start: int = 0,
-    stop: int | None = None,
     *,
-    stride: int = 1,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Voxel indices of a slab of a 3-D grid.
-
-    Args:
-        shape: ``(I, J, K)`` of the full grid.
-        start, stop: range of the first axis (``i``) to cover; the slab is ``i in [start, stop)``.
-        stride: take every ``stride``-th voxel along each axis, always including the last one.
-
-    Returns:
-        ``(n_i, n_j, n_k, 3)`` indices (i, j, k) in ``dtype``.
-    """
-    stop = shape[0] if stop is None else stop
-    axes = []
-    for a, (lo, hi) in enumerate([(start, stop), (0, shape[1]), (0, shape[2])]):
-        idx = list(range(lo, hi, stride))
-        if stride > 1 and a > 0 and idx[-1] != hi - 1:
-            idx.append(hi - 1)
-        axes.append(torch.as_tensor(idx, dtype=dtype, device=device))
-    gi, gj, gk = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack([gi, gj, gk], dim=-1)
-
-
-def coarse_axis(n: int, stride: int) -> list[int]:
-    """Indices ``0, s, 2s, ...`` along an axis of ``n`` voxels, always ending with ``n - 1``."""
-    idx = list(range(0, n, stride))
-    if idx[-1] != n - 1:
-        idx.append(n - 1)
-    return idx
+    """Voxel indices ``(i, j, k)`` of every voxel of a grid, ``(I, J, K, 3)`` (C order when reshaped to
+    ``(-1, 3)``): the one meshgrid of voxel indices."""
+    axes = [torch.arange(int(n), dtype=dtype, device=device) for n in tuple(shape)[:3]]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
 def fov_center(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:

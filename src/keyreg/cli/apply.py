@@ -71,13 +71,10 @@ def _apply_points(args, src: Path, out: Path, saved, transform_points) -> int:
     import numpy as np
 
     from ..errors import ImageContentError
-    from ..formats import read_markups, read_points_csv, write_markups_fcsv, write_markups_json, write_points_csv
+    from ..formats import read_point_set, write_markups_fcsv, write_markups_json, write_points_csv
 
-    weights = None
-    if src.name.lower().endswith(".csv"):
-        pts, labels, weights = read_points_csv(src, args.csv_space, with_weights=True)
-    else:
-        pts, labels = read_markups(src)
+    ps = read_point_set(src, args.csv_space)
+    pts, labels, weights = ps.points, ps.labels, ps.weights
     big = np.abs(pts).max(initial=0.0)
     if big > 1e6:
         raise ImageContentError(f"{src}: coordinates up to {big:.3g} mm are not world positions of an image")

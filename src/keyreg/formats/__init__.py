@@ -38,6 +38,8 @@ from .lta import read_lta, write_lta
 from .matrix import read_matrix_txt, write_matrix_txt
 from .points import (
     read_markups,
+    PointSet,
+    read_point_set,
     read_points_csv,
     write_markups_fcsv,
     write_markups_json,
@@ -51,7 +53,7 @@ __all__ = [
     "field_from_displacement", "displacement_from_field",
     "write_lta", "read_lta",
     "write_matrix_txt", "read_matrix_txt",
-    "write_points_csv", "read_points_csv",
+    "write_points_csv", "read_points_csv", "read_point_set", "PointSet",
     "write_markups_json", "write_markups_fcsv", "read_markups",
     "save_transform", "load_transform", "transform_format",
 ]

@@ -10,6 +10,8 @@ FreeSurfer / mri_vol2vol convention).  Each geometry block describes a grid: ``v
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from ..geometry import voxel_sizes
 from ..io import atomic_write_text
 from ._common import PathLike, as_matrix, fmt, one_line, read_text, reading
 
-__all__ = ["write_lta", "read_lta", "lta_geometry_block", "LINEAR_VOX_TO_VOX", "LINEAR_RAS_TO_RAS"]
+__all__ = ["write_lta", "read_lta", "read_lta_file", "LtaFile", "LtaGrid", "lta_geometry_block", "LINEAR_VOX_TO_VOX", "LINEAR_RAS_TO_RAS"]
 
 LINEAR_VOX_TO_VOX = 0
 LINEAR_RAS_TO_RAS = 1
@@ -143,8 +145,40 @@ def _block_affine(info: dict) -> np.ndarray | None:
     return a
 
 
+@dataclass
+class LtaGrid:
+    """The geometry of one volume recorded in an LTA: ``shape`` ``(I, J, K)``, RAS ``affine``, ``name``."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    name: str
+
+
+@dataclass
+class LtaFile:
+    """An LTA read for keyreg: the ``moving_from_fixed`` matrix and the recorded grids (dst = fixed,
+    src = moving; ``None`` where marked invalid or absent)."""
+
+    matrix: np.ndarray
+    fixed_grid: LtaGrid | None
+    moving_grid: LtaGrid | None
+
+
+def _grid(info: dict, name: str) -> LtaGrid | None:
+    aff = _block_affine(info) if info else None
+    if aff is None:
+        return None
+    try:
+        dims = tuple(int(round(float(v))) for v in info["volume"].split())
+    except (KeyError, ValueError):
+        return None
+    if len(dims) != 3 or min(dims) < 2:
+        return None
+    return LtaGrid(dims, aff, info.get("filename") or name)  # type: ignore[arg-type]
+
+
 def read_lta(path: PathLike) -> np.ndarray:
-    """Read a FreeSurfer LTA as a keyreg matrix.
+    """Read a FreeSurfer LTA as a keyreg matrix (:func:`read_lta_file` also gives the grids).
 
     Handles type 1 (``LINEAR_RAS_TO_RAS``) and type 0 (``LINEAR_VOX_TO_VOX``, converted with the
     geometry blocks: ``R = A_dst V inv(A_src)``).  The LTA maps src -> dst; keyreg assumes
@@ -159,6 +193,16 @@ def read_lta(path: PathLike) -> np.ndarray:
     Raises:
         ImageIOError: missing or malformed file, another type, a singular matrix, or invalid
             src/dst geometry for a type-0 file.
+    """
+    return read_lta_file(path).matrix
+
+
+def read_lta_file(path: PathLike) -> LtaFile:
+    """Read a FreeSurfer LTA: the ``moving_from_fixed`` matrix (as :func:`read_lta`) and the grids of
+    its dst (fixed) and src (moving) volumes, for ``keyreg apply`` / ``invert``.
+
+    Raises:
+        ImageIOError: as :func:`read_lta`.
     """
     p, text = read_text(path, "a FreeSurfer LTA file")
     lines = [ln.strip() for ln in text.splitlines()]
@@ -214,4 +258,4 @@ def read_lta(path: PathLike) -> np.ndarray:
             raise ImageIOError(f"{p}: LTA matrix is singular")
         out = np.linalg.inv(ras)
         out[3] = [0.0, 0.0, 0.0, 1.0]
-    return out
+    return LtaFile(out, _grid(blocks.get("dst", {}), "dst"), _grid(blocks.get("src", {}), "src"))

@@ -9,6 +9,8 @@ files, which are LPS) are read in the frame the caller names.  Slicer files decl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import csv
 import io
 import json
@@ -73,7 +75,33 @@ def write_points_csv(path: PathLike, points_ras, labels=None, weights=None) -> P
     return atomic_write_text(path, buf.getvalue())
 
 
-def read_points_csv(path: PathLike, space: str = "RAS", *, with_weights: bool = False):
+@dataclass
+class PointSet:
+    """Points read from a file: ``points`` ``(N, 3)`` float64 world RAS mm, ``labels`` (``N`` strings) and
+    ``weights`` (``(N,)`` or ``None``)."""
+
+    points: np.ndarray
+    labels: list[str]
+    weights: np.ndarray | None = None
+
+
+def read_point_set(path: PathLike, space: str = "RAS") -> PointSet:
+    """Points of a keypoint CSV (``space`` for plain ``x,y,z`` columns), a Slicer ``.mrk.json`` or an
+    ``.fcsv`` file, always as a :class:`PointSet` (weights only from a CSV ``weight`` column)."""
+    if str(path).lower().endswith(".csv"):
+        return _read_points_csv(path, space)
+    pts, labels = read_markups(path)
+    return PointSet(pts, labels, None)
+
+
+def read_points_csv(path: PathLike, space: str = "RAS") -> tuple[np.ndarray, list[str]]:
+    """``(points_ras, labels)`` of a points CSV (see :func:`_read_points_csv`; :func:`read_point_set`
+    also gives the weights)."""
+    ps = _read_points_csv(path, space)
+    return ps.points, ps.labels
+
+
+def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
     """Read points from a CSV file with a header row.
 
     Coordinate columns (case-insensitive): ``x_ras,y_ras,z_ras`` (RAS), ``x_lps,y_lps,z_lps`` (LPS)
@@ -84,11 +112,10 @@ def read_points_csv(path: PathLike, space: str = "RAS", *, with_weights: bool = 
     Args:
         path: the CSV file.
         space: ``'RAS'`` or ``'LPS'``, the frame of plain ``x,y,z`` columns.
-        with_weights: also return the weights (``None`` without a ``weight`` column).
 
     Returns:
-        ``(points_ras, labels)``: ``(N, 3)`` float64 world RAS mm and ``N`` strings; with
-        ``with_weights=True``, ``(points_ras, labels, weights)``.
+        A :class:`PointSet`: ``(N, 3)`` float64 world RAS mm, ``N`` labels, weights (``None``
+        without a ``weight`` column).
 
     Raises:
         ConfigError: ``space`` is not RAS or LPS.
@@ -127,9 +154,7 @@ def read_points_csv(path: PathLike, space: str = "RAS", *, with_weights: bool = 
         if not np.all(np.isfinite(points)):
             raise ImageIOError(f"{p}: coordinates contain NaN or Inf")
         points = _to_ras(points, frame)
-    if with_weights:
-        return points, labels, (np.asarray(weights, dtype=np.float64) if w_col is not None else None)
-    return points, labels
+    return PointSet(points, labels, np.asarray(weights, dtype=np.float64) if w_col is not None else None)
 
 
 # ------------------------------------------------------------------------------------ Slicer markups

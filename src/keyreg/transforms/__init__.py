@@ -3,6 +3,7 @@
 All transforms map FIXED world points to MOVING world points (RAS mm): ``moving_from_fixed``.
 """
 
+from .compose import ComposedTransform, compose_transforms
 from .field import DEFAULT_FIELD_STRIDE, DisplacementField, SpatialTransform, check_field_stride, sample_field
 from .invert import invert_points, map_to_fixed
 from .linear import AffineTransform, fit_affine, fit_rigid
@@ -11,6 +12,8 @@ from .tps import ThinPlateSpline, fit_tps, tps_kernel
 
 __all__ = [
     "AffineTransform",
+    "ComposedTransform",
+    "compose_transforms",
     "ThinPlateSpline",
     "DisplacementField",
     "SpatialTransform",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 import torch
 
 from .field import SpatialTransform
 
-__all__ = ["invert_points", "map_to_fixed"]
+__all__ = ["invert_points", "map_to_fixed", "invert_on_grid", "voxel_indices"]
 
 
 def invert_points(
@@ -80,3 +84,65 @@ def map_to_fixed(
         p = p.double()
     residual = (transform.map_points(p).double() - q).norm(dim=-1)
     return p, residual
+
+
+def _linear_part(t: Any) -> torch.Tensor | None:
+    from .linear import AffineTransform
+    from .tps import ThinPlateSpline
+
+    if isinstance(t, AffineTransform):
+        return t.matrix[0, :3, :3].double()
+    if isinstance(t, ThinPlateSpline):
+        return t.affine_part()[0, :3, :3].double()
+    return None
+
+
+def voxel_indices(shape: Sequence[int], start: int, stop: int) -> torch.Tensor:
+    """``(stop - start, 3)`` float64 voxel indices ``(i, j, k)`` of the C-order voxels ``start:stop``."""
+    lin = torch.arange(start, stop, dtype=torch.int64)
+    j_k = int(shape[1]) * int(shape[2])
+    return torch.stack([lin // j_k, (lin // int(shape[2])) % int(shape[1]), lin % int(shape[2])], dim=-1).double()
+
+
+def invert_on_grid(
+    transform: Any,
+    shape: Sequence[int],
+    affine: Any,
+    *,
+    iterations: int = 50,
+    tolerance: float = 1e-3,
+    slab_points: int = 1 << 18,
+) -> tuple[Any, np.ndarray]:
+    """Numerical inverse of ``T`` as a displacement field on a grid of the MOVING space (``shape``,
+    world-from-voxel ``affine``).
+
+    For every voxel centre ``q`` of the grid it solves ``T(p) = q`` by the fixed-point iteration
+    ``p <- p - L^-1 (T(p) - q)`` from ``p = q``, with ``L`` the linear part of ``T`` (identity for
+    a displacement field).  It converges where ``T``'s nonlinear part is a contraction
+    (``|L^-1 grad u| < 1``: no folding); the residual says where it did.
+
+    Returns:
+        ``(inverse, residual)``: a batch-1 :class:`DisplacementField` ``(1, 3, I, J, K)`` float32 on
+        ``grid`` (``T^-1(q) = q + v(q)``, world RAS mm) and ``|T(q + v(q)) - q|`` ``(I, J, K)`` mm.
+    """
+    from ..geometry import apply_affine, as_affine_tensor
+    from .field import DisplacementField
+
+    shape, aff = tuple(int(n) for n in tuple(shape)[:3]), as_affine_tensor(affine)
+    lin = _linear_part(transform)
+    pre = torch.eye(3, dtype=torch.float64) if lin is None else torch.linalg.inv(lin)
+    total = int(np.prod(shape))
+    disp = torch.empty(total, 3, dtype=torch.float32)
+    residual = torch.empty(total, dtype=torch.float64)
+    for start in range(0, total, slab_points):  # memory: a few (slab_points, 3) arrays
+        q = apply_affine(aff, voxel_indices(shape, start, min(total, start + slab_points))).unsqueeze(0)
+        p = q.clone()
+        for _ in range(iterations):
+            r = transform.map_points(p).double() - q
+            if float(r.norm(dim=-1).max()) < tolerance:
+                break
+            p = p - r @ pre.T
+        residual[start : start + slab_points] = (transform.map_points(p).double() - q).norm(dim=-1)[0]
+        disp[start : start + slab_points] = (p - q)[0].float()
+    field_t = disp.T.reshape(1, 3, *shape).contiguous()
+    return DisplacementField(field_t, aff), residual.reshape(shape).numpy()
