@@ -56,7 +56,7 @@ def register(
     label_interp: str = "nearest",
     field_stride: int = DEFAULT_FIELD_STRIDE,
     pad_value: float | None = None,
-    exclude_keypoints: Sequence[str] = (),
+    exclude_keypoints: Sequence[str] | None = None,
 ) -> Registration:
     """Register ``moving`` to ``fixed`` with every transform type in ``aligns``, from one keypoint
     detection per image; the moving image (and segmentation) are resampled onto the fixed grid.
@@ -74,12 +74,14 @@ def register(
         label_interp: ``nearest`` or ``labelwise`` for segmentations.
         field_stride: sub-grid stride of the dense TPS field (1 = exact at every voxel).
         pad_value: intensity outside the moving image (default: 0, or the image's minimum when negative).
-        exclude_keypoints: fnmatch patterns of keypoint names left out of every fit.
+        exclude_keypoints: fnmatch patterns of keypoint names left out of every fit (``None``: the
+            model's default, ``fit_exclude``; ``()``: none).
 
     Returns:
         A :class:`Registration`; ``reg[align]`` is an :class:`AlignmentResult`.
     """
     registrar = Registrar(model, device=device, aligns=tuple(aligns), weighted=weighted, use_amp=use_amp,
                           half_resolution=half_resolution, label_interp=label_interp, field_stride=field_stride,
-                          pad_value=pad_value, exclude_keypoints=tuple(exclude_keypoints))
+                          pad_value=pad_value,
+                          exclude_keypoints=None if exclude_keypoints is None else tuple(exclude_keypoints))
     return registrar.register(moving, fixed, moving_seg=moving_seg, fixed_seg=fixed_seg)

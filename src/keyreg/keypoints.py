@@ -47,6 +47,7 @@ class ImageKeypoints:
         world_from_net: ``(4, 4)`` the network grid's affine.
         grid_shape: the network grid shape.
         names: ``K`` keypoint names (the model's ``keypoint_names``, else ``K-1 .. K-N``).
+        passes: network passes it took (the orientation search looks at an image several times).
     """
 
     points: torch.Tensor
@@ -54,6 +55,7 @@ class ImageKeypoints:
     world_from_net: np.ndarray
     grid_shape: tuple[int, int, int]
     names: list[str] = field(default_factory=list)
+    passes: int = 1
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -77,7 +79,8 @@ def detect_keypoints(
     use_amp: bool = False,
     batch_size: int = 1,
 ) -> list[ImageKeypoints]:
-    """One network pass per image (batched ``batch_size`` at a time); keypoints in world mm.
+    """Keypoints in world mm: one network pass per image (batched ``batch_size`` at a time), or, for
+    anatomical models, the test-time orientation search (:mod:`keyreg.models.inference`).
 
     The default ``batch_size=1`` makes an image's keypoints independent of the images it is
     processed with: on CPU, convolutions over a batch of 2 differ from batch 1 in the last bits
@@ -91,6 +94,18 @@ def detect_keypoints(
     pre = model.config.preprocessing
     names = model_keypoint_names(model)
     out: list[ImageKeypoints] = []
+    if getattr(model.config, "regions", None) is not None and model.config.orientation_search:
+        from .models.inference import detect_image_keypoints
+
+        for v in volumes:  # anatomical models: test-time orientation search, one image at a time
+            det = detect_image_keypoints(model, v, device=device, use_amp=use_amp)
+            if not bool(torch.isfinite(det.points).all()) or not bool(torch.isfinite(det.mass).all()):
+                raise ImageContentError(
+                    f"{v.name}: the model gives non-finite keypoints for this image (intensities "
+                    f"out of range, or a model with invalid weights)")
+            out.append(ImageKeypoints(det.points.to(device), det.mass.to(device), det.world_from_net,
+                                      pre.grid.shape, list(names), det.passes))
+        return out
     for start in range(0, len(volumes), batch_size):
         chunk = volumes[start : start + batch_size]
         inputs, affines = zip(*(to_network_input(v, pre, device) for v in chunk))

@@ -39,7 +39,7 @@ from .keypoints import (ImageKeypoints, check_enough, detect_keypoints, select_k
                         validate_patterns)
 from .results import AlignmentResult, Registration, label_interp, pad_value_for, warp_volume
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, check_field_stride,
-                         fit_transform, parse_aligns)
+                         fit_transform, keep_identity_if_aligned, parse_aligns)
 
 __all__ = ["RegistrationOptions", "Registrar", "resolve_device", "resolve_model", "Timer", "fit_alignments",
            "min_keypoints"]
@@ -144,7 +144,10 @@ class RegistrationOptions:
         pad_value: image intensity outside the moving image (``None``: 0, or the image's minimum
             when it is negative, e.g. CT air).
         exclude_keypoints: fnmatch patterns of keypoint names dropped from both sets before every
-            fit (unnamed models: ``K-1 .. K-N``).
+            fit (unnamed models: ``K-1 .. K-N``); ``None``: the model's default (``fit_exclude`` in its
+            config; the anatomical default model leaves out ``Extracerebral-*``), ``()``: none.
+        identity_check: keep the identity for a pair whose keypoints already agree up to their noise
+            (:func:`keyreg.transforms.keep_identity_if_aligned`); ``None``: on for anatomical models.
     """
 
     aligns: tuple[str, ...] = ("affine", "tps_0")
@@ -154,7 +157,8 @@ class RegistrationOptions:
     half_resolution: bool = False
     use_amp: bool = False
     pad_value: float | None = None
-    exclude_keypoints: tuple[str, ...] = ()
+    exclude_keypoints: tuple[str, ...] | None = None
+    identity_check: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.aligns, str):
@@ -168,7 +172,8 @@ class RegistrationOptions:
                 raise ConfigError(f"the pad value must be a finite number, got {self.pad_value!r}")
         if isinstance(self.exclude_keypoints, str):
             object.__setattr__(self, "exclude_keypoints", (self.exclude_keypoints,))
-        object.__setattr__(self, "exclude_keypoints", validate_patterns(self.exclude_keypoints))
+        if self.exclude_keypoints is not None:
+            object.__setattr__(self, "exclude_keypoints", validate_patterns(self.exclude_keypoints))
 
     @property
     def specs(self) -> list[AlignSpec]:
@@ -176,7 +181,8 @@ class RegistrationOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"aligns": list(self.aligns),
-                                           "exclude_keypoints": list(self.exclude_keypoints)}
+                                           "exclude_keypoints": (None if self.exclude_keypoints is None
+                                                                 else list(self.exclude_keypoints))}
 
 
 def fit_alignments(
@@ -244,7 +250,7 @@ class Registrar:
             return self._cache[key]
         with self.timer("keypoints"):
             kp = detect_keypoints(self.model, [volume], device=self.device, use_amp=self.options.use_amp)[0]
-        self.network_passes += 1
+        self.network_passes += kp.passes
         if key is not None:
             self._cache[key] = kp
         return kp
@@ -267,6 +273,9 @@ class Registrar:
         """Drop the keypoints named by ``exclude_keypoints`` from both sets; returns the kept sets and
         the names dropped."""
         pats = self.options.exclude_keypoints
+        if pats is None:  # the model's default exclusion (no model given: none)
+            model = self._net if self._net is not None or self._model_arg is None else self.model
+            pats = tuple(getattr(getattr(model, "config", None), "fit_exclude", ()) or ())
         if not pats:
             return fixed_kp, moving_kp, []
         keep = select_keypoints(fixed_kp.names, pats)
@@ -285,7 +294,20 @@ class Registrar:
                                      f"and {tuple(moving_kp.points.shape)}")
         w = power_weights(fixed_kp.mass.unsqueeze(0), moving_kp.mass.unsqueeze(0))[0] if self.weighted else None
         with self.timer("fit"):
-            return fit_alignments(fixed_kp, moving_kp, self.options.specs, w), w
+            fits = fit_alignments(fixed_kp, moving_kp, self.options.specs, w)
+            if self.identity_check:
+                pf, pm = fixed_kp.points.unsqueeze(0), moving_kp.points.unsqueeze(0)
+                fits = keep_identity_if_aligned(fits, pf, pm, None if w is None else w.unsqueeze(0))
+            return fits, w
+
+    @property
+    def identity_check(self) -> bool:
+        """The already-aligned check: the option, else on for anatomical models."""
+        if self.options.identity_check is not None:
+            return bool(self.options.identity_check)
+        if self._net is None and self._model_arg is None:
+            return False
+        return getattr(self.model.config, "regions", None) is not None
 
     def dense(self, res: AlignmentResult):
         """Stage 3: the transform as used for warping on the fixed grid (cached on the result)."""

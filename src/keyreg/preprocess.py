@@ -32,7 +32,7 @@ from .io import Volume
 from .warp import resample_affine
 
 __all__ = ["GridSpec", "IntensitySpec", "PreprocessConfig", "network_grid_affine",
-           "normalize_intensity", "to_network_input"]
+           "normalize_intensity", "to_network_input", "network_source", "sample_network_input"]
 
 
 def _triple(value: Any, name: str, kind: type = float) -> tuple:
@@ -179,6 +179,26 @@ def _antialias(volume: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
     return out
 
 
+def network_source(volume: Volume, config: PreprocessConfig, world_from_net: np.ndarray,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """The image normalised and anti-aliased for network grids with ``world_from_net``'s voxel
+    size (any rotation of such a grid can then be sampled from it): ``(1, 1, I, J, K)`` float32."""
+    src = normalize_intensity(volume.tensor(device), config.intensity)
+    img_from_net = np.linalg.inv(volume.affine) @ world_from_net
+    # down-sampling factor along each image axis: how many image voxels one network step spans
+    factors = np.sqrt((img_from_net[:3, :3] ** 2).sum(axis=1))
+    return _antialias(src, factors)
+
+
+def sample_network_input(source: torch.Tensor, image_affine: np.ndarray, world_from_net: np.ndarray,
+                         shape: Sequence[int]) -> torch.Tensor:
+    """Trilinear samples of a :func:`network_source` on the grid ``world_from_net`` (``shape``),
+    clamped to [0, 1]: ``(1, 1, *shape)``."""
+    img_from_net = np.linalg.inv(image_affine) @ world_from_net
+    x = resample_affine(source, torch.as_tensor(img_from_net), tuple(shape), mode="linear")
+    return x.clamp_(0, 1)
+
+
 def to_network_input(
     volume: Volume,
     config: PreprocessConfig,
@@ -192,10 +212,5 @@ def to_network_input(
     """
     grid = config.grid
     world_from_net = network_grid_affine(volume.affine, volume.shape, grid)
-    src = normalize_intensity(volume.tensor(device), config.intensity)
-    img_from_net = np.linalg.inv(volume.affine) @ world_from_net
-    # down-sampling factor along each image axis: how many image voxels one network step spans
-    factors = np.sqrt((img_from_net[:3, :3] ** 2).sum(axis=1))
-    src = _antialias(src, factors)
-    x = resample_affine(src, torch.as_tensor(img_from_net), grid.shape, mode="linear")
-    return x.clamp_(0, 1), world_from_net
+    src = network_source(volume, config, world_from_net, device)
+    return sample_network_input(src, volume.affine, world_from_net, grid.shape), world_from_net

@@ -23,7 +23,7 @@ COMMANDS = {
     "invert": ("invert", "invert a saved transform (exact for linear; TPS and fields with a residual)"),
     "groupwise": ("groupwise", "register a group of images to their common mean keypoints (a template)"),
     "train": ("train", "train a keypoint model (synthetic contrasts from label maps, or real images)"),
-    "pretrain": ("pretrain", "self-supervised initialisation: keypoints regressed onto moved reference points"),
+    "pretrain": ("pretrain", "learn anatomical keypoints (region centroids of label maps) from synthetic contrasts"),
     "evaluate": ("evaluate", "accuracy and robustness over pairs and seeded perturbations (Dice vs rotation)"),
 }
 

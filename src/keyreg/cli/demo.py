@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     means = [mean_dice(res.before)] + [mean_dice(res.after[a]) for a in res.after]
     print("| **mean** | " + " | ".join(f"**{v:.3f}**" for v in means) + " |")
-    if res.rotation_found:
-        print(f"\nrotation recovered (true {TRUE_ROTATION_DEG:.0f}°): " +
-              ", ".join(f"{k} {v:.1f}°" for k, v in res.rotation_found.items()))
+    if res.rotation_error:
+        print(f"\nrotation error (angle between the fitted and the true {TRUE_ROTATION_DEG:.0f}° rotation): " +
+              ", ".join(f"{k} {v:.1f}°" for k, v in res.rotation_error.items()))
     t = res.seconds
     print(f"\ntime: build pair {t['build_pair']:.1f} s, registration {t['register']:.1f} s "
           f"(keypoints {t.get('keypoints', 0):.1f} s, fit {t.get('fit', 0):.2f} s, "

@@ -7,6 +7,8 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="a model name or file to describe (default: list bundled models)")
+    p.add_argument("--keypoints", action="store_true",
+                   help="with a model: list every keypoint (name, FreeSurfer labels of its region)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +31,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"description:   {c.description}")
         for k, v in c.training.items():
             print(f"training.{k}: {v}")
+        if c.regions is None:
+            print(f"keypoints:     {c.architecture.num_keypoints}, unnamed (K-1 .. K-{c.architecture.num_keypoints})")
+            return 0
+        whole = sum(r.center is None for r in c.regions.regions)
+        print(f"keypoints:     {len(c.regions)} named anatomical points ({whole} whole structures, "
+              f"{len(c.regions) - whole} sub-regions); orientation search "
+              f"{({True: 'auto'}.get(c.orientation_search, c.orientation_search) or 'off')}")
+        if args.keypoints:
+            for k, r in enumerate(c.regions.regions, start=1):
+                print(f"  {k:4d}  {r.name:<58} labels {','.join(map(str, r.labels))}")
+        else:
+            shown = ", ".join(c.regions.names[:6])
+            print(f"               {shown}, ... (--keypoints lists all)")
         return 0
     models = list_pretrained()
     if not models:

@@ -1,4 +1,5 @@
-"""``keyreg pretrain``: regress keypoints onto reference points that move with the image."""
+"""``keyreg pretrain``: learn anatomical keypoints: each keypoint regressed onto
+the centroid of a named region of the (warped) training label map, plus a dense heatmap-vs-mask term."""
 
 from __future__ import annotations
 

@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sub-grid stride for the dense TPS field (default 1 = exact at every voxel; 2 or 4 trade accuracy for speed, see docs/benchmarks.md)")
     a.add_argument("--exclude_keypoints", nargs="+", default=None, metavar="PATTERN",
                    help="leave keypoints whose name matches any of these globs out of every fit (fnmatch: "
-                        "'K-1*', 'cerebellum_*'); unnamed models have the names K-1 .. K-N")
+                        "'Left-Hippocampus', '*Cortex/anterior*', 'K-1*'; unnamed models have the names "
+                        "K-1 .. K-N); replaces the model's default list (keyreg-anatomy: 'Extracerebral-*'); "
+                        "'none' uses every keypoint")
     a.add_argument("--pad_value", type=float, default=None,
                    help="intensity of warped voxels that fall outside the moving image (default: 0, or the "
                         "moving image's minimum when it is negative, e.g. -1024 for CT air)")
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         args.weighted_kp_align == "power", label_interp=args.label_interp,
         field_stride=DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride,
         half_resolution=args.half_resolution, use_amp=args.use_amp, pad_value=args.pad_value,
-        exclude_keypoints=tuple(args.exclude_keypoints or ()))
+        exclude_keypoints=_exclusions(args.exclude_keypoints))
     res = register_batch(args.moving, args.fixed, moving_seg=args.moving_seg, fixed_seg=args.fixed_seg,
                          all_pairs=args.all_pairs, model=args.load_path, device=args.device, backbone=args.backbone,
                          num_keypoints=args.num_keypoints, options=options, save_dir=args.save_dir,
@@ -101,3 +103,10 @@ def report(res, save_dir: Path, per_pair: bool) -> int:
         for name, msg in res.failures:
             print(f"  {name}: {msg}", file=sys.stderr)
     return 1 if res.failures else 0
+
+
+def _exclusions(patterns: list[str] | None) -> tuple[str, ...] | None:
+    """``--exclude_keypoints``: not given -> the model's default; ``none`` -> every keypoint."""
+    if patterns is None:
+        return None
+    return () if [p.lower() for p in patterns] == ["none"] else tuple(patterns)

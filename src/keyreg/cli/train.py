@@ -45,17 +45,27 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
                             "(0 = off; ~100 makes a 10 mm disagreement cost about as much as the Dice loss)")
         o.add_argument("--max_train_keypoints", type=int, help="random subset of keypoints per TPS fit")
         o.add_argument("--weighted_kp_align", action="store_true", help="power-weighted fits")
-        o.add_argument("--max_displacement", type=float, default=None,
-                       help="amplitude (mm) of the random nonlinear deformation")
     o.add_argument("--mix_modalities", action=argparse.BooleanOptionalAction, default=None,
                    help="fixed and moving get different contrasts")
     o.add_argument("--max_rotation", type=float, default=None,
                    help="degrees of random rotation (180 = any orientation)")
+    o.add_argument("--max_translation", type=float, default=None,
+                   help="mm of random translation per axis")
+    o.add_argument("--full_sphere_prob", type=float, default=None,
+                   help="share of images rotated over the whole sphere regardless of --max_rotation")
+    o.add_argument("--max_displacement", type=float, default=None,
+                   help="amplitude (mm) of the random nonlinear deformation")
+    if mode == "pretrain":
+        o.add_argument("--regions", help="regions JSON (scripts/build_regions output) defining the anatomical "
+                                         "keypoints (default: built from the training label maps)")
+        o.add_argument("--dense_coeff", type=float, default=None,
+                       help="weight of the term pulling each heatmap towards its region's mask")
 
     t = p.add_argument_group("optimisation")
     t.add_argument("--steps", "--train_num_steps", dest="steps", type=int, default=None)
     t.add_argument("--batch_size", type=int, default=None, help="pairs per step and process")
     t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--use_amp", action="store_true", help="bf16 autocast on GPU")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU under torchrun, else best)")

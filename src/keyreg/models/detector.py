@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from ..errors import ConfigError
 from ..preprocess import PreprocessConfig
 from .backbones import build_backbone
 from .keypoints import center_of_mass
+from .regions import RegionAtlas
 
 __all__ = ["ArchitectureConfig", "ModelConfig", "KeypointDetector"]
 
@@ -60,6 +62,13 @@ class ModelConfig:
         weighting: default keypoint weighting for fits: ``"power"`` or ``None`` (uniform).
         description: one line for ``keyreg models``.
         training: provenance (data, command, steps, ...), free-form.
+        regions: for anatomical models, the definition of every keypoint (one region per output
+            channel, with its name); ``None`` for unnamed models (official checkpoints).
+        orientation_search: test-time orientation search of anatomical models
+            (``keyreg.models.inference``): ``"always"``, ``"auto"`` (``True``) or off (``False``).
+        fit_exclude: glob patterns of keypoint names left out of fits by default (the anatomical
+            default model: ``Extracerebral-*``, whose head-shape variability would pull a brain
+            alignment); a user's own exclusion list replaces it.
     """
 
     name: str
@@ -68,6 +77,9 @@ class ModelConfig:
     weighting: Literal["power"] | None = None
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    regions: RegionAtlas | None = None
+    orientation_search: bool | str = False
+    fit_exclude: tuple[str, ...] = ()
 
     FORMAT = "keyreg-model"
     VERSION = 1
@@ -76,7 +88,9 @@ class ModelConfig:
         return {"format": self.FORMAT, "format_version": self.VERSION, "name": self.name,
                 "description": self.description, "architecture": asdict(self.architecture),
                 "preprocessing": self.preprocessing.to_dict(), "weighting": self.weighting,
-                "training": self.training}
+                "training": self.training,
+                **({"regions": self.regions.to_dict()} if self.regions is not None else {}),
+                "orientation_search": self.orientation_search, "fit_exclude": list(self.fit_exclude)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -92,13 +106,39 @@ class ModelConfig:
             arch = ArchitectureConfig(**d["architecture"])
         except (TypeError, KeyError) as e:
             raise ConfigError(f"invalid architecture in model config: {e}") from None
+        regions = RegionAtlas.from_dict(d["regions"]) if d.get("regions") is not None else None
+        if regions is not None and len(regions) != arch.num_keypoints:
+            raise ConfigError(f"model config defines {len(regions)} regions for {arch.num_keypoints} keypoints")
+        exclude = d.get("fit_exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+            raise ConfigError(f"fit_exclude must be a list of name patterns, got {exclude!r}")
+        search = d.get("orientation_search", False)
+        if search not in (True, False, "auto", "always"):
+            raise ConfigError(f"orientation_search must be true, false, 'auto' or 'always', got {search!r}")
         weighting = d.get("weighting")
         if weighting not in (None, "power"):
             raise ConfigError(f"unknown keypoint weighting {weighting!r}")
         return cls(name=str(d.get("name", "model")), architecture=arch,
                    preprocessing=PreprocessConfig.from_dict(d.get("preprocessing", {})),
                    weighting=weighting, description=str(d.get("description", "")),
-                   training=dict(d.get("training", {})))
+                   training=dict(d.get("training", {})), regions=regions, orientation_search=search,
+                   fit_exclude=tuple(exclude))
+
+    def fit_mask(self, exclude: Sequence[str] | None = None) -> list[bool] | None:
+        """Which keypoints enter fits: names matching none of ``exclude`` (default: ``fit_exclude``);
+        ``None`` when every keypoint does."""
+        from fnmatch import fnmatchcase
+
+        patterns = self.fit_exclude if exclude is None else tuple(exclude)
+        if not patterns:
+            return None
+        names = self.keypoint_names or [f"K-{k + 1}" for k in range(self.architecture.num_keypoints)]
+        return [not any(fnmatchcase(n, p) for p in patterns) for n in names]
+
+    @property
+    def keypoint_names(self) -> list[str] | None:
+        """One name per keypoint for anatomical models, ``None`` for unnamed ones."""
+        return self.regions.names if self.regions is not None else None
 
 
 class KeypointDetector(nn.Module):
@@ -128,7 +168,9 @@ class KeypointDetector(nn.Module):
         """Raw heatmaps ``(B, K, *spatial')``."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, return_heatmaps: bool = False):
         """Returns ``(points, mass)``: ``(B, K, D)`` normalised coordinates (tensor-axis order,
-        corner-aligned, relative to the input grid) and ``(B, K)`` heatmap activation."""
-        return center_of_mass(self.backbone(x))
+        corner-aligned, relative to the input grid) and ``(B, K)`` heatmap activation; with
+        ``return_heatmaps=True`` the raw heatmaps ``(B, K, *spatial')`` instead."""
+        heat = self.backbone(x)
+        return heat if return_heatmaps else center_of_mass(heat)

@@ -21,7 +21,7 @@ from ..io import is_nifti_path, load_volume
 from ..preprocess import GridSpec, PreprocessConfig, network_grid_affine, to_network_input
 from ..transforms import AffineTransform
 from .losses import warp_on_grid
-from .synth import (IntensityAugment, SpatialAugment, random_affine, random_means, random_smooth_field,
+from .synth import (IntensityAugment, SpatialAugment, mixed_means, random_affine, random_means, random_smooth_field,
                     synthesize_image, warp_labels_on_grid)
 
 __all__ = ["LabelMapBank", "PairBatch", "SyntheticPairs", "ImagePairs", "list_label_maps", "brain_label_table",
@@ -87,6 +87,13 @@ class LabelMapBank:
     def __len__(self) -> int:
         return len(self.maps)
 
+    def set_regions(self, atlas) -> None:
+        """Compute each map's region map (``RegionAtlas.region_map``: region index + 1, 0 none) on the
+        storage grid; warped with the labels, it gives exact keypoint targets."""
+        self.atlas = atlas
+        self.region_maps = [torch.from_numpy(atlas.region_map(m.cpu().numpy(), a.numpy())).to(self.device)
+                            for m, a in zip(self.maps, self.affines)]
+
 
 @dataclass
 class PairBatch:
@@ -112,6 +119,8 @@ class PairBatch:
     moving_transform: torch.Tensor | None = None
     fixed_index: list[int] | None = None
     moving_index: list[int] | None = None
+    fixed_regions: torch.Tensor | None = None
+    moving_regions: torch.Tensor | None = None
 
 
 class SyntheticPairs:
@@ -155,6 +164,8 @@ class SyntheticPairs:
         if self.spatial.max_displacement > 0:
             disp = random_smooth_field(1, shape, float(self.grid.voxel_size[0]), g, self.spatial, device=dev)
         src = self.bank.maps[index][None, None]
+        if getattr(self.bank, "region_maps", None) is not None:  # labels and regions in one resampling
+            src = torch.cat([src, self.bank.region_maps[index][None, None]], 1)
         lab = warp_labels_on_grid(src, self.bank.affines[index], shape, net_affine, mat, disp)
         return lab, mat
 
@@ -175,8 +186,12 @@ class SyntheticPairs:
             f_lab.append(lf), m_lab.append(lm), f_mat.append(mf), m_mat.append(mm)
             f_idx.append(i), m_idx.append(j)
         fixed_labels, moving_labels = torch.cat(f_lab), torch.cat(m_lab)
-        means_f = random_means(batch, ID_TABLE, g, device=dev)
-        means_m = random_means(batch, ID_TABLE, g, device=dev) if self.mix_modalities else means_f
+        f_reg = m_reg = None
+        if fixed_labels.shape[1] == 2:
+            f_reg, m_reg = fixed_labels[:, 1:], moving_labels[:, 1:]
+            fixed_labels, moving_labels = fixed_labels[:, :1], moving_labels[:, :1]
+        means_f = mixed_means(batch, ID_TABLE, g, device=dev)
+        means_m = mixed_means(batch, ID_TABLE, g, device=dev) if self.mix_modalities else means_f
         fixed = synthesize_image(fixed_labels, g, augment=self.intensity, means=means_f)
         moving = synthesize_image(moving_labels, g, augment=self.intensity, means=means_m)
         alt = None
@@ -184,7 +199,7 @@ class SyntheticPairs:
             alt = synthesize_image(moving_labels, g, augment=self.intensity,
                                    means=random_means(batch, ID_TABLE, g, device=dev))
         return PairBatch(fixed, moving, fixed_labels, moving_labels, net_affine, alt,
-                         torch.cat(f_mat), torch.cat(m_mat), f_idx, m_idx)
+                         torch.cat(f_mat), torch.cat(m_mat), f_idx, m_idx, f_reg, m_reg)
 
 
 def read_image_table(path: str | Path, *, train: bool = True) -> list[dict]:

@@ -33,6 +33,7 @@ __all__ = [
     "random_smooth_field",
     "warp_labels_on_grid",
     "random_means",
+    "mixed_means",
     "synthesize_image",
     "extracerebral_mask",
 ]
@@ -48,7 +49,10 @@ NAMED_CONTRASTS: dict[str, dict[str, float]] = {
     "t1": {"wm": 0.80, "gm": 0.50, "csf": 0.12},
     "t2": {"wm": 0.30, "gm": 0.50, "csf": 0.92},
     "pd": {"wm": 0.55, "gm": 0.68, "csf": 0.80},
+    "flair": {"wm": 0.50, "gm": 0.68, "csf": 0.05},
 }
+#: how often each contrast is drawn by :func:`mixed_means` (the rest: random intensity per label)
+CONTRAST_MIX: dict[str, float] = {"t1": 0.125, "t2": 0.125, "pd": 0.125, "flair": 0.125}
 
 
 def _uniform(shape, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
@@ -101,6 +105,22 @@ def random_means(batch: int, table_size: int, generator: torch.Generator, *, con
     elif contrast is not None and contrast != "random":
         raise ValueError(f"unknown contrast {contrast!r}: use random or one of {', '.join(NAMED_CONTRASTS)}")
     return means.clamp(0, 1)
+
+
+def mixed_means(batch: int, table_size: int, generator: torch.Generator, *, device=None) -> torch.Tensor:
+    """Like :func:`random_means`, with each image's contrast drawn from :data:`CONTRAST_MIX`
+    (T1-, T2-, PD-, FLAIR-like) or, otherwise, random per label."""
+    u = torch.rand((batch,), generator=generator, device=device).tolist()
+    rows = []
+    for b, ub in enumerate(u):
+        contrast, acc = "random", 0.0
+        for name, p in CONTRAST_MIX.items():
+            acc += p
+            if ub < acc:
+                contrast = name
+                break
+        rows.append(random_means(1, table_size, generator, contrast=contrast, device=device))
+    return torch.cat(rows)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -200,6 +220,9 @@ class SpatialAugment:
 
     Attributes:
         max_rotation: degrees (180 = any orientation).
+        full_sphere_prob: probability that an image's rotation is drawn over the whole sphere instead
+            (a mixture: near-canonical images for accuracy, any orientation for the first pass of the
+            orientation search).
         max_translation: mm per axis.
         scale: maximum relative scaling per axis (0.1 = [0.9, 1.1]).
         shear: maximum shear coefficient.
@@ -208,6 +231,7 @@ class SpatialAugment:
     """
 
     max_rotation: float = 180.0
+    full_sphere_prob: float = 0.0
     max_translation: float = 10.0
     scale: float = 0.1
     shear: float = 0.05
@@ -222,6 +246,10 @@ def random_affine(batch: int, generator: torch.Generator, center: torch.Tensor,
     s = spec or SpatialAugment()
     g = generator
     rot = random_rotation(batch, g, max_degrees=s.max_rotation, device=device)
+    if s.full_sphere_prob > 0:
+        anywhere = random_rotation(batch, g, max_degrees=180.0, device=device)
+        pick = torch.rand((batch, 1, 1), generator=g, device=device) < s.full_sphere_prob
+        rot = torch.where(pick, anywhere, rot)
     scale = torch.diag_embed(1 + _uniform((batch, 3), -s.scale, s.scale, g, device).double())
     shear = torch.eye(3, dtype=torch.float64, device=device).repeat(batch, 1, 1)
     shear[:, 0, 1], shear[:, 0, 2], shear[:, 1, 2] = _uniform((3, batch), -s.shear, s.shear, g, device).double()

@@ -7,6 +7,7 @@ from .compose import ComposedTransform, compose_transforms
 from .field import DEFAULT_FIELD_STRIDE, DisplacementField, SpatialTransform, check_field_stride, sample_field
 from .invert import invert_points, map_to_fixed
 from .linear import AffineTransform, fit_affine, fit_rigid
+from .selection import NUM_PARAMS, identity_suffices, keep_identity_if_aligned
 from .spec import AlignSpec, fit_transform, parse_align, parse_aligns
 from .tps import ThinPlateSpline, fit_tps, tps_kernel
 
@@ -29,5 +30,8 @@ __all__ = [
     "check_field_stride",
     "invert_points",
     "map_to_fixed",
+    "identity_suffices",
+    "NUM_PARAMS",
+    "keep_identity_if_aligned",
     "DEFAULT_FIELD_STRIDE",
 ]

@@ -1,0 +1,240 @@
+"""Keypoints of one image at any orientation: test-time orientation search for anatomical models.
+
+An anatomical model (``ModelConfig.regions``) knows where its keypoints lie in a reference frame
+(``RegionAtlas.template``).  Detection then runs in up to three steps, all in world mm:
+
+1. **first look**: the network sees the image on its usual RAS grid (any orientation) and turned by
+   half a turn about each axis (4 looks, one batch); a trimmed similarity fit of the template onto
+   each look's keypoints gives a pose, and the look that fits best is kept.
+2. **canonical pass**: the image is resampled onto a grid that follows that pose (the template's
+   orientation, centred on the head), where the network was trained to be accurate; its keypoints,
+   mapped back through the grid's affine, are the result (the pass is repeated once when it moves
+   the pose by more than ``REFINE_DEGREES``).
+3. **search** (only when the canonical keypoints do not fit the template, i.e. the first look
+   failed): the first look is repeated on the 24 rotations of the cube group, and the hypothesis
+   whose canonical pass fits the template best is kept.
+
+Unnamed models (official checkpoints, K-keypoint models) are run as before: one pass.
+
+Frames: ``world_from_net`` maps network voxel indices ``(i, j, k)`` to world RAS mm of the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import permutations, product
+
+import numpy as np
+import torch
+
+from ..geometry import apply_affine, normalized_to_voxel
+from ..io import Volume
+from ..preprocess import network_grid_affine, network_source, sample_network_input
+from .detector import KeypointDetector
+
+__all__ = ["DetectedKeypoints", "detect_image_keypoints", "fit_similarity", "cube_rotations", "half_turns",
+           "SEARCH_RESIDUAL_MM"]
+
+#: median template residual (mm) above which the canonical pass is not trusted and the search runs
+SEARCH_RESIDUAL_MM = 7.0
+#: a canonical pass that moves the pose estimate by more than this is repeated once from the new pose
+REFINE_DEGREES = 10.0
+
+
+@dataclass
+class DetectedKeypoints:
+    """Keypoints of one image.
+
+    Attributes:
+        points: ``(K, 3)`` float64 world RAS mm.
+        mass: ``(K,)`` total heatmap activation.
+        world_from_net: ``(4, 4)`` affine of the network grid the points were read on.
+        template_residual_mm: ``(K,)`` distance of each keypoint to the fitted template (anatomical
+            models), or ``None``.
+        passes: network passes used.
+        searched: whether the orientation search ran.
+    """
+
+    points: torch.Tensor
+    mass: torch.Tensor
+    world_from_net: np.ndarray
+    template_residual_mm: np.ndarray | None = None
+    passes: int = 1
+    searched: bool = False
+    info: dict = field(default_factory=dict)
+
+
+def cube_rotations() -> np.ndarray:
+    """The 24 proper rotations of the cube, ``(24, 3, 3)`` (signed permutation matrices, det +1)."""
+    out = []
+    for perm in permutations(range(3)):
+        for signs in product((1, -1), repeat=3):
+            m = np.zeros((3, 3))
+            for r, (c, s) in enumerate(zip(perm, signs)):
+                m[r, c] = s
+            if np.linalg.det(m) > 0:
+                out.append(m)
+    return np.stack(out)
+
+
+def half_turns() -> np.ndarray:
+    """The identity and the half turns about the three axes, ``(4, 3, 3)`` (the Klein four-group)."""
+    return np.stack([np.diag(d) for d in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1))]).astype(np.float64)
+
+
+def fit_similarity(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted least-squares similarity ``dst ~ s R src + t`` (Umeyama), ``(4, 4)``."""
+    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    cs, cd = w @ src, w @ dst
+    x, y = src - cs, dst - cd
+    cov = (y * w[:, None]).T @ x
+    u, sv, vt = np.linalg.svd(cov)
+    d = np.sign(np.linalg.det(u @ vt)) or 1.0
+    fix = np.diag([1.0, 1.0, d])
+    rot = u @ fix @ vt
+    var = (w * (x ** 2).sum(1)).sum()
+    scale = float((sv * np.diag(fix)).sum() / max(var, 1e-12))
+    out = np.eye(4)
+    out[:3, :3] = scale * rot
+    out[:3, 3] = cd - scale * rot @ cs
+    return out
+
+
+def _trimmed_similarity(template: np.ndarray, points: np.ndarray, keep: float = 0.6, iterations: int = 4
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity ``world_from_template`` fitted to the best ``keep`` share of the points, and the
+    residual of every point (mm)."""
+    ok = np.isfinite(points).all(1)
+    sel = ok.copy()
+    mat = fit_similarity(template[sel], points[sel])
+    for _ in range(iterations):
+        res = np.linalg.norm(template @ mat[:3, :3].T + mat[:3, 3] - points, axis=1)
+        res[~ok] = np.inf
+        cut = np.quantile(res[ok], keep)
+        sel = ok & (res <= cut)
+        mat = fit_similarity(template[sel], points[sel])
+    res = np.linalg.norm(template @ mat[:3, :3].T + mat[:3, 3] - points, axis=1)
+    return mat, res
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle (degrees) of the rotation taking ``a`` to ``b``."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(a.T @ b) - 1) / 2, -1, 1))))
+
+
+def _rotation_part(mat: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(mat[:3, :3])
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    return r
+
+
+class _Runner:
+    """Runs the network on grids of one image (its normalised, anti-aliased copy is made once)."""
+
+    def __init__(self, model: KeypointDetector, volume: Volume, device: torch.device, use_amp: bool) -> None:
+        self.model, self.volume, self.device, self.use_amp = model, volume, device, use_amp
+        pre = model.config.preprocessing
+        self.shape = pre.grid.shape
+        self.base = network_grid_affine(volume.affine, volume.shape, pre.grid)
+        self.source = network_source(volume, pre, self.base, device)
+        self.passes = 0
+
+    def grid(self, rotation: np.ndarray, center: np.ndarray) -> np.ndarray:
+        """``world_from_net`` of a grid with the model's voxel size whose axes are ``rotation``'s
+        columns, centred on ``center`` (world mm)."""
+        vs = np.asarray(self.model.config.preprocessing.grid.voxel_size, dtype=np.float64)
+        n = np.asarray(self.shape, dtype=np.float64)
+        out = np.eye(4)
+        out[:3, :3] = rotation @ np.diag(vs)
+        out[:3, 3] = center - out[:3, :3] @ ((n - 1) / 2)
+        return out
+
+    def run(self, grids: list[np.ndarray], batch: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+        """World keypoints ``(K, 3)`` and masses ``(K,)`` on each grid."""
+        out = []
+        for start in range(0, len(grids), batch):
+            chunk = grids[start:start + batch]
+            x = torch.cat([sample_network_input(self.source, self.volume.affine, g, self.shape) for g in chunk])
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            amp = self.use_amp and self.device.type == "cuda"
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                u, mass = self.model(x)
+            self.passes += len(chunk)
+            for b, g in enumerate(chunk):
+                idx = normalized_to_voxel(u[b].double(), self.shape)
+                world = apply_affine(torch.as_tensor(g, device=idx.device), idx)
+                out.append((world.cpu().numpy(), mass[b].float().cpu().numpy()))
+        return out
+
+
+def detect_image_keypoints(
+    model: KeypointDetector,
+    volume: Volume,
+    *,
+    device: torch.device | str | None = None,
+    use_amp: bool = False,
+    search: bool | None = None,
+) -> DetectedKeypoints:
+    """Keypoints of one image in world mm (see the module docstring).
+
+    Args:
+        model: the detector (evaluation mode).
+        volume: the image.
+        device: where the network runs (default: the model's device).
+        use_amp: bf16 autocast on CUDA.
+        search: ``"always"`` (the 24 cube rotations are looked at first), ``True``/``"auto"`` (first
+            look at the image as it is; the 24 rotations only when the canonical pass does not fit the
+            template), ``False`` (one pass, no canonicalisation); ``None`` follows the model config.
+    """
+    device = torch.device(device) if device is not None else model.device
+    atlas = model.config.regions
+    use_search = model.config.orientation_search if search is None else search
+    runner = _Runner(model, volume, device, use_amp)
+    if use_search is True:
+        use_search = "auto"
+    if atlas is None or not use_search:
+        pts, mass = runner.run([runner.base])[0]
+        return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), runner.base)
+    template = atlas.template
+    center_t = template.mean(0)
+
+    def canonical(first_points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Canonical pass from a pose estimate; repeated once when it moved the pose by > 10 degrees."""
+        pose, _ = _trimmed_similarity(template, first_points)
+        for attempt in range(2):
+            grid = runner.grid(_rotation_part(pose), pose[:3, :3] @ center_t + pose[:3, 3])
+            pts, mass = runner.run([grid])[0]
+            new_pose, res = _trimmed_similarity(template, pts)
+            if attempt or _angle(_rotation_part(pose), _rotation_part(new_pose)) <= REFINE_DEGREES:
+                break
+            pose = new_pose
+        return pts, mass, grid, res
+
+    center = runner.base[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + runner.base[:3, 3]
+    if use_search == "always":  # first look on all 24 cube rotations: the best one starts the canonical pass
+        looks = runner.run([runner.grid(r, center) for r in cube_rotations()])
+        best = int(np.argmin([np.median(_trimmed_similarity(template, p)[1]) for p, _ in looks]))
+        pts, mass, grid, res = canonical(looks[best][0])
+        return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, True,
+                                 {"median_template_residual_mm": float(np.median(res))})
+    # first look: the image as it is and turned half a turn about each axis (one batch); the look whose
+    # keypoints fit the template best gives the pose
+    looks = runner.run([runner.grid(r, center) for r in half_turns()])
+    first = looks[int(np.argmin([np.median(_trimmed_similarity(template, p)[1]) for p, _ in looks]))][0]
+    pts, mass, grid, res = canonical(first)
+    searched = False
+    if np.median(res) > SEARCH_RESIDUAL_MM:
+        searched = True
+        rots = cube_rotations()
+        looks = runner.run([runner.grid(r, center) for r in rots])
+        scores = [np.median(_trimmed_similarity(template, p)[1]) for p, _ in looks]
+        best = int(np.argmin(scores))
+        cand = canonical(looks[best][0])
+        if np.median(cand[3]) < np.median(res):
+            pts, mass, grid, res = cand
+    return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, searched,
+                             {"median_template_residual_mm": float(np.median(res))})

@@ -1,0 +1,198 @@
+"""Anatomical keypoints: region definitions, their consistency under affine maps, the model config
+that carries them, and the orientation search's geometry."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from keyreg.errors import ConfigError
+from keyreg.geometry import rotation_about
+from keyreg.models.inference import (_trimmed_similarity, cube_rotations, detect_image_keypoints,
+                                     fit_similarity)
+from keyreg.models.regions import RegionAtlas, build_atlas
+
+
+def _map(shift: int) -> np.ndarray:
+    lab = np.zeros((40, 36, 32), np.int16)
+    lab[4:36, 4:32, 4:28] = 507
+    lab[7:33, 7:29, 6:26] = 24
+    lab[9:31 - shift, 9:27, 8:24] = 3
+    lab[9:20, 11:25, 10:22] = 2
+    lab[20:31 - shift, 11:25, 10:22] = 41
+    lab[14:18 + shift, 15:20, 14:18] = 4
+    lab[22:26, 15:19 + shift, 12:16] = 17
+    return lab
+
+
+AFF = np.array([[-1.0, 0, 0, 20], [0, 0, 1.0, -16], [0, -1.0, 0, 18], [0, 0, 0, 1]])  # LIA, 1 mm
+
+
+@pytest.fixture(scope="module")
+def atlas():
+    maps = [(_map(s), AFF) for s in range(3)]
+    atlas, stats = build_atlas(maps, {(3,): 4, (507,): 3}, min_voxels_mm3=10)
+    return atlas, stats
+
+
+def test_build_atlas_names_and_template(atlas):
+    a, stats = atlas
+    names = a.names
+    assert len(names) == len(set(names)) == stats["num_regions"] == stats["num_whole"] + stats["num_sub"]
+    assert stats["num_sub"] == 7
+    assert "Left-Hippocampus" in names and "Left-Lateral-Ventricle" in names
+    assert sum(n.startswith("Left-Cerebral-Cortex/") for n in names) == 4
+    assert a.template.shape == (len(a), 3) and np.isfinite(a.template).all()
+    # every voxel of a split structure belongs to exactly one of its sub-regions
+    rmap = a.region_map(_map(0), AFF)
+    cortex = [k + 1 for k, r in enumerate(a.regions) if r.labels == (3,)]
+    assert set(np.unique(rmap[_map(0) == 3])) <= set(cortex)
+    assert len(set(np.unique(rmap[_map(0) == 3]))) == 4
+    assert (rmap[_map(0) == 0] == 0).all()
+
+
+def test_regions_follow_an_affine_change_of_world(atlas):
+    """The same label map under another world frame (rotation, scaling, translation of its header)
+    gets the same sub-regions, and its centroids move exactly with the frame."""
+    a, _ = atlas
+    p = np.eye(4)
+    p[:3, :3] = rotation_about([0.3, -0.5, 0.8], 70.0) * 1.1
+    p[:3, 3] = [12.0, -30.0, 5.0]
+    lab = _map(1)
+    assert np.array_equal(a.region_map(lab, AFF), a.region_map(lab, p @ AFF))
+    c0, n0 = a.centroids(lab, AFF)
+    c1, n1 = a.centroids(lab, p @ AFF)
+    assert np.array_equal(n0, n1)
+    np.testing.assert_allclose(c1, c0 @ p[:3, :3].T + p[:3, 3], atol=1e-6)
+
+
+def test_atlas_json_round_trip_and_model_config(atlas):
+    from keyreg.models import ArchitectureConfig, ModelConfig
+
+    a, _ = atlas
+    again = RegionAtlas.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert again.names == a.names
+    np.testing.assert_allclose(again.template, a.template, atol=1e-3)
+    cfg = ModelConfig("m", ArchitectureConfig("truncatedunet", len(a), num_levels=3, num_truncated=1, f_maps=8),
+                      regions=a, orientation_search=True)
+    back = ModelConfig.from_dict(json.loads(cfg.to_json()))
+    assert back.keypoint_names == a.names and back.orientation_search
+    assert ModelConfig("m", ArchitectureConfig("conv", 8)).keypoint_names is None
+    bad = json.loads(cfg.to_json())
+    bad["architecture"]["num_keypoints"] = len(a) + 1
+    with pytest.raises(ConfigError, match="regions"):
+        ModelConfig.from_dict(bad)
+    bad = json.loads(cfg.to_json())
+    bad["regions"]["template"] = [[0, 0, "x"]]
+    with pytest.raises(ConfigError, match="regions"):
+        ModelConfig.from_dict(bad)
+
+
+def test_cube_rotations_form_the_group():
+    rots = cube_rotations()
+    assert rots.shape == (24, 3, 3)
+    np.testing.assert_allclose(np.linalg.det(rots), 1.0)
+    keys = {tuple(np.rint(r).astype(int).ravel()) for r in rots}
+    assert len(keys) == 24
+    assert all(tuple(np.rint(a @ b).astype(int).ravel()) in keys for a in rots[:6] for b in rots)
+
+
+def test_similarity_fit_and_trimmed_fit_with_outliers():
+    rng = np.random.default_rng(0)
+    src = rng.normal(scale=40, size=(60, 3))
+    true = np.eye(4)
+    true[:3, :3] = rotation_about([1, 2, 3], 130.0) * 1.2
+    true[:3, 3] = [5, -7, 9]
+    dst = src @ true[:3, :3].T + true[:3, 3]
+    np.testing.assert_allclose(fit_similarity(src, dst), true, atol=1e-9)
+    bad = dst.copy()
+    bad[:18] += rng.normal(scale=60, size=(18, 3))  # 30 % outliers
+    mat, res = _trimmed_similarity(src, bad)
+    np.testing.assert_allclose(mat, true, atol=1e-6)
+    assert (res[18:] < 1e-6).all() and (res[:18] > 1).sum() >= 15
+
+
+def test_orientation_search_runs_on_an_anatomical_model(atlas):
+    from conftest import tiny_model
+
+    from keyreg.io import Volume
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    vol = Volume(_map(0).astype(np.float32), AFF, name="img")
+    plain = detect_image_keypoints(model, vol)
+    assert plain.passes == 1 and plain.points.shape == (len(a), 3)
+    model.config.regions, model.config.orientation_search = a, True
+    det = detect_image_keypoints(model, vol)
+    assert 5 <= det.passes <= 6 + 26 and det.points.shape == (len(a), 3)
+    assert torch.isfinite(det.points).all() and det.template_residual_mm.shape == (len(a),)
+    assert det.searched == (det.passes > 6)
+    always = detect_image_keypoints(model, vol, search="always")
+    assert 25 <= always.passes <= 26 and always.searched
+    assert detect_image_keypoints(model, vol, search=False).passes == 1
+
+
+def test_identity_kept_for_an_aligned_pair_and_not_for_a_moved_one():
+    from keyreg.transforms import AlignSpec, fit_transform, keep_identity_if_aligned
+
+    rng = np.random.default_rng(1)
+    pf = torch.from_numpy(rng.normal(scale=40, size=(1, 100, 3)))
+    noisy = pf + torch.from_numpy(rng.normal(scale=1.5, size=pf.shape))  # same anatomy, detection noise
+    specs = [AlignSpec("rigid"), AlignSpec("affine"), AlignSpec("tps", 1.0)]
+    center, scale = torch.zeros(3, dtype=torch.float64), 100.0
+    fits = {s.name: fit_transform(s, pf, noisy, center=center, scale=scale) for s in specs}
+    kept = keep_identity_if_aligned(fits, pf, noisy)
+    probe = torch.from_numpy(rng.normal(scale=50, size=(1, 20, 3)))
+    for name, tr in kept.items():
+        torch.testing.assert_close(tr.map_points(probe), probe, atol=1e-9, rtol=0)
+    assert type(kept["tps_1"]) is type(fits["tps_1"])
+    moved = noisy + torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)  # a 2 mm shift is real
+    fits = {s.name: fit_transform(s, pf, moved, center=center, scale=scale) for s in specs}
+    kept = keep_identity_if_aligned(fits, pf, moved)
+    assert all(kept[n] is fits[n] for n in fits)
+
+
+def test_models_command_lists_keypoint_names(atlas, tmp_path, capsys):
+    from conftest import tiny_model
+
+    from keyreg.cli import main
+    from keyreg.models import load_model, save_model
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    model.config.regions, model.config.orientation_search = a, True
+    model.config.fit_exclude = ("Extracerebral-*",)
+    weights, _ = save_model(model, tmp_path / "anat")
+    loaded = load_model(weights)
+    assert loaded.config.keypoint_names == a.names
+    mask = loaded.config.fit_mask()
+    assert mask == [not n.startswith("Extracerebral-") for n in a.names] and not all(mask)
+    assert loaded.config.fit_mask([]) is None
+    assert main(["models", str(weights), "--keypoints"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(a)} named anatomical points" in out and "Left-Hippocampus" in out
+    assert "Left-Cerebral-Cortex/" in out
+
+
+def test_dense_target_centre_of_mass_is_the_region_centroid():
+    """The heatmap-grid mask each heatmap is pulled towards has its centre of mass, as the detector
+    reads it, exactly at the region's centroid: the dense and the regression terms agree."""
+    from types import SimpleNamespace
+
+    from keyreg.geometry import apply_affine, normalized_to_voxel
+    from keyreg.models.keypoints import center_of_mass
+    from keyreg.train.trainer import Trainer
+
+    reg = torch.zeros(2, 1, 32, 28, 24, dtype=torch.long)
+    reg[0, 0, 3:9, 20:26, 5:8] = 1
+    reg[0, 0, 15:17, 10:13, 20:24] = 2
+    reg[1, 0, 25:32, 0:2, 2:19] = 1
+    reg[1, 0, 0:32, 5:6, 7:8] = 2
+    aff = torch.tensor([[0, 3.0, 0, -40], [2.5, 0, 0, 10], [0, 0, 4.0, 7], [0, 0, 0, 1]], dtype=torch.float64)
+    trainer = SimpleNamespace(model=SimpleNamespace(num_keypoints=2))
+    cent, count, mask = Trainer._anatomical_targets(trainer, reg, aff, (8, 7, 6))
+    assert count.tolist() == [[108, 24], [238, 32]]
+    pts, _ = center_of_mass(mask)
+    world = apply_affine(aff.float(), normalized_to_voxel(pts, (32, 28, 24)))
+    torch.testing.assert_close(world, cent, atol=1e-3, rtol=0)
