@@ -2,7 +2,7 @@
 
 Protocol (issue: anatomical default model):
 * held-out label maps 13-15 (../shared/data/labelmaps), resampled to 2 mm; every pair joins two
-  different subjects (6 ordered pairs);
+  different subjects (13->14, 14->15, 15->13; ``--all_pairs``: the 6 ordered pairs);
 * contrast pairs fixed -> moving: T1 -> T2, T2 -> T1, T1 -> PD-like, T1 -> FLAIR-like (synthetic
   contrasts of ``keyreg.train.synth``, whole head, seeded);
 * the moving image is rotated (header) by 0, 45, 90, 135, 180 degrees about a random axis (seeded
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--ants_rotations", nargs="+", type=float, default=[0, 90])
     p.add_argument("--time_1mm", action="store_true", help="time the keypoints of a 256^3 1 mm image")
     p.add_argument("--quick", action="store_true", help="one contrast pair (T1 -> T2)")
+    p.add_argument("--all_pairs", action="store_true",
+                   help="every ordered pair of different maps (default: each map to the next, cyclically)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fit_exclude", nargs="*", help="keypoint name patterns left out of fits (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -163,10 +165,11 @@ def main(argv=None) -> int:
         for c in {c for pair in contrasts for c in pair}:
             images[(i, c)] = synth(bank.maps[i], c, seed_of(args.seed, m, c))
     tmp = Path(tempfile.mkdtemp(prefix="keyreg_val_"))
-    for fi in range(len(args.maps)):
-        for mi in range(len(args.maps)):
-            if fi == mi:
-                continue
+    n = len(args.maps)
+    pairs = [(f, m) for f in range(n) for m in range(n) if f != m] if args.all_pairs else \
+        [(f, (f + 1) % n) for f in range(n)]
+    for fi, mi in pairs:
+        if True:
             for cf, cm in contrasts:
                 fixed = Volume(images[(fi, cf)], affs[fi], name=f"{args.maps[fi]}{cf}")
                 true_f = atlas.centroids(segs[fi], affs[fi])[0] if atlas else None

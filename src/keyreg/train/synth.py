@@ -284,13 +284,13 @@ def warp_labels_on_grid(
     """Resample label maps once through ``x -> matrix @ (x + u(x))`` (nearest: ids never blended).
 
     Args:
-        labels: ``(B, 1, I, J, K)`` integer ids on the source grid.
+        labels: ``(B, C, I, J, K)`` integer ids on the source grid (e.g. labels and regions).
         source_affine, out_affine: ``(4, 4)`` world-from-voxel of the source and output grids.
         matrix: ``(B, 4, 4)`` world transform (output world -> source world).
         displacement: ``(B, 3, *out_shape)`` mm added before ``matrix`` (or ``None``).
 
     Returns:
-        ``(B, 1, *out_shape)`` int64; 0 outside the source grid.
+        ``(B, C, *out_shape)`` int64; 0 outside the source grid (every channel resampled alike).
     """
     b = labels.shape[0]
     dev = labels.device
@@ -306,5 +306,6 @@ def warp_labels_on_grid(
     inside = ((near >= 0) & (near < n)).all(-1)
     near = torch.minimum(near.clamp_min(0), n - 1)
     flat = (near[..., 0] * n[1] + near[..., 1]) * n[2] + near[..., 2]
-    vals = torch.gather(labels.reshape(b, -1).long(), 1, flat)
-    return torch.where(inside, vals, torch.zeros_like(vals)).reshape(b, 1, *out_shape)
+    c = labels.shape[1]
+    vals = torch.gather(labels.reshape(b, c, -1).long(), 2, flat[:, None].expand(b, c, -1))
+    return torch.where(inside[:, None], vals, torch.zeros_like(vals)).reshape(b, c, *out_shape)
