@@ -196,3 +196,27 @@ def test_dense_target_centre_of_mass_is_the_region_centroid():
     pts, _ = center_of_mass(mask)
     world = apply_affine(aff.float(), normalized_to_voxel(pts, (32, 28, 24)))
     torch.testing.assert_close(world, cent, atol=1e-3, rtol=0)
+
+
+def test_pipeline_uses_the_model_exclusions_and_keeps_an_aligned_pair(atlas, tmp_path):
+    """An anatomical model: its default exclusions apply unless the user gives their own, its
+    keypoints carry their names, and a pair of identical images keeps the exact identity."""
+    from conftest import tiny_model
+
+    import keyreg
+    from keyreg.io import Volume
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    model.config.regions, model.config.orientation_search = a, "auto"
+    model.config.fit_exclude = ("Extracerebral-*",)
+    img = Volume(_map(0).astype(np.float32) / 600, AFF, name="img")
+    reg = keyreg.register(img, img, model=model, aligns=["affine", "tps_1"])
+    assert reg.excluded_keypoints == [n for n in a.names if n.startswith("Extracerebral-")]
+    assert reg.fixed_keypoints.names == a.names
+    np.testing.assert_allclose(reg["affine"].matrix, np.eye(4), atol=1e-12)
+    probe = torch.randn(1, 5, 3, dtype=torch.float64) * 10
+    tps = reg["tps_1"].transform
+    torch.testing.assert_close(tps.map_points(probe), probe, atol=1e-9, rtol=0)
+    every = keyreg.register(img, img, model=model, aligns=["affine"], exclude_keypoints=[])
+    assert every.excluded_keypoints == []
