@@ -26,3 +26,4 @@ fi
 # 2. continued from stage 1 (same regions, carried in its config), lr 5e-4 with a cosine decay
 keyreg pretrain --label_maps $TRAIN --load_path "$SAVE/stage1/model.safetensors" "${COMMON[@]}" \
     --steps "$STEPS" --lr 5e-4 --lr_schedule cosine --seed 1 --save_dir "$SAVE/stage2" "${EXTRA[@]}"
+# 3. install into the package (safetensors + JSON) as the default: scripts/install_model.py (see docs/models.md)

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("nilearn", reason="keyreg demo needs nilearn (pip install 'keyreg[demo]')")
 
-from keyreg.demo import TRUE_ROTATION_DEG, demo_data, make_moving, rotation_angle  # noqa: E402
+from keyreg.demo import TRUE_ROTATION_DEG, demo_data, make_moving, rotation_angle, rotation_error  # noqa: E402
 from keyreg.metrics import dice_per_label, mean_dice  # noqa: E402
 from keyreg.transforms import AffineTransform, fit_affine  # noqa: E402
 from keyreg.warp import warp_labels  # noqa: E402
@@ -30,6 +30,7 @@ def test_demo_pair_is_recoverable_from_its_known_map():
     x = psi.map_points(y)
     matrix = fit_affine(x, y)
     assert abs(rotation_angle(matrix[0].numpy()) - TRUE_ROTATION_DEG) < 3
+    assert rotation_error(matrix[0].numpy()) < 3 and TRUE_ROTATION_DEG >= 120
     after = warp_labels(torch.from_numpy(moving_seg.data)[None], moving.affine, fixed.shape, fixed.affine,
                         AffineTransform(matrix))[0]
     per = dice_per_label(after.numpy(), seg.data)  # 3 mm grids, two nearest resamplings: thin CSF suffers

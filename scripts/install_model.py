@@ -1,0 +1,50 @@
+"""Install a trained anatomical model into the package as a bundled model and make it the default.
+
+    python scripts/install_model.py runs/anat/stage2/model.safetensors --steps 900+2000 --wall "..." \
+        --images 23600
+
+Writes src/keyreg/pretrained/<name>.safetensors + .json (no pickles) and src/keyreg/pretrained/DEFAULT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from keyreg.models.checkpoint import PRETRAINED_DIR, load_model, save_model
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="trained model (.safetensors of a keyreg run)")
+    p.add_argument("--name", default="keyreg-anatomy")
+    p.add_argument("--steps", required=True, help="steps of each stage, e.g. 900+2000")
+    p.add_argument("--images", type=int, required=True, help="training images seen")
+    p.add_argument("--wall", required=True, help="wall time and machine, free text")
+    p.add_argument("--regions_stats", help="JSON with the regions' consistency statistics")
+    args = p.parse_args()
+    m = load_model(args.model)
+    c = m.config
+    if c.regions is None:
+        raise SystemExit("not an anatomical model (no regions in its config)")
+    c.name = args.name
+    c.orientation_search = "always"
+    c.fit_exclude = c.fit_exclude or ("Extracerebral-*",)
+    c.description = (f"anatomical keypoints: {len(c.regions)} named region centroids; truncated U-Net, 64^3 at 4 mm; "
+                     "any orientation (search), any MRI contrast")
+    c.training = {
+        "data": "../shared/data/labelmaps training_seg_01..12 (synthetic contrasts); validation 13..15",
+        "command": "scripts/train_default.sh ../shared/data/labelmaps 2000 runs/anat",
+        "steps": args.steps, "images_seen": args.images, "wall_time": args.wall,
+        "batch": "2 pairs (4 images) per step", "model_card": "docs/models.md",
+    }
+    if args.regions_stats:
+        c.training["regions_consistency"] = json.load(open(args.regions_stats))
+    weights, config = save_model(m, PRETRAINED_DIR / args.name)
+    (PRETRAINED_DIR / "DEFAULT").write_text(args.name + "\n")
+    print("installed", weights, config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
