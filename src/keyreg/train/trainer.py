@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, DegenerateFitError, ImageIOError
+from ..errors import CheckpointError, ConfigError, ImageIOError
 from ..geometry import apply_affine, fov_center, fov_half_extent, normalized_to_voxel
 from ..models import KeypointDetector, ModelConfig
 from ..models.checkpoint import load_model, save_model
 from ..models.detector import ArchitectureConfig
 from ..preprocess import GridSpec, PreprocessConfig
-from ..transforms import AlignSpec, fit_affine, fit_transform
+from ..transforms import AlignSpec, fit_transform
 from .data import (ImagePairs, LabelMapBank, PairBatch, SyntheticPairs, brain_label_table, list_label_maps,
                    read_image_table)
 from .losses import one_hot, soft_dice_loss, warp_on_grid
