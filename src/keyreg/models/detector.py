@@ -66,6 +66,8 @@ class ModelConfig:
             channel, with its name); ``None`` for unnamed models (official checkpoints).
         orientation_search: test-time orientation search of anatomical models
             (``keyreg.models.inference``): ``"always"``, ``"auto"`` (``True``) or off (``False``).
+        names: keypoint names of a model without regions (``None``: ``K-1 .. K-N``); anatomical
+            models take their names from ``regions``.
         fit_exclude: glob patterns of keypoint names left out of fits by default (the anatomical
             default model: ``Extracerebral-*``, whose head-shape variability would pull a brain
             alignment); a user's own exclusion list replaces it.
@@ -80,6 +82,7 @@ class ModelConfig:
     regions: RegionAtlas | None = None
     orientation_search: bool | str = False
     fit_exclude: tuple[str, ...] = ()
+    names: tuple[str, ...] | None = None
 
     FORMAT = "keyreg-model"
     VERSION = 1
@@ -90,7 +93,8 @@ class ModelConfig:
                 "preprocessing": self.preprocessing.to_dict(), "weighting": self.weighting,
                 "training": self.training,
                 **({"regions": self.regions.to_dict()} if self.regions is not None else {}),
-                "orientation_search": self.orientation_search, "fit_exclude": list(self.fit_exclude)}
+                "orientation_search": self.orientation_search, "fit_exclude": list(self.fit_exclude),
+                **({"keypoint_names": list(self.names)} if self.names is not None and self.regions is None else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -112,6 +116,10 @@ class ModelConfig:
         exclude = d.get("fit_exclude", [])
         if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
             raise ConfigError(f"fit_exclude must be a list of name patterns, got {exclude!r}")
+        names = d.get("keypoint_names")
+        if names is not None and (not isinstance(names, list) or len(names) != arch.num_keypoints
+                                  or not all(isinstance(n, str) for n in names)):
+            raise ConfigError(f"keypoint_names must be a list of {arch.num_keypoints} strings")
         search = d.get("orientation_search", False)
         if search not in (True, False, "auto", "always"):
             raise ConfigError(f"orientation_search must be true, false, 'auto' or 'always', got {search!r}")
@@ -122,7 +130,7 @@ class ModelConfig:
                    preprocessing=PreprocessConfig.from_dict(d.get("preprocessing", {})),
                    weighting=weighting, description=str(d.get("description", "")),
                    training=dict(d.get("training", {})), regions=regions, orientation_search=search,
-                   fit_exclude=tuple(exclude))
+                   fit_exclude=tuple(exclude), names=tuple(names) if names is not None else None)
 
     def fit_mask(self, exclude: Sequence[str] | None = None) -> list[bool] | None:
         """Which keypoints enter fits: names matching none of ``exclude`` (default: ``fit_exclude``);
@@ -137,8 +145,18 @@ class ModelConfig:
 
     @property
     def keypoint_names(self) -> list[str] | None:
-        """One name per keypoint for anatomical models, ``None`` for unnamed ones."""
-        return self.regions.names if self.regions is not None else None
+        """One name per keypoint (anatomical models: their regions'), ``None`` for unnamed models."""
+        if self.regions is not None:
+            return self.regions.names
+        return list(self.names) if self.names is not None else None
+
+    @keypoint_names.setter
+    def keypoint_names(self, names: Sequence[str] | None) -> None:
+        if self.regions is not None:
+            raise ConfigError("an anatomical model's keypoint names come from its regions")
+        if names is not None and len(names) != self.architecture.num_keypoints:
+            raise ConfigError(f"{len(names)} names for {self.architecture.num_keypoints} keypoints")
+        self.names = None if names is None else tuple(str(n) for n in names)
 
 
 class KeypointDetector(nn.Module):
