@@ -411,4 +411,6 @@ def test_apply_api_returns_volume_on_reference(scene):
     a = _rigid()
     vol = apply_transform(tmp / "moving.nii.gz", [AffineTransform(torch.from_numpy(a))], reference=tmp / "fixed.nii.gz")
     assert vol.shape == fs and vol.kind == "image"
-    np.testing.assert_allclose(vol.data, _direct(moving, ma, fs, fa, AffineTransform(torch.from_numpy(a))), atol=1e-5)
+    # the reference grid read back from float32 NIfTI headers differs by ~1e-6 mm; sampled positions are
+    # float32 (keyreg.warp: within ~3e-5 voxel), and the image falls to 0 over one voxel at its edges
+    np.testing.assert_allclose(vol.data, _direct(moving, ma, fs, fa, AffineTransform(torch.from_numpy(a))), atol=5e-5)

@@ -130,16 +130,20 @@ def sample_field(
     """
     coarse, grid_aff = coarse_grid_affine(shape, affine, stride)
     grid_aff = grid_aff.to(device)
-    axes = [torch.arange(m, dtype=torch.float64, device=device) for m in coarse]
-    gi, gj, gk = torch.meshgrid(*axes, indexing="ij")
-    idx = torch.stack([gi, gj, gk], dim=-1).reshape(-1, 3)
-    out = torch.empty(batch_size, idx.shape[0], 3, dtype=dtype, device=device)
-    for start in range(0, idx.shape[0], slab_points):
-        world = apply_affine(grid_aff, idx[start : start + slab_points]).to(dtype)
+    disp = torch.empty(batch_size, 3, *coarse, dtype=dtype, device=device)
+    per_i = coarse[1] * coarse[2]
+    step = max(1, slab_points // per_i)
+    j = torch.arange(coarse[1], dtype=torch.float64, device=device)
+    k = torch.arange(coarse[2], dtype=torch.float64, device=device)
+    for start in range(0, coarse[0], step):  # slabs of i-planes: no full-grid index array
+        stop = min(coarse[0], start + step)
+        i = torch.arange(start, stop, dtype=torch.float64, device=device)
+        idx = torch.stack(torch.meshgrid(i, j, k, indexing="ij"), dim=-1).reshape(-1, 3)
+        world = apply_affine(grid_aff, idx).to(dtype)
         world_b = world.unsqueeze(0).expand(batch_size, -1, -1)
         if callable(getattr(transform, "displacement", None)):  # a TPS evaluates u directly, without cancellation
-            out[:, start : start + slab_points] = transform.displacement(world_b)
+            u = transform.displacement(world_b)
         else:
-            out[:, start : start + slab_points] = transform.map_points(world_b) - world_b
-    disp = out.transpose(1, 2).reshape(batch_size, 3, *coarse)
+            u = transform.map_points(world_b) - world_b
+        disp[:, :, start:stop] = u.transpose(1, 2).reshape(batch_size, 3, stop - start, *coarse[1:])
     return DisplacementField(disp, grid_aff)

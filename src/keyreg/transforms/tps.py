@@ -102,18 +102,37 @@ class ThinPlateSpline:
             raise ShapeError(f"points must be ({self.batch_size}, M, 3), got {tuple(points.shape)}")
         dt = points.dtype if points.dtype in (torch.float32, torch.float64) else torch.float32
         ctrl = self.control_points.to(dt)
-        weights = self.kernel_weights.to(dt)
+        ctrl_t = ctrl.transpose(1, 2).contiguous()
+        half_weights = (0.5 * self.kernel_weights).to(dt)  # U = 0.5 r2 log r2: the 0.5 goes with W
         eye = torch.eye(3, dtype=self.affine.dtype, device=self.affine.device)
         lin, shift = (self.affine[:, :3] - eye).to(dt), self.affine[:, 3:4].to(dt)
         center = self.center.unsqueeze(1).to(dt)
         scale = self.scale.view(-1, 1, 1).to(dt)
         ctrl_sq = ctrl.pow(2).sum(-1).unsqueeze(1)  # (B, 1, N)
-        step = max(1, chunk_elements // max(ctrl.shape[1], 1))
+        b, n = ctrl.shape[:2]
+        step = max(1, chunk_elements // max(n, 1))
         out = torch.empty(points.shape, dtype=dt, device=points.device)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (points, self.kernel_weights,
+                                                                         self.control_points, self.affine))
+        r2 = lg = None
         for start in range(0, points.shape[1], step):
             x = (points[:, start : start + step].to(dt) - center) / scale
-            r2 = (x.pow(2).sum(-1, keepdim=True) + ctrl_sq - 2 * x @ ctrl.transpose(1, 2)).clamp_min(0)
-            out[:, start : start + step] = scale * (tps_kernel(r2) @ weights + x @ lin + shift)
+            m = x.shape[1]
+            if grad:  # differentiable form
+                r2c = (x.pow(2).sum(-1, keepdim=True) + ctrl_sq - 2 * x @ ctrl_t).clamp_min(0)
+                u = 2 * tps_kernel(r2c) @ half_weights
+            else:  # fused, in place, in reused buffers: r2 = |x|^2 + |c|^2 - 2 x.c; U' = r2 log r2
+                if r2 is None or r2.numel() < b * m * n:
+                    r2 = torch.empty(b * m * n, dtype=dt, device=points.device)
+                    lg = torch.empty_like(r2)
+                r2m, lgm = r2[: b * m * n].view(b, m, n), lg[: b * m * n].view(b, m, n)
+                torch.baddbmm(x.pow(2).sum(-1, keepdim=True) + ctrl_sq, x, ctrl_t, alpha=-2, out=r2m)
+                r2m.clamp_min_(1e-30)  # r2 = 0 (a control point): r2 log r2 = -7e-29, i.e. 0
+                torch.log(r2m, out=lgm)
+                lgm.mul_(r2m)
+                u = torch.bmm(lgm, half_weights)
+            u.add_(torch.baddbmm(shift, x, lin))
+            out[:, start : start + step] = u.mul_(scale)
         return out.to(points.dtype)
 
     def to(self, device: torch.device | str) -> "ThinPlateSpline":
