@@ -1,0 +1,120 @@
+"""The fast metric, writing and start-up paths give the same results as the straightforward ones."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from keyreg.io import ParallelGzipWriter, write_nifti
+from keyreg.metrics import dice_per_label, hausdorff95_per_label, jacobian_determinant
+from keyreg.transforms import DisplacementField
+
+
+def _label_maps(seed: int = 0, shape=(30, 26, 22)) -> tuple[np.ndarray, np.ndarray]:
+    """Two smooth, overlapping label maps (ids 0..6) that differ by a small deformation."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.standard_normal((2, *shape)), 3, axes=(1, 2, 3))
+    a = np.digitize(field[0], np.quantile(field[0], [0.3, 0.45, 0.6, 0.7, 0.8, 0.9]))
+    b = np.digitize(field[0] + 0.3 * field[1], np.quantile(field[0], [0.3, 0.45, 0.6, 0.7, 0.8, 0.9]))
+    b[0:3] = 6  # a label touching the border
+    a[a == 5] = 9  # a label only in one map
+    return a.astype(np.int64), b.astype(np.int64)
+
+
+def _hd95_reference(a: np.ndarray, b: np.ndarray, spacing) -> dict[int, float]:
+    """The distance-transform definition, on the whole grid, label by label."""
+    out = {}
+    for lab in sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist())):
+        if lab == 0:
+            continue
+        ma, mb = a == lab, b == lab
+        if not ma.any() or not mb.any():
+            out[lab] = float("nan")
+            continue
+        sa = ma & ~ndimage.binary_erosion(ma, border_value=0)
+        sb = mb & ~ndimage.binary_erosion(mb, border_value=0)
+        da = ndimage.distance_transform_edt(~sa, sampling=spacing)
+        db = ndimage.distance_transform_edt(~sb, sampling=spacing)
+        out[lab] = float(np.percentile(np.concatenate([db[sa], da[sb]]), 95))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hausdorff_equals_distance_transform_definition(seed):
+    a, b = _label_maps(seed)
+    spacing = (1.0, 1.3, 0.8)
+    got, ref = hausdorff95_per_label(a, b, spacing), _hd95_reference(a, b, spacing)
+    assert got.keys() == ref.keys() and any(np.isnan(v) for v in ref.values())
+    for k in ref:
+        assert (np.isnan(got[k]) and np.isnan(ref[k])) or abs(got[k] - ref[k]) < 1e-9, k
+    assert any(v > 0 for v in ref.values() if np.isfinite(v))
+
+
+def test_dice_equals_per_label_counts_for_small_and_huge_ids():
+    a, b = _label_maps(2)
+    for shift in (0, 2**40):  # huge ids take the rank path
+        aa, bb = np.where(a > 0, a + shift, 0), np.where(b > 0, b + shift, 0)
+        got = dice_per_label(aa.astype(np.uint8) if shift == 0 else aa, bb)
+        ref = {}
+        for lab in sorted((set(np.unique(aa).tolist()) | set(np.unique(bb).tolist())) - {0}):
+            ma, mb = aa == lab, bb == lab
+            ref[lab] = 2.0 * np.count_nonzero(ma & mb) / (np.count_nonzero(ma) + np.count_nonzero(mb))
+        assert got == ref
+
+
+def test_dice_negative_ids():
+    a = np.array([[-3, 0, 2], [2, -3, 0]])
+    b = np.array([[-3, -3, 2], [0, 0, 0]])
+    assert dice_per_label(a, b) == {-3: 2 * 1 / (2 + 2), 2: 2 * 1 / (2 + 1)}
+
+
+def test_jacobian_equals_gradient_einsum_det():
+    g = torch.Generator().manual_seed(0)
+    disp = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, 4, generator=g) * 2, size=(21, 18, 15),
+                                           mode="trilinear", align_corners=True)
+    aff = np.array([[0.9, 0.1, 0, 3], [0, 1.2, 0.2, -1], [0.1, 0, 1.1, 2], [0, 0, 0, 1]])
+    for a in (aff, np.diag([-1.0, 1.0, 2.0, 1.0])):
+        d = disp[0].numpy().astype(np.float64)
+        grads = np.stack([np.gradient(d, axis=1 + k) for k in range(3)], axis=1)  # (c, a, ...)
+        jac = np.einsum("ca...,aw->...cw", grads, np.linalg.inv(a[:3, :3])) + np.eye(3)
+        ref = np.linalg.det(jac)
+        got = jacobian_determinant(DisplacementField(disp, a), slab=4)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+
+
+def test_parallel_gzip_is_standard_and_nibabel_identical(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 7, 3_000_000, dtype=np.uint8).tobytes()
+    buf = io.BytesIO()
+    w = ParallelGzipWriter(buf, block=65_536, workers=3)
+    w.write(data[:1000])
+    w.write(memoryview(data)[1000:])
+    w.close()
+    assert gzip.decompress(buf.getvalue()) == data
+    (tmp_path / "x.gz").write_bytes(buf.getvalue())
+    assert subprocess.run(["gzip", "-t", str(tmp_path / "x.gz")]).returncode == 0
+    for shape, dt in [((20, 21, 22), np.float32), ((9, 8, 7, 1, 3), np.float32), ((12, 11, 10), np.int16)]:
+        img = nib.Nifti1Image((rng.standard_normal(shape) * 9).astype(dt), np.diag([1.5, 2.0, 1.0, 1.0]))
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"comment"))
+        nib.save(img, str(tmp_path / "ref.nii.gz"))
+        write_nifti(img, tmp_path / "new.nii.gz")
+        assert gzip.open(tmp_path / "new.nii.gz").read() == gzip.open(tmp_path / "ref.nii.gz").read()
+
+
+def test_help_imports_no_heavy_module_and_register_not_the_trainer():
+    code = ("import sys\nfrom keyreg.cli import build_parser, _command_in\n"
+            "build_parser(only=_command_in(['--help']) or '')\n"
+            "heavy = [m for m in ('torch', 'numpy', 'nibabel', 'scipy', 'matplotlib') if m in sys.modules]\n"
+            "build_parser(only='register')\n"
+            "import keyreg.api, keyreg.metrics, keyreg.export\n"
+            "print(heavy, 'keyreg.train.trainer' in sys.modules, 'matplotlib' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
+    assert out == "[] False False"
