@@ -152,7 +152,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(nib, "save", fake_save)
+    monkeypatch.setattr("keyreg.io.write_nifti", fake_save)  # every NIfTI output goes through it
     with pytest.raises(OutputError, match="No space left"):
         save_volume(ref.data, ref, tmp_path / "w.nii.gz")
     assert list(tmp_path.iterdir()) == []

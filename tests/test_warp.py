@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import blob_image, rotation, world_points
+
 from keyreg.transforms import AffineTransform, DisplacementField, fit_tps, sample_field
-from keyreg.warp import (SNAP_VOXELS, _trilinear, resample_affine, source_index_fn, warp_image,
-                         warp_image_and_labels, warp_labels)
+from keyreg.warp import (
+    SNAP_VOXELS,
+    _trilinear,
+    resample_affine,
+    source_index_fn,
+    warp_image,
+    warp_image_and_labels,
+    warp_labels,
+)
 
 
 def _grid_index(shape) -> torch.Tensor:

@@ -19,7 +19,8 @@ import torch
 
 from ..errors import ImageIOError, OutputError, ShapeError
 from ..geometry import as_affine_tensor, voxel_sizes
-from ..io import atomic_path, is_nifti_path, write_nifti
+from .. import io as keyreg_io
+from ..io import atomic_path, is_nifti_path
 from ..transforms.field import DisplacementField
 from ._common import PathLike, existing_file, reading
 
@@ -93,7 +94,7 @@ def write_displacement_field(path: PathLike, displacement_ras, affine,
     h.set_xyzt_units(xyz="mm", t="unknown")
     h["descrip"] = b"keyreg displacement u, LPS mm"
     with atomic_path(path) as tmp:
-        write_nifti(img, tmp)
+        keyreg_io.write_nifti(img, tmp)  # looked up at call time: one place writes NIfTI files
     return Path(path)
 
 
