@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -107,14 +106,3 @@ def test_parallel_gzip_is_standard_and_nibabel_identical(tmp_path):
         nib.save(img, str(tmp_path / "ref.nii.gz"))
         write_nifti(img, tmp_path / "new.nii.gz")
         assert gzip.open(tmp_path / "new.nii.gz").read() == gzip.open(tmp_path / "ref.nii.gz").read()
-
-
-def test_help_imports_no_heavy_module_and_register_not_the_trainer():
-    code = ("import sys\nfrom keyreg.cli import build_parser, _command_in\n"
-            "build_parser(only=_command_in(['--help']) or '')\n"
-            "heavy = [m for m in ('torch', 'numpy', 'nibabel', 'scipy', 'matplotlib') if m in sys.modules]\n"
-            "build_parser(only='register')\n"
-            "import keyreg.api, keyreg.metrics, keyreg.export\n"
-            "print(heavy, 'keyreg.train.trainer' in sys.modules, 'matplotlib' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
-    assert out == "[] False False"
