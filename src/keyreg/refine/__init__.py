@@ -1,0 +1,47 @@
+"""Dense refinement after the keypoint fit: affine and diffeomorphic (stationary velocity) instance
+optimisation in the fixed image's physical space, with MIND-SSC (multi-modal) or LNCC similarity.
+
+* :mod:`.similarity`: MIND-SSC descriptors, LNCC, Gaussian/box filters (pure functions).
+* :mod:`.velocity`: level grids, scaling and squaring, composition, regularisation.
+* :mod:`.optimize`: the coarse-to-fine Adam loops.
+* :mod:`.run`: :func:`refine_transform` (start transform + images -> refined transform + report),
+  the safeguard and the inverse.
+"""
+
+from .optimize import (
+           AffineConfig,
+           Budget,
+           DeformableConfig,
+           optimize_affine,
+           optimize_velocity,
+)
+from .run import (
+           STAGES,
+           RefinedTransform,
+           RefineOptions,
+           RefineResult,
+           inverse_field,
+           refine_transform,
+)
+from .similarity import SIMILARITIES, lncc_loss, mind_loss, mind_ssc
+from .velocity import integrate_velocity, level_grid
+
+__all__ = [
+           "SIMILARITIES",
+           "STAGES",
+           "AffineConfig",
+           "Budget",
+           "DeformableConfig",
+           "RefineOptions",
+           "RefineResult",
+           "RefinedTransform",
+           "integrate_velocity",
+           "inverse_field",
+           "level_grid",
+           "lncc_loss",
+           "mind_loss",
+           "mind_ssc",
+           "optimize_affine",
+           "optimize_velocity",
+           "refine_transform",
+]

@@ -1,0 +1,413 @@
+"""Coarse-to-fine instance optimisation (Adam) of an affine map and of a stationary velocity field.
+
+Both functions work in the FIXED image's physical space.  Their input is the fixed image and the
+moving image *already resampled onto the fixed grid through the starting transform* ``S``
+(``moving(S(p))``); they return a correction ``C`` in the fixed space, so that the refined
+transform is ``T = S o C`` (``moving_from_fixed``: ``T(p) = S(C(p))``).
+
+* :func:`optimize_affine`: ``C(p) = c + (I + L)(p - c) + t``; 12 parameters, ``c`` the centre of the
+  fixed field of view.
+* :func:`optimize_velocity`: ``C = exp(v)`` (scaling and squaring), ``v`` a stationary velocity on a
+  control grid, Gaussian-smoothed and penalised by its diffusion energy.
+
+Levels: the similarity is computed on grids over the fixed field of view with spacings
+``spacing_mm * 2^(levels-1) ... spacing_mm`` (near-isotropic in mm whatever the voxel size; images
+are Gaussian-smoothed before downsampling).  The velocity lives on a grid ``control_factor`` times
+coarser than each level's similarity grid, and is carried from level to level.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .similarity import SIMILARITIES, gaussian_blur, lncc_loss, mind_loss, mind_ssc
+from .velocity import (
+    DEFAULT_SQUARINGS,
+    diffusion_energy,
+    gaussian_sigma_voxels,
+    identity_grid,
+    integrate_velocity,
+    level_grid,
+    sample_displaced,
+)
+
+__all__ = [
+    "AffineConfig",
+    "AffineOutcome",
+    "Budget",
+    "DeformableConfig",
+    "VelocityOutcome",
+    "downsample",
+    "optimize_affine",
+    "optimize_velocity",
+]
+
+
+@dataclass
+class AffineConfig:
+    """Settings of the affine refinement (defaults documented in the README).
+
+    Attributes:
+        similarity: ``"mind"`` (multi-modal, default) or ``"lncc"`` (same contrast).
+        spacing_mm: similarity grid spacing of the finest level.
+        iterations: Adam iterations per level, coarse to fine (the number of levels is its length).
+        lr: Adam step for the normalised parameters (``L`` and ``t / R``, ``R`` the half field of view).
+        max_points: the similarity is evaluated on at most this many points per level (foreground of the
+            fixed image or the mask, evenly strided); with ``"lncc"`` the affine stage uses the NCC of
+            these points (a local window needs a dense grid).
+    """
+
+    similarity: str = "mind"
+    spacing_mm: float = 4.0
+    iterations: tuple[int, ...] = (60, 30)
+    lr: float = 2e-3
+    max_points: int = 20000
+
+
+@dataclass
+class DeformableConfig:
+    """Settings of the deformable (diffeomorphic) refinement (defaults documented in the README).
+
+    Attributes:
+        similarity: ``"mind"`` (multi-modal, default) or ``"lncc"`` (same contrast).
+        spacing_mm: similarity grid spacing of the finest level (never finer than the fixed voxels).
+        iterations: Adam iterations per level, coarse to fine (the number of levels is its length).
+        reg_weight: weight of the diffusion energy ``mean |grad v|^2`` of the velocity.
+        smooth_mm: sigma (mm) of the Gaussian applied to the velocity before integration.
+        control_factor: the velocity grid is this many times coarser than the similarity grid.
+        lr: Adam step in mm per iteration at the finest level (coarser levels scale it by their spacing).
+        squarings: scaling-and-squaring steps.
+    """
+
+    similarity: str = "mind"
+    spacing_mm: float = 3.0
+    iterations: tuple[int, ...] = (40, 30, 20)
+    reg_weight: float = 1.0
+    smooth_mm: float = 4.0
+    control_factor: int = 2
+    lr: float = 0.5
+    squarings: int = DEFAULT_SQUARINGS
+
+
+@dataclass
+class Budget:
+    """A wall-clock budget shared by the stages (``None`` seconds: unlimited) and a progress bar."""
+
+    seconds: float | None = None
+    progress: bool = False
+    start: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        return math.inf if self.seconds is None else self.seconds - (time.perf_counter() - self.start)
+
+
+@dataclass
+class AffineOutcome:
+    """``matrix``: ``(4, 4)`` float64 world map ``C`` (fixed mm -> fixed mm); losses at the finest level
+    before (``C = I``) and after; ``iterations`` run; ``stopped`` when the budget cut it short."""
+
+    matrix: np.ndarray
+    loss_start: float
+    loss_end: float
+    iterations: int
+    stopped: bool
+
+
+@dataclass
+class VelocityOutcome:
+    """``velocity``: ``(1, 3, I, J, K)`` mm on the control grid ``affine`` (``C = exp(v)``); similarity at
+    the finest level before and after (without the regulariser); iterations run; budget cut."""
+
+    velocity: torch.Tensor
+    affine: np.ndarray
+    loss_start: float
+    loss_end: float
+    iterations: int
+    stopped: bool
+    squarings: int = DEFAULT_SQUARINGS
+
+
+def _check_similarity(name: str) -> None:
+    if name not in SIMILARITIES:
+        raise ConfigError(f"unknown similarity {name!r}: use {' or '.join(SIMILARITIES)}")
+
+
+def downsample(x: torch.Tensor, affine: np.ndarray, shape: Sequence[int], *, blur: bool = True) -> torch.Tensor:
+    """``(B, C, I, J, K)`` on the grid ``affine`` resampled onto a corner-aligned grid of ``shape`` over
+    the same field of view, Gaussian-smoothed first (sigma = half the step per axis) when coarser."""
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x
+    steps = [(n - 1) / (m - 1) if m > 1 else 1.0 for n, m in zip(x.shape[2:], shape)]
+    if blur:
+        x = gaussian_blur(x, [0.5 * s if s > 1 else 0.0 for s in steps])
+    return F.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+class _Features:
+    """The fixed and moving features of one level: MIND descriptors or the intensities (LNCC)."""
+
+    def __init__(self, similarity: str, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None):
+        self.similarity = similarity
+        self.mask = mask
+        if similarity == "mind":
+            self.fixed, self.moving = mind_ssc(fixed), mind_ssc(moving)
+        else:
+            self.fixed, self.moving = fixed, moving
+
+    def loss(self, warped: torch.Tensor) -> torch.Tensor:
+        if self.similarity == "mind":
+            return mind_loss(warped, self.fixed, self.mask)
+        return lncc_loss(warped, self.fixed, self.mask)
+
+
+def _levels(base: float, count: int) -> list[float]:
+    return [base * 2 ** (count - 1 - i) for i in range(count)]
+
+
+def _level_data(fixed, moving, mask, fixed_affine, spacing, similarity):
+    shape, aff = level_grid(fixed.shape[2:], fixed_affine, spacing)
+    f = downsample(fixed, fixed_affine, shape)
+    m = downsample(moving, fixed_affine, shape)
+    k = None if mask is None else downsample(mask, fixed_affine, shape, blur=False)
+    return shape, aff, _Features(similarity, f, m, k)
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+            except ImportError:  # pragma: no cover - tqdm ships with the dependencies
+                self.bar = None
+
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _level_deadlines(budget: Budget, costs: Sequence[float]) -> list[float]:
+    """Absolute deadlines per level: the remaining budget shared in proportion to each level's cost."""
+    if budget.seconds is None:
+        return [math.inf] * len(costs)
+    now, left, total = time.perf_counter(), max(budget.left(), 0.0), sum(costs) or 1.0
+    out, acc = [], 0.0
+    for c in costs:
+        acc += c
+        out.append(now + left * acc / total)
+    return out
+
+
+def optimize_affine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    fixed_affine: np.ndarray,
+    config: AffineConfig | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    budget: Budget | None = None,
+) -> AffineOutcome:
+    """Optimise an affine correction ``C`` (fixed space) so that ``moving(C(p))`` matches ``fixed(p)``.
+
+    Args:
+        fixed: ``(1, 1, I, J, K)`` fixed image (normalised to about [0, 1]).
+        moving: ``(1, 1, I, J, K)`` moving image resampled onto the fixed grid through the start.
+        fixed_affine: ``(4, 4)`` world-from-voxel of the fixed grid.
+        mask: optional ``(1, 1, I, J, K)`` fixed-space weights limiting the similarity.
+        budget: wall-clock budget and progress bar.
+
+    Returns:
+        :class:`AffineOutcome` (``C`` as a world matrix, fixed mm -> fixed mm).
+    """
+    cfg = config or AffineConfig()
+    budget = budget or Budget()
+    _check_similarity(cfg.similarity)
+    a = np.asarray(fixed_affine, dtype=np.float64)
+    n = np.array(fixed.shape[2:], dtype=np.float64)
+    corner_lo, corner_hi = a[:3, 3], (a @ np.array([*(n - 1), 1.0]))[:3]
+    center = (a @ np.array([*((n - 1) / 2), 1.0]))[:3]
+    radius = float(max(np.abs(corner_hi - corner_lo).max() / 2, 1.0))
+    dev, dt = fixed.device, fixed.dtype
+    lin = torch.zeros(3, 3, device=dev, dtype=dt, requires_grad=True)
+    trans = torch.zeros(3, device=dev, dtype=dt, requires_grad=True)
+    opt = torch.optim.Adam([lin, trans], lr=cfg.lr)
+    total_iters = max(sum(cfg.iterations), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - 0.9 * min(k / total_iters, 1.0))
+    spacings = _levels(max(cfg.spacing_mm, float(np.sqrt((a[:3, :3] ** 2).sum(0)).min())), len(cfg.iterations))
+    costs = [it * np.prod(level_grid(fixed.shape[2:], a, s)[0]) for it, s in zip(cfg.iterations, spacings)]
+    deadlines = _level_deadlines(budget, costs)
+    bar = _Progress(sum(cfg.iterations), "affine refinement", budget.progress)
+    done, stopped = 0, False
+    c_t = torch.as_tensor(center, device=dev, dtype=dt)
+
+    def warp(moving_feat, world, vox_from_world):
+        # world: (P, 3) points (mm); C(p) = c + (I + L)(p - c) + R t; returns (C, P) features at C(p)
+        mapped = c_t + (world - c_t) @ (torch.eye(3, device=dev, dtype=dt) + lin).T + radius * trans
+        idx = mapped @ vox_from_world[:3, :3].T + vox_from_world[:3, 3]
+        shape = moving_feat.shape[2:]
+        scale = torch.tensor([2.0 / (s - 1) if s > 1 else 0.0 for s in shape], device=dev, dtype=dt)
+        g = (idx * scale - 1.0).flip(-1).reshape(1, -1, 1, 1, 3)
+        out = F.grid_sample(moving_feat, g, mode="bilinear", padding_mode="border", align_corners=True)
+        return out[0, :, :, 0, 0]
+
+    def loss_fn(warped, target, weight):
+        if cfg.similarity == "mind":
+            return (((warped - target) ** 2).mean(0) * weight).sum() / weight.sum()
+        wm = (warped * weight).sum() / weight.sum()
+        tm = (target * weight).sum() / weight.sum()
+        cov = (((warped - wm) * (target - tm))[0] * weight).sum()
+        var = (((warped - wm) ** 2)[0] * weight).sum() * (((target - tm) ** 2)[0] * weight).sum()
+        return 1.0 - cov / torch.sqrt(var + 1e-12)
+
+    loss_start = loss_end = float("nan")
+    for li, (spacing, iters) in enumerate(zip(spacings, cfg.iterations)):
+        shape, laff, feat = _level_data(fixed, moving, mask, a, spacing, cfg.similarity)
+        # the similarity is measured on at most max_points level-grid points (foreground of the fixed
+        # image, or the mask), evenly strided: the affine has 12 parameters, a dense sum is not needed
+        region = (feat.mask[0, 0] > 0) if feat.mask is not None else \
+            (downsample(fixed, a, shape)[0, 0] > 0.02)
+        idx = torch.nonzero(region).to(dt)
+        if idx.shape[0] < 16:
+            idx = torch.nonzero(torch.ones(shape, dtype=torch.bool, device=dev)).to(dt)
+        if idx.shape[0] > cfg.max_points:
+            idx = idx[torch.linspace(0, idx.shape[0] - 1, cfg.max_points, device=dev).long()]
+        laff_t = torch.as_tensor(laff, device=dev, dtype=dt)
+        world = idx @ laff_t[:3, :3].T + laff_t[:3, 3]
+        vfw = torch.linalg.inv(laff_t)
+        li_ = idx.long()
+        target = feat.fixed[0][:, li_[:, 0], li_[:, 1], li_[:, 2]]
+        weight = torch.ones(idx.shape[0], device=dev, dtype=dt) if feat.mask is None else \
+            feat.mask[0, 0][li_[:, 0], li_[:, 1], li_[:, 2]]
+        last = li == len(spacings) - 1
+        if last:
+            with torch.no_grad():
+                loss_start = float(loss_fn(feat.moving[0][:, li_[:, 0], li_[:, 1], li_[:, 2]], target, weight))
+        for _ in range(iters):
+            if time.perf_counter() > deadlines[li]:
+                stopped = stopped or last or budget.left() <= 0
+                break
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(warp(feat.moving, world, vfw), target, weight)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            bar.update(float(loss.detach()))
+        if last:
+            with torch.no_grad():
+                loss_end = float(loss_fn(warp(feat.moving, world, vfw), target, weight))
+    bar.close()
+    lin_np = lin.detach().cpu().double().numpy()
+    t_np = radius * trans.detach().cpu().double().numpy()
+    m = np.eye(4)
+    m[:3, :3] = np.eye(3) + lin_np
+    m[:3, 3] = center - (np.eye(3) + lin_np) @ center + t_np
+    return AffineOutcome(m, loss_start, loss_end, done, stopped)
+
+
+def optimize_velocity(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    fixed_affine: np.ndarray,
+    config: DeformableConfig | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    budget: Budget | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> VelocityOutcome:
+    """Optimise a stationary velocity ``v`` (fixed space) so that ``moving(exp(v)(p))`` matches ``fixed(p)``.
+
+    Args:
+        fixed: ``(1, 1, I, J, K)`` fixed image (normalised to about [0, 1]).
+        moving: ``(1, 1, I, J, K)`` moving image resampled onto the fixed grid through the start.
+        fixed_affine: ``(4, 4)`` world-from-voxel of the fixed grid.
+        mask: optional ``(1, 1, I, J, K)`` fixed-space weights limiting the similarity.
+        budget: wall-clock budget and progress bar.
+        callback: called with ``(iteration, loss)`` after each step.
+
+    Returns:
+        :class:`VelocityOutcome`: ``v`` on the finest control grid (smoothing already applied).
+    """
+    cfg = config or DeformableConfig()
+    budget = budget or Budget()
+    _check_similarity(cfg.similarity)
+    if cfg.control_factor < 1:
+        raise ConfigError(f"control_factor must be >= 1, got {cfg.control_factor}")
+    a = np.asarray(fixed_affine, dtype=np.float64)
+    dev, dt = fixed.device, fixed.dtype
+    finest = max(cfg.spacing_mm, float(np.sqrt((a[:3, :3] ** 2).sum(0)).min()))
+    spacings = _levels(finest, len(cfg.iterations))
+    costs = [it * np.prod(level_grid(fixed.shape[2:], a, s)[0]) for it, s in zip(cfg.iterations, spacings)]
+    deadlines = _level_deadlines(budget, costs)
+    bar = _Progress(sum(cfg.iterations), "deformable refinement", budget.progress)
+    v: torch.Tensor | None = None
+    done, stopped = 0, False
+    loss_start = loss_end = float("nan")
+    caff = a
+    for li, (spacing, iters) in enumerate(zip(spacings, cfg.iterations)):
+        shape, laff, feat = _level_data(fixed, moving, mask, a, spacing, cfg.similarity)
+        cshape, caff = level_grid(fixed.shape[2:], a, spacing * cfg.control_factor)
+        if v is None:
+            v = torch.zeros(1, 3, *cshape, device=dev, dtype=dt)
+        else:
+            v = F.interpolate(v.detach(), size=cshape, mode="trilinear", align_corners=True)
+        v = v.detach().requires_grad_(True)
+        opt = torch.optim.Adam([v], lr=cfg.lr * spacing / finest)
+        # the step decays linearly to a tenth over the level: Adam's steps do not shrink with the
+        # gradient, so a constant step would leave the field jittering around the optimum
+        n_it = max(iters, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, n=n_it: 1.0 - 0.9 * min(k / n, 1.0))
+        sigma = gaussian_sigma_voxels(cfg.smooth_mm, caff)
+        ident = identity_grid(shape, dev, dt)
+        last = li == len(spacings) - 1
+
+        def forward(vel: torch.Tensor, sigma=sigma, caff=caff, shape=shape, feat=feat, laff=laff,
+                    ident=ident) -> tuple[torch.Tensor, torch.Tensor]:
+            vs = gaussian_blur(vel, sigma)
+            u = integrate_velocity(vs, caff, squarings=cfg.squarings)
+            if tuple(u.shape[2:]) != tuple(shape):
+                u = F.interpolate(u, size=tuple(shape), mode="trilinear", align_corners=True)
+            warped = sample_displaced(feat.moving, u, laff, padding="border", ident=ident)
+            return feat.loss(warped), vs
+
+        if last:
+            with torch.no_grad():
+                loss_start = float(feat.loss(feat.moving))
+        for _ in range(iters):
+            if time.perf_counter() > deadlines[li]:
+                stopped = stopped or last or budget.left() <= 0
+                break
+            opt.zero_grad(set_to_none=True)
+            sim, vs = forward(v)
+            loss = sim + cfg.reg_weight * diffusion_energy(vs, caff)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            bar.update(float(sim.detach()))
+            if callback is not None:
+                callback(done, float(sim.detach()))
+        if last:
+            with torch.no_grad():
+                loss_end = float(forward(v)[0])
+    bar.close()
+    assert v is not None
+    with torch.no_grad():
+        vs = gaussian_blur(v.detach(), gaussian_sigma_voxels(cfg.smooth_mm, caff))
+    return VelocityOutcome(vs, caff, loss_start, loss_end, done, stopped, cfg.squarings)

@@ -1,0 +1,306 @@
+"""Refine a keypoint transform on two images: the stage that follows the keypoint fit.
+
+``refine_transform(fixed, moving, start, stage=...)`` returns ``T = S o C`` (``moving_from_fixed``,
+world RAS mm) where ``S`` is the starting keypoint transform (affine or TPS) and ``C`` a correction in
+the fixed space found by instance optimisation (:mod:`keyreg.refine.optimize`):
+
+* ``stage="affine"``: ``C`` affine;
+* ``stage="deformable"``: ``C = A o exp(v)``: the affine refinement first, then a diffeomorphic
+  stationary velocity field.
+
+Safeguard: the refined transform must not be worse than its start.  With both segmentations, the
+mean Dice of the moving segmentation warped by ``T`` may not fall more than ``dice_tolerance`` below
+the start's; without them, the similarity itself (on the finest level) may not get worse.  If it
+would, the start is kept and the report says so.
+
+The inverse ``T^-1 = exp(-v) o A^-1 o S^-1`` (``S^-1`` exact for affine starts, numerical for a TPS).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, ImageContentError
+from ..geometry import apply_affine, as_affine_tensor
+from ..io import Volume
+from ..metrics import dice_per_label, jacobian_determinant, mean_dice
+from ..transforms import (
+    AffineTransform,
+    DisplacementField,
+    ThinPlateSpline,
+    invert_points,
+    sample_field,
+)
+from ..transforms.field import coarse_grid_affine
+from ..warp import warp_image, warp_labels
+from .optimize import (
+    AffineConfig,
+    Budget,
+    DeformableConfig,
+    _levels,
+    downsample,
+    optimize_affine,
+    optimize_velocity,
+)
+from .similarity import lncc_loss, mind_loss, mind_ssc, robust_normalize
+from .velocity import integrate_velocity, level_grid
+
+__all__ = ["STAGES", "RefineOptions", "RefineResult", "RefinedTransform", "refine_transform"]
+
+Stage = Literal["affine", "deformable"]
+#: The refinement stages (``--refine``).
+STAGES: tuple[str, ...] = ("affine", "deformable")
+
+
+@dataclass
+class RefineOptions:
+    """User-facing settings of a refinement (README: "Dense refinement").
+
+    Attributes:
+        similarity: ``"mind"`` (MIND-SSC, multi-modal; default) or ``"lncc"`` (same contrast).
+        iterations: deformable Adam iterations per level, coarse to fine; its length is the number of levels.
+        reg_weight: weight of the velocity's diffusion energy.
+        spacing_mm: finest similarity grid spacing of the deformable stage.
+        seconds: wall-clock budget of the whole refinement (``None``: run every iteration).
+        dice_tolerance: the safeguard's Dice margin (with segmentations).
+        progress: show a progress bar (stderr).
+    """
+
+    similarity: str = "mind"
+    iterations: tuple[int, ...] = DeformableConfig.iterations
+    reg_weight: float = DeformableConfig.reg_weight
+    spacing_mm: float = DeformableConfig.spacing_mm
+    seconds: float | None = None
+    dice_tolerance: float = 0.01
+    progress: bool = False
+
+    def check(self) -> None:
+        if self.similarity not in ("mind", "lncc"):
+            raise ConfigError(f"unknown refinement similarity {self.similarity!r}: use mind or lncc")
+        if not self.iterations or any(int(i) < 0 for i in self.iterations):
+            raise ConfigError(f"refinement iterations must be non-negative integers, got {list(self.iterations)}")
+        if not (self.reg_weight >= 0 and math.isfinite(self.reg_weight)):
+            raise ConfigError(f"refinement regularisation weight must be >= 0, got {self.reg_weight}")
+        if not (self.spacing_mm > 0 and math.isfinite(self.spacing_mm)):
+            raise ConfigError(f"refinement spacing must be > 0 mm, got {self.spacing_mm}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ConfigError(f"--refine_seconds must be > 0, got {self.seconds}")
+
+
+@dataclass
+class RefinedTransform:
+    """``T(p) = start(affine(phi(p)))``: a keypoint start, an affine correction and a diffeomorphism,
+    all ``moving_from_fixed`` in world RAS mm; ``phi`` is ``None`` (identity) after an affine refinement.
+
+    Attributes:
+        start: the keypoint transform ``S`` (batch 1).
+        affine: ``(4, 4)`` float64 world matrix ``A`` (fixed mm -> fixed mm).
+        phi: ``exp(v)`` as a displacement field on the control grid (fixed space), or ``None``.
+        phi_inverse: ``exp(-v)`` on the same grid, or ``None``.
+    """
+
+    start: AffineTransform | ThinPlateSpline | DisplacementField
+    affine: np.ndarray
+    phi: DisplacementField | None = None
+    phi_inverse: DisplacementField | None = None
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        """Fixed world points ``(1, M, 3)`` -> moving world points."""
+        p = points
+        if self.phi is not None:
+            p = self.phi.map_points(p.to(self.phi.displacement.dtype)).to(points.dtype)
+        p = apply_affine(torch.as_tensor(self.affine, device=p.device), p.double()).to(points.dtype)
+        return self.start.map_points(p)
+
+    def to(self, device: torch.device | str) -> RefinedTransform:
+        return RefinedTransform(self.start.to(device), self.affine,
+                                None if self.phi is None else self.phi.to(device),
+                                None if self.phi_inverse is None else self.phi_inverse.to(device))
+
+    @property
+    def linear_matrix(self) -> np.ndarray | None:
+        """The whole transform as one ``(4, 4)`` matrix when it is linear (affine start, no ``phi``)."""
+        if self.phi is None and isinstance(self.start, AffineTransform):
+            return self.start.matrix[0].detach().cpu().double().numpy() @ self.affine
+        return None
+
+
+@dataclass
+class RefineResult:
+    """The refined transform (or the start, if the safeguard kept it) and what happened.
+
+    Attributes:
+        transform: ``T`` (a :class:`RefinedTransform`; the same object as the start when kept).
+        kept_start: the safeguard rejected the refinement.
+        report: losses, Dice before/after, iterations, seconds, the reason when the start was kept.
+    """
+
+    transform: Any
+    kept_start: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _mask_tensor(mask: Volume | None, fixed: Volume, device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.shape != fixed.shape or not np.allclose(mask.affine, fixed.affine, atol=1e-3):
+        raise ImageContentError(f"{mask.name}: fixed mask grid {mask.shape} does not match the fixed image grid "
+                                f"{fixed.shape} (shapes and affines must be equal)")
+    m = torch.as_tensor(np.asarray(mask.data) > 0, dtype=torch.float32, device=device)[None, None]
+    if float(m.sum()) == 0:
+        raise ImageContentError(f"{mask.name}: fixed mask is empty")
+    return m
+
+
+def _warp(moving: torch.Tensor, moving_affine: np.ndarray, fixed: Volume, transform) -> torch.Tensor:
+    return warp_image(moving, moving_affine, fixed.shape, fixed.affine, transform)
+
+
+def _similarity(fixed_t, warped_t, mask, fixed_affine, spacing, name) -> float:
+    shape, _ = level_grid(fixed_t.shape[2:], fixed_affine, spacing)
+    f = downsample(fixed_t, fixed_affine, shape)
+    w = downsample(warped_t, fixed_affine, shape)
+    k = None if mask is None else downsample(mask, fixed_affine, shape, blur=False)
+    with torch.no_grad():
+        if name == "mind":
+            return float(mind_loss(mind_ssc(w), mind_ssc(f), k))
+        return float(lncc_loss(w, f, k))
+
+
+def _dice(moving_seg: Volume, fixed_seg: Volume, fixed: Volume, transform, device) -> float:
+    seg = warp_labels(moving_seg.tensor(device)[:, 0], moving_seg.affine, fixed.shape, fixed.affine, transform)
+    return mean_dice(dice_per_label(seg[0].cpu().numpy(), np.asarray(fixed_seg.data)))
+
+
+def _start_inverse(start, moving: Volume) -> Any:
+    """``S^-1`` as something with ``map_points``: exact for linear starts; for a TPS (or a field), a
+    displacement field on a sub-grid (stride 2) of the moving grid from Newton's method."""
+    if isinstance(start, AffineTransform):
+        return start.inverse()
+    shape, aff = coarse_grid_affine(moving.shape, moving.affine, 2)
+    axes = [torch.arange(n, dtype=torch.float64) for n in shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, 3)
+    q = apply_affine(aff, idx)
+    t = start.to("cpu")
+    out = torch.empty_like(q)
+    for s in range(0, q.shape[1], 1 << 16):
+        out[:, s:s + (1 << 16)] = invert_points(t, q[:, s:s + (1 << 16)])[0]
+    disp = (out - q)[0].T.reshape(1, 3, *shape).float().contiguous()
+    return DisplacementField(disp, aff)
+
+
+@dataclass
+class _Inverse:
+    """``T^-1(q) = phi^-1(A^-1(S^-1(q)))`` (maps moving world points to fixed world points)."""
+
+    start_inverse: Any
+    affine_inverse: np.ndarray
+    phi_inverse: DisplacementField | None
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        p = self.start_inverse.map_points(points)
+        p = apply_affine(torch.as_tensor(self.affine_inverse, device=p.device), p.double()).to(points.dtype)
+        if self.phi_inverse is not None:
+            p = self.phi_inverse.map_points(p.to(self.phi_inverse.displacement.dtype)).to(points.dtype)
+        return p
+
+
+def inverse_field(transform: RefinedTransform, moving: Volume, *, device=None) -> DisplacementField:
+    """``T^-1`` sampled on the MOVING grid as a displacement field (``T^-1(q) = q + w(q)``, world mm).
+
+    ``phi^-1 = exp(-v)``; ``A^-1`` exact; ``S^-1`` exact (affine) or numerical (TPS, Newton on a stride-2
+    sub-grid of the moving grid, then trilinear)."""
+    inv = _Inverse(_start_inverse(transform.start, moving), np.linalg.inv(transform.affine), transform.phi_inverse)
+    return sample_field(inv, moving.shape, moving.affine, stride=1, device=device)
+
+
+def refine_transform(
+    fixed: Volume,
+    moving: Volume,
+    start: AffineTransform | ThinPlateSpline | DisplacementField,
+    *,
+    stage: Stage = "deformable",
+    options: RefineOptions | None = None,
+    fixed_mask: Volume | None = None,
+    fixed_seg: Volume | None = None,
+    moving_seg: Volume | None = None,
+    device: torch.device | str | None = None,
+) -> RefineResult:
+    """Refine ``start`` (``moving_from_fixed``) by dense instance optimisation on the two images.
+
+    Args:
+        fixed, moving: the images (original grids).
+        start: the keypoint transform, batch 1 (rigid/affine, TPS, or a displacement field).
+        stage: ``"affine"`` or ``"deformable"`` (affine refinement, then a diffeomorphic field).
+        options: similarity, iterations, regularisation, time budget, progress.
+        fixed_mask: optional fixed-grid mask (non-zero = used) limiting the similarity.
+        fixed_seg, moving_seg: optional segmentations: the safeguard then compares Dice.
+        device: where to optimise (default: CPU).
+
+    Returns:
+        :class:`RefineResult` with ``transform`` a :class:`RefinedTransform` (or ``start`` when kept).
+    """
+    opts = options or RefineOptions()
+    opts.check()
+    if stage not in STAGES:
+        raise ConfigError(f"unknown refinement {stage!r}: use {' or '.join(STAGES)}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    t0 = time.perf_counter()
+    original, start = start, start.to(dev)
+    mask = _mask_tensor(fixed_mask, fixed, dev)
+    fixed_t = robust_normalize(fixed.tensor(dev).float(), mask)
+    moving_t = robust_normalize(moving.tensor(dev).float())
+    report: dict[str, Any] = {"stage": stage, "similarity": opts.similarity, "device": str(dev)}
+    total = opts.seconds
+
+    # affine correction
+    aff_budget = Budget(None if total is None else (total if stage == "affine" else 0.25 * total), opts.progress)
+    warped_start = _warp(moving_t, moving.affine, fixed, start)
+    aff = optimize_affine(fixed_t, warped_start, fixed.affine, AffineConfig(similarity=opts.similarity),
+                          mask=mask, budget=aff_budget)
+    report["affine"] = {"iterations": aff.iterations, "loss_start": aff.loss_start, "loss_end": aff.loss_end,
+                        "stopped_by_budget": aff.stopped, "matrix": aff.matrix.tolist()}
+    refined = RefinedTransform(start, aff.matrix)
+    if stage == "deformable":
+        left = None if total is None else max(total - (time.perf_counter() - t0), 1e-3)
+        warped_aff = _warp(moving_t, moving.affine, fixed, refined)
+        cfg = DeformableConfig(similarity=opts.similarity, iterations=tuple(int(i) for i in opts.iterations),
+                               reg_weight=opts.reg_weight, spacing_mm=opts.spacing_mm)
+        vel = optimize_velocity(fixed_t, warped_aff, fixed.affine, cfg, mask=mask, budget=Budget(left, opts.progress))
+        with torch.no_grad():
+            u = integrate_velocity(vel.velocity, vel.affine, squarings=vel.squarings)
+            u_inv = integrate_velocity(-vel.velocity, vel.affine, squarings=vel.squarings)
+        phi = DisplacementField(u, as_affine_tensor(vel.affine, dev))
+        refined = RefinedTransform(start, aff.matrix, phi, DisplacementField(u_inv, as_affine_tensor(vel.affine, dev)))
+        det = jacobian_determinant(phi.to("cpu"))
+        report["deformable"] = {"iterations": vel.iterations, "loss_start": vel.loss_start, "loss_end": vel.loss_end,
+                                "stopped_by_budget": vel.stopped, "control_grid": list(vel.velocity.shape[2:]),
+                                "levels": len(cfg.iterations), "reg_weight": cfg.reg_weight,
+                                "jacobian_min": float(det.min()), "jacobian_nonpositive_fraction": float(np.mean(det <= 0))}
+
+    # safeguard: compare with the start
+    finest = _levels(max(opts.spacing_mm, float(min(fixed.spacing))), 1)[0]
+    warped_final = _warp(moving_t, moving.affine, fixed, refined)
+    sim_start = _similarity(fixed_t, warped_start, mask, fixed.affine, finest, opts.similarity)
+    sim_end = _similarity(fixed_t, warped_final, mask, fixed.affine, finest, opts.similarity)
+    report["similarity_start"], report["similarity_end"] = sim_start, sim_end
+    kept, reason = False, ""
+    if fixed_seg is not None and moving_seg is not None:
+        d0 = _dice(moving_seg, fixed_seg, fixed, start, dev)
+        d1 = _dice(moving_seg, fixed_seg, fixed, refined, dev)
+        report["dice_start"], report["dice_end"] = d0, d1
+        if d1 < d0 - opts.dice_tolerance:
+            kept, reason = True, f"Dice {d1:.4f} < start {d0:.4f} - {opts.dice_tolerance:g}"
+    elif not sim_end <= sim_start:
+        kept, reason = True, f"{opts.similarity} dissimilarity {sim_end:.5f} > start {sim_start:.5f}"
+    report["kept_start"] = kept
+    if kept:
+        report["reason"] = reason
+    report["seconds"] = time.perf_counter() - t0
+    return RefineResult(original if kept else refined, kept, report)
