@@ -204,3 +204,46 @@ def test_bad_options_and_mask():
     bad_mask = make_volume(np.ones((5, 5, 5), np.uint8), np.eye(4), kind="labels")
     with pytest.raises(ImageContentError):
         refine_transform(img, img, start, fixed_mask=bad_mask)
+
+
+def test_refine_registration_outputs_and_apply(tmp_path):
+    """refine_registration from a keypoint TPS and affine: <align>+<stage> results, files that
+    `keyreg apply` reads (the align directory's warp.nii.gz), an inverse that undoes the forward."""
+    from keyreg.apply import apply_transform
+    from keyreg.formats import read_displacement_field
+    from keyreg.keypoints import ImageKeypoints
+    from keyreg.pipeline import Registrar
+    from keyreg.refine import refine_registration
+
+    aff = _affine()
+    fixed = _image(aff)
+    shift = np.eye(4)
+    shift[:3, 3] = [2.0, -1.0, 1.5]
+    moving_aff = shift @ aff  # the content sits 2 mm away in the moving image
+    pts = world_points(SHAPE, aff)[::7, ::7, ::6].reshape(-1, 3)
+    kf = ImageKeypoints(torch.as_tensor(pts), torch.ones(len(pts)), aff, SHAPE)
+    km = ImageKeypoints(torch.as_tensor(pts + shift[:3, 3] * 0.5), torch.ones(len(pts)), aff, SHAPE)  # half-way start
+    seg = (fixed > 0.4).astype(np.int16)
+    reg = Registrar(aligns=["affine", "tps_1"], device="cpu").register_keypoints(
+        make_volume(fixed, moving_aff, "moving"), make_volume(fixed, aff, "fixed"), kf, km,
+        moving_seg=make_volume(seg, moving_aff, kind="labels"), fixed_seg=make_volume(seg, aff, kind="labels"))
+    out = refine_registration(reg, "deformable", options=RefineOptions(iterations=(10, 10)))
+    assert set(out) == {"affine+deformable", "tps_1+deformable"}
+    ra = out["affine+deformable"]
+    assert ra.metrics["jdlessthan0"] == 0.0 and "refine_dice_end" in ra.metrics
+    assert ra.metrics["refine_dice_end"] >= ra.metrics["refine_dice_start"] - 0.01
+    files = ra.save(tmp_path / "affine+deformable")
+    assert {"warp", "inverse_warp", "warped", "warped_seg", "report"} <= set(files)
+    u, a = read_displacement_field(files["warp"])
+    assert u.shape == (*SHAPE, 3) and np.allclose(a, aff)
+    # keyreg apply with the align directory gives the saved warped image
+    applied = apply_transform(make_volume(fixed, moving_aff, "moving"), [tmp_path / "affine+deformable"])
+    assert np.abs(applied.data - ra.warped.data).max() < 1e-3
+    # the inverse field maps the moving grid back: T(T^-1(q)) = q inside
+    w, wa = read_displacement_field(files["inverse_warp"])
+    assert np.allclose(wa, moving_aff)
+    q = torch.from_numpy(world_points(SHAPE, moving_aff)).reshape(1, -1, 3)
+    p = q + torch.from_numpy(w).reshape(1, -1, 3).double()
+    back = ra.transform.map_points(p.float()).double()
+    err = (back - q).norm(dim=-1).reshape(SHAPE)[6:-6, 6:-6, 6:-6]
+    assert float(err.max()) < 0.2

@@ -6,42 +6,34 @@ optimisation in the fixed image's physical space, with MIND-SSC (multi-modal) or
 * :mod:`.optimize`: the coarse-to-fine Adam loops.
 * :mod:`.run`: :func:`refine_transform` (start transform + images -> refined transform + report),
   the safeguard and the inverse.
+* :mod:`.outputs`: :func:`refine_registration` (a Registration's aligns -> ``<align>+<stage>``) and
+  their files (``warp.nii.gz``, ``inverse_warp.nii.gz``, ``refine.json``).
 """
 
-from .optimize import (
-           AffineConfig,
-           Budget,
-           DeformableConfig,
-           optimize_affine,
-           optimize_velocity,
-)
-from .run import (
-           STAGES,
-           RefinedTransform,
-           RefineOptions,
-           RefineResult,
-           inverse_field,
-           refine_transform,
-)
+from .optimize import AffineConfig, Budget, DeformableConfig, optimize_affine, optimize_velocity
+from .outputs import RefinedAlignment, refine_registration
+from .run import STAGES, RefinedTransform, RefineOptions, RefineResult, inverse_field, refine_transform
 from .similarity import SIMILARITIES, lncc_loss, mind_loss, mind_ssc
 from .velocity import integrate_velocity, level_grid
 
 __all__ = [
-           "SIMILARITIES",
-           "STAGES",
-           "AffineConfig",
-           "Budget",
-           "DeformableConfig",
-           "RefineOptions",
-           "RefineResult",
-           "RefinedTransform",
-           "integrate_velocity",
-           "inverse_field",
-           "level_grid",
-           "lncc_loss",
-           "mind_loss",
-           "mind_ssc",
-           "optimize_affine",
-           "optimize_velocity",
-           "refine_transform",
+    "SIMILARITIES",
+    "STAGES",
+    "AffineConfig",
+    "Budget",
+    "DeformableConfig",
+    "RefineOptions",
+    "RefineResult",
+    "RefinedAlignment",
+    "RefinedTransform",
+    "integrate_velocity",
+    "inverse_field",
+    "level_grid",
+    "lncc_loss",
+    "mind_loss",
+    "mind_ssc",
+    "optimize_affine",
+    "optimize_velocity",
+    "refine_registration",
+    "refine_transform",
 ]
