@@ -36,7 +36,7 @@ from ..preprocess import GridSpec, PreprocessConfig
 from ..transforms import AlignSpec, fit_transform
 from .data import (ImagePairs, LabelMapBank, PairBatch, SyntheticPairs, brain_label_table, list_label_maps,
                    read_image_table)
-from .losses import one_hot, soft_dice_loss, warp_on_grid
+from .losses import keypoint_consistency_loss, mse_loss, one_hot, soft_dice_loss, warp_on_grid
 from .synth import SpatialAugment
 
 __all__ = ["TrainConfig", "Trainer", "sample_lambda", "train"]
@@ -354,10 +354,10 @@ class Trainer:
             fix = one_hot(self.lut[batch.fixed_labels[:, 0]], n_cls)
             loss = soft_dice_loss(warp_on_grid(mov, affs, affs, transform), fix)
         else:
-            loss = F.mse_loss(warp_on_grid(batch.moving, affs, affs, transform), batch.fixed)
+            loss = mse_loss(warp_on_grid(batch.moving, affs, affs, transform), batch.fixed)
         logs = {"loss": loss.item(), "align": spec.name}
         if batch.moving_alt is not None:
-            cons = ((kp[2 * b:] - kp[b: 2 * b]) ** 2).sum(-1).mean()
+            cons = keypoint_consistency_loss(kp[2 * b:], kp[b: 2 * b])
             loss = loss + cfg.kpconsistency_coeff * cons / fov_half_extent(aff.numpy(), self.grid.shape) ** 2
             logs["kp_consistency_mm2"] = cons.item()
         return loss, logs
