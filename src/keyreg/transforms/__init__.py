@@ -7,6 +7,8 @@ from .compose import ComposedTransform, compose_transforms
 from .field import DEFAULT_FIELD_STRIDE, DisplacementField, SpatialTransform, check_field_stride, sample_field
 from .invert import invert_points, map_to_fixed
 from .linear import AffineTransform, fit_affine, fit_rigid
+from .residuals import KeypointResiduals, keypoint_residuals, loo_errors, pair_confidence
+from .robust import RobustFit, robust_fit
 from .selection import NUM_PARAMS, identity_suffices, keep_identity_if_aligned
 from .spec import AlignSpec, fit_transform, parse_align, parse_aligns
 from .tps import ThinPlateSpline, fit_tps, tps_kernel
@@ -34,4 +36,10 @@ __all__ = [
     "NUM_PARAMS",
     "keep_identity_if_aligned",
     "DEFAULT_FIELD_STRIDE",
+    "KeypointResiduals",
+    "keypoint_residuals",
+    "loo_errors",
+    "pair_confidence",
+    "RobustFit",
+    "robust_fit",
 ]

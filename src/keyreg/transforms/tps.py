@@ -32,7 +32,7 @@ import torch
 from ..errors import DegenerateFitError, ShapeError
 from .linear import check_points, check_spread, normalize_weights
 
-__all__ = ["ThinPlateSpline", "fit_tps", "tps_kernel", "points_normalization"]
+__all__ = ["ThinPlateSpline", "fit_tps", "tps_kernel", "tps_system", "points_normalization"]
 
 #: Max number of (query point x control point) kernel entries evaluated at once.
 KERNEL_CHUNK_ELEMENTS = 1 << 22
@@ -156,6 +156,30 @@ class ThinPlateSpline:
         return torch.cat([top, bottom], dim=1)
 
 
+#: Regulariser of a keypoint with weight 0: large enough that it does not influence the fit
+#: (its kernel coefficient is ~1e-10 of its residual), whatever lambda is.
+ZERO_WEIGHT_REGULARIZER = 1e10
+
+
+def tps_system(x: torch.Tensor, lam: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The ``(B, N+4, N+4)`` TPS system ``[[K + diag(r), P], [P^T, 0]]`` (see the module docstring).
+
+    Args:
+        x: ``(B, N, 3)`` normalised fixed keypoints (float64).
+        lam: ``(B,)`` lambda.
+        w: ``(B, N)`` weights scaled to mean 1.  ``r_n = lambda / w_n``; a keypoint with weight 0
+            is left out of the fit (``r_n`` = :data:`ZERO_WEIGHT_REGULARIZER`), also when lambda is 0.
+    """
+    b, n, _ = x.shape
+    reg = torch.where(w > 0, (lam.view(-1, 1) / w.clamp_min(1e-8)).clamp_max(ZERO_WEIGHT_REGULARIZER),
+                      torch.full_like(w, ZERO_WEIGHT_REGULARIZER))
+    k = tps_kernel(_sq_dist(x, x)) + torch.diag_embed(reg)
+    p = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (B, N, 4)
+    top = torch.cat([k, p], dim=-1)
+    bottom = torch.cat([p.transpose(1, 2), torch.zeros(b, 4, 4, dtype=x.dtype, device=x.device)], dim=-1)
+    return torch.cat([top, bottom], dim=1)
+
+
 def fit_tps(
     points_fixed: torch.Tensor,
     points_moving: torch.Tensor,
@@ -172,7 +196,8 @@ def fit_tps(
         points_moving: ``(B, N, 3)`` world mm.
         lmbda: smoothness ``>= 0``: a float or a ``(B,)`` tensor.  0 interpolates exactly.
         weights: optional ``(B, N)`` keypoint weights; the regulariser becomes
-            ``lambda diag(1 / w)`` with ``w`` scaled to mean 1 (low weight = less trusted).
+            ``lambda diag(1 / w)`` with ``w`` scaled to mean 1 (low weight = less trusted); a
+            keypoint with weight 0 is left out (also with lambda 0).
         center: ``(B, 3)`` or ``(3,)`` world mm, centre of the normalised frame.
         scale: ``(B,)`` or float, mm per normalised unit.  Both default to the keypoints'
             bounding box; pass the fixed image's field of view (see module docstring).
@@ -205,14 +230,11 @@ def fit_tps(
 
     r2 = _sq_dist(x, x)
     if bool((lam == 0).any()):
-        off_diag = r2 + torch.eye(n, dtype=r2.dtype, device=dev) * 1e30
+        used = (w > 0).unsqueeze(1) & (w > 0).unsqueeze(2)
+        off_diag = torch.where(used, r2, torch.full_like(r2, 1e30)) + torch.eye(n, dtype=r2.dtype, device=dev) * 1e30
         if bool((off_diag[lam == 0].amin(dim=(1, 2)) < 1e-16).any()):
             raise DegenerateFitError("TPS with lambda = 0 is undetermined: two fixed keypoints coincide")
-    k = tps_kernel(r2) + lam.view(-1, 1, 1) * torch.diag_embed(1.0 / w.clamp_min(1e-8))
-    p = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (B, N, 4)
-    top = torch.cat([k, p], dim=-1)
-    bottom = torch.cat([p.transpose(1, 2), torch.zeros(b, 4, 4, dtype=x.dtype, device=dev)], dim=-1)
-    system = torch.cat([top, bottom], dim=1)  # (B, N+4, N+4)
+    system = tps_system(x, lam, w)
     rhs = torch.cat([y, torch.zeros(b, 4, 3, dtype=x.dtype, device=dev)], dim=1)
     try:
         sol = torch.linalg.solve(system, rhs)
