@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -65,6 +66,8 @@ def _chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
+    if os.environ.get("KEYREG_REQUIRE_CHROMIUM"):
+        pytest.fail("KEYREG_REQUIRE_CHROMIUM is set (as in .ci/run) but no chromium is on PATH")
     pytest.skip("headless Chromium not installed (Debian: apt-get install chromium; .ci/run installs it)")
 
 
