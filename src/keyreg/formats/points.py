@@ -219,12 +219,13 @@ def write_markups_fcsv(path: PathLike, points_ras, labels=None, coordinate_syste
     return atomic_write_text(path, buf.getvalue())
 
 
-def _read_markups_json(p: Path, text: str) -> tuple[np.ndarray, list[str]]:
+def _read_markups_json(p: Path, text: str) -> tuple[np.ndarray, list[str], list[dict]]:
     doc = json.loads(text)
     if not isinstance(doc, dict) or not isinstance(doc.get("markups"), list):
         raise ImageIOError(f"{p}: not a Slicer markups file (no 'markups' list)")
     pts: list[np.ndarray] = []
     labels: list[str] = []
+    states: list[dict] = []
     found = False
     for mk in doc["markups"]:
         if not isinstance(mk, dict) or mk.get("type") != "Fiducial":
@@ -245,12 +246,13 @@ def _read_markups_json(p: Path, text: str) -> tuple[np.ndarray, list[str]]:
                 raise ImageIOError(f"{p}: control point {n + 1} has no valid 3-number position")
             pts.append(_to_ras(q * scale, cs))
             labels.append(str(cp.get("label", cp.get("id", f"K-{len(labels) + 1}"))))
+            states.append({"selected": bool(cp.get("selected", True)), "locked": bool(cp.get("locked", False))})
     if not found:
         raise ImageIOError(f"{p}: no point list (markup of type 'Fiducial') in the file")
-    return np.asarray(pts, dtype=np.float64).reshape(-1, 3), labels
+    return np.asarray(pts, dtype=np.float64).reshape(-1, 3), labels, states
 
 
-def _read_fcsv(p: Path, text: str) -> tuple[np.ndarray, list[str]]:
+def _read_fcsv(p: Path, text: str) -> tuple[np.ndarray, list[str], list[dict]]:
     space = "RAS"  # files without the line predate Slicer 4.11, which wrote RAS
     columns = _FCSV_COLUMNS.split(",")
     data_lines = []
@@ -277,7 +279,9 @@ def _read_fcsv(p: Path, text: str) -> tuple[np.ndarray, list[str]]:
         raise ImageIOError(f"{p}: the '# columns' line has no x, y, z")
     idx = [columns.index(c) for c in ("x", "y", "z")]
     lab_col = columns.index("label") if "label" in columns else None
-    pts, labels = [], []
+    sel_col = columns.index("sel") if "sel" in columns else None
+    lock_col = columns.index("lock") if "lock" in columns else None
+    pts, labels, states = [], [], []
     for n, row in enumerate(csv.reader(io.StringIO("\n".join(data_lines)))):
         try:
             pts.append([float(row[i]) for i in idx])
@@ -285,13 +289,20 @@ def _read_fcsv(p: Path, text: str) -> tuple[np.ndarray, list[str]]:
             raise ImageIOError(f"{p}: point row {n + 1} is not numeric or too short: "
                                f"{','.join(row)[:80]!r}") from None
         labels.append(row[lab_col] if lab_col is not None and lab_col < len(row) else f"K-{n + 1}")
+        states.append({"selected": _fcsv_flag(row, sel_col, True), "locked": _fcsv_flag(row, lock_col, False)})
     points = np.asarray(pts, dtype=np.float64).reshape(-1, 3)
     if not np.all(np.isfinite(points)):
         raise ImageIOError(f"{p}: coordinates contain NaN or Inf")
-    return _to_ras(points, space), labels
+    return _to_ras(points, space), labels, states
 
 
-def read_markups(path: PathLike) -> tuple[np.ndarray, list[str]]:
+def _fcsv_flag(row: list[str], col: int | None, default: bool) -> bool:
+    if col is None or col >= len(row) or not row[col].strip():
+        return default
+    return row[col].strip().lower() not in ("0", "false")
+
+
+def read_markups(path: PathLike, *, with_states: bool = False):
     """Read the points of a 3D Slicer markups file (``.mrk.json`` / ``.json`` or legacy ``.fcsv``).
 
     JSON: every ``Fiducial`` markup; positions in its ``coordinateSystem`` (default LPS) and
@@ -301,9 +312,12 @@ def read_markups(path: PathLike) -> tuple[np.ndarray, list[str]]:
 
     Args:
         path: the markups file.
+        with_states: also return each point's Slicer state.
 
     Returns:
-        ``(points_ras, labels)``: ``(N, 3)`` float64 world RAS mm and ``N`` strings.
+        ``(points_ras, labels)``: ``(N, 3)`` float64 world RAS mm and ``N`` strings; with
+        ``with_states=True``, ``(points_ras, labels, states)``, ``states`` being ``N`` dicts
+        ``{"selected": bool, "locked": bool}`` (defaults ``True`` / ``False`` when absent).
 
     Raises:
         ImageIOError: missing, malformed or unsupported file.
@@ -312,7 +326,9 @@ def read_markups(path: PathLike) -> tuple[np.ndarray, list[str]]:
     name = p.name.lower()
     with reading(p, "a Slicer markups file"):
         if name.endswith(".json") or (not name.endswith(".fcsv") and text.lstrip().startswith("{")):
-            return _read_markups_json(p, text)
+            out = _read_markups_json(p, text)
+            return out if with_states else out[:2]
         if name.endswith(".fcsv") or text.lstrip().startswith("#"):
-            return _read_fcsv(p, text)
+            out = _read_fcsv(p, text)
+            return out if with_states else out[:2]
     raise ImageIOError(f"{p}: not a Slicer markups file (expected .mrk.json or .fcsv)")

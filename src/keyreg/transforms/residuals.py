@@ -28,7 +28,9 @@ errors ``d_n = |LOO error|`` (mm) of the affine fit::
     confidence = inlier_fraction * exp(-median(d) / CONFIDENCE_SCALE_MM)
     inlier_fraction = fraction of keypoints with d_n <= INLIER_THRESHOLD_MM
 
-A pair with ``confidence < CONFIDENCE_THRESHOLD`` is flagged ``check``.  The constants are in mm,
+and 0 when the affine fit is a reflection (determinant <= 0: the keypoints say the moving image is
+mirrored, e.g. a left-right flip, which a registration must not do).  A pair with
+``confidence < CONFIDENCE_THRESHOLD`` is flagged ``check``.  The constants are in mm,
 so they assume head-sized images (see README, "Confidence").
 """
 
@@ -51,6 +53,7 @@ __all__ = [
     "loo_errors",
     "keypoint_residuals",
     "pair_confidence",
+    "keypoint_confidence",
     "INLIER_THRESHOLD_MM",
     "CONFIDENCE_SCALE_MM",
     "CONFIDENCE_THRESHOLD",
@@ -186,9 +189,16 @@ def keypoint_residuals(spec: AlignSpec, transform, points_fixed: torch.Tensor, p
     return KeypointResiduals(resid, loo)
 
 
-def pair_confidence(loo_mm: torch.Tensor, *, inlier_threshold_mm: float = INLIER_THRESHOLD_MM,
+def pair_confidence(loo_mm: torch.Tensor, *, affine_det: torch.Tensor | None = None,
+                    inlier_threshold_mm: float = INLIER_THRESHOLD_MM,
                     scale_mm: float = CONFIDENCE_SCALE_MM) -> dict[str, torch.Tensor]:
     """The per-pair confidence from affine LOO error lengths ``(B, N)`` mm (module docstring).
+
+    Args:
+        loo_mm: ``(B, N)`` affine LOO error lengths; ``inf`` / NaN count as outliers.
+        affine_det: optional ``(B,)`` determinant of the affine fit's linear part: a pair whose
+            keypoints are best explained by a reflection (``det <= 0``, e.g. a left-right flipped
+            image) gets confidence 0.
 
     Returns:
         ``{"confidence": (B,), "median_loo_mm": (B,), "inlier_fraction": (B,)}``.
@@ -197,4 +207,19 @@ def pair_confidence(loo_mm: torch.Tensor, *, inlier_threshold_mm: float = INLIER
     med = d.median(dim=1).values
     inl = (d <= inlier_threshold_mm).double().mean(dim=1)
     conf = inl * torch.exp(-med.clamp_min(0) / scale_mm)
+    if affine_det is not None:
+        conf = torch.where(affine_det.to(conf) > 0, conf, torch.zeros_like(conf))
     return {"confidence": conf, "median_loo_mm": med, "inlier_fraction": inl}
+
+
+def keypoint_confidence(points_fixed: torch.Tensor, points_moving: torch.Tensor,
+                        weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """:func:`pair_confidence` of ``(B, N, 3)`` keypoint pairs: affine LOO errors and the affine
+    fit's determinant, from the weights the registration uses.  Adds ``"affine_det"`` ``(B,)``."""
+    from .linear import fit_affine
+
+    loo = loo_errors_affine(points_fixed, points_moving, weights).norm(dim=-1)
+    det = torch.linalg.det(fit_affine(points_fixed.double(), points_moving.double(), weights)[:, :3, :3])
+    out = pair_confidence(loo, affine_det=det)
+    out["affine_det"] = det
+    return out

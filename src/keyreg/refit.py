@@ -1,0 +1,131 @@
+"""Refit transforms from keypoint files (possibly edited by hand in 3D Slicer), without the network.
+
+Keypoint files: keyreg CSVs (``label,x_ras,y_ras,z_ras[,weight]``), Slicer ``.mrk.json`` (LPS or
+RAS, as declared) or legacy ``.fcsv``.
+
+Matching rule (:func:`match_keypoints`):
+
+* points are matched **by label**.  keyreg writes the model's keypoint names as labels, and
+  ``K-1 .. K-N`` (the keypoint's index) for unnamed models, so matching by label is matching by
+  index for those; a CSV without a label column gets ``K-1 .. K-N`` by row;
+* a label present in only one file (a point deleted in the other) is left out;
+* Slicer point states: a point that is **unselected** (``"selected": false``, the check box of
+  the point list unticked) is left out; **locked** points are used like any other (locking only
+  protects a point from being moved); points whose ``positionStatus`` is ``undefined`` have no
+  position and are left out;
+* a label that occurs twice in one file is an error;
+* weights: the ``weight`` column of the fixed CSV (else the moving CSV) when present, so that a
+  refit of unedited ``keyreg register`` keypoints reproduces the weighted fit; Slicer files carry
+  no weights (uniform).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, ImageIOError
+
+__all__ = ["KeypointFile", "MatchedKeypoints", "read_keypoint_file", "match_keypoints"]
+
+
+@dataclass
+class KeypointFile:
+    """Points of one keypoint file.
+
+    Attributes:
+        points: ``(N, 3)`` world RAS mm.
+        labels: ``N`` names.
+        selected: ``(N,)`` bool (Slicer's "selected"; ``True`` for CSVs).
+        locked: ``(N,)`` bool (Slicer's "locked"; ``False`` for CSVs).
+        weights: ``(N,)`` or ``None``.
+        path: where it was read from.
+    """
+
+    points: np.ndarray
+    labels: list[str]
+    selected: np.ndarray
+    locked: np.ndarray
+    weights: np.ndarray | None = None
+    path: str = ""
+
+
+@dataclass
+class MatchedKeypoints:
+    """Corresponding keypoints of a fixed and a moving file.
+
+    Attributes:
+        fixed, moving: ``(M, 3)`` world RAS mm, row ``m`` of both is keypoint ``labels[m]``.
+        labels: ``M`` names, in the fixed file's order.
+        weights: ``(M,)`` or ``None``.
+        left_out: ``{label: reason}`` for every point of either file that is not used.
+    """
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    labels: list[str]
+    weights: np.ndarray | None
+    left_out: dict[str, str]
+
+
+def read_keypoint_file(path: str | Path) -> KeypointFile:
+    """Read a keyreg CSV, Slicer ``.mrk.json`` / ``.json`` or ``.fcsv`` keypoint file (RAS mm in memory)."""
+    from .formats import read_markups, read_points_csv
+
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith(".csv"):
+        pts, labels, w = read_points_csv(p, with_weights=True)
+        n = len(pts)
+        kf = KeypointFile(pts, list(labels), np.ones(n, bool), np.zeros(n, bool), w, str(p))
+    elif name.endswith((".json", ".fcsv")):
+        pts, labels, states = read_markups(p, with_states=True)
+        kf = KeypointFile(pts, list(labels), np.array([s["selected"] for s in states], dtype=bool).reshape(-1),
+                          np.array([s["locked"] for s in states], dtype=bool).reshape(-1), None, str(p))
+    else:
+        raise ImageIOError(f"{p}: unknown keypoint file type (expected .csv, .mrk.json or .fcsv)")
+    seen: set[str] = set()
+    for lab in kf.labels:
+        if lab in seen:
+            raise ImageIOError(f"{p}: keypoint label {lab!r} occurs twice (labels match the two files' points)")
+        seen.add(lab)
+    return kf
+
+
+def match_keypoints(fixed: KeypointFile, moving: KeypointFile) -> MatchedKeypoints:
+    """Pair the points of two keypoint files by label (rules in the module docstring).
+
+    Raises:
+        ConfigError: no label in common.
+    """
+    left_out: dict[str, str] = {}
+    mov_index = {lab: i for i, lab in enumerate(moving.labels)}
+    fix_labels = set(fixed.labels)
+    rows_f, rows_m, labels = [], [], []
+    for i, lab in enumerate(fixed.labels):
+        j = mov_index.get(lab)
+        if j is None:
+            left_out[lab] = "not in the moving file"
+        elif not fixed.selected[i]:
+            left_out[lab] = "unselected in the fixed file"
+        elif not moving.selected[j]:
+            left_out[lab] = "unselected in the moving file"
+        else:
+            rows_f.append(i)
+            rows_m.append(j)
+            labels.append(lab)
+    for lab in moving.labels:
+        if lab not in fix_labels:
+            left_out[lab] = "not in the fixed file"
+    if not labels:
+        raise ConfigError(f"no keypoint label is in both {fixed.path or 'fixed'} and {moving.path or 'moving'} "
+                          "(points are matched by label)")
+    weights = None
+    if fixed.weights is not None:
+        weights = np.asarray(fixed.weights, dtype=np.float64)[rows_f]
+    elif moving.weights is not None:
+        weights = np.asarray(moving.weights, dtype=np.float64)[rows_m]
+    return MatchedKeypoints(np.asarray(fixed.points, dtype=np.float64)[rows_f],
+                            np.asarray(moving.points, dtype=np.float64)[rows_m], labels, weights, left_out)
