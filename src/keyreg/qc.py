@@ -1,0 +1,139 @@
+"""Per-pair quality control for the pipeline: keypoint residuals, confidence, report records.
+
+Thin numpy wrappers around :mod:`keyreg.transforms.residuals` for one pair (the pipeline's unit),
+the ``keypoint_residuals.csv`` writer, and the assembly of a :class:`keyreg.report.PairRecord`
+from a pair's metric rows and output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import atomic_write_text
+from .transforms import AffineTransform, AlignSpec, ThinPlateSpline
+from .transforms.residuals import CONFIDENCE_THRESHOLD, INLIER_THRESHOLD_MM, keypoint_confidence, loo_errors
+
+__all__ = ["CONFIDENCE_KEYS", "alignment_residuals", "pair_confidence_of", "pair_record", "read_residuals_csv",
+           "save_pair_residual_plot", "write_residuals_csv"]
+
+#: Columns a pair's confidence adds to every metric row.
+CONFIDENCE_KEYS = ("confidence", "median_loo_mm", "inlier_fraction", "flag")
+
+
+def _t(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float64))[None]
+
+
+def alignment_residuals(spec: AlignSpec, transform: AffineTransform | ThinPlateSpline, fixed_keypoints: np.ndarray,
+                        moving_keypoints: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Residuals ``y - T(x)`` and LOO errors ``y - T^(-n)(x)`` ``(K, 3)`` mm of one fitted align.
+
+    ``transform`` is the fit of ``fixed_keypoints`` -> ``moving_keypoints`` (``(K, 3)`` world mm)
+    with ``weights``; a TPS's own normalisation is reused for its LOO errors.
+    """
+    pf, pm, w = _t(fixed_keypoints), _t(moving_keypoints), _t(weights)
+    t = transform.to("cpu")
+    resid = pm - t.map_points(pf)
+    kw = {}
+    if isinstance(t, ThinPlateSpline):
+        kw = {"center": t.center.double(), "scale": t.scale.double()}
+    loo = loo_errors(spec, pf, pm, w, **kw)
+    return {"residual": resid[0].detach().numpy(), "loo": loo[0].detach().numpy()}
+
+
+def pair_confidence_of(fixed_keypoints: np.ndarray, moving_keypoints: np.ndarray,
+                       weights: np.ndarray | None = None) -> dict[str, Any]:
+    """The pair's confidence (see :mod:`keyreg.transforms.residuals`) as plain Python values, with
+    ``flag`` = ``"check"`` below :data:`CONFIDENCE_THRESHOLD`, else ``"ok"``."""
+    c = keypoint_confidence(_t(fixed_keypoints), _t(moving_keypoints), _t(weights))
+    conf = float(c["confidence"][0])
+    return {"confidence": conf, "median_loo_mm": float(c["median_loo_mm"][0]),
+            "inlier_fraction": float(c["inlier_fraction"][0]), "flag": "check" if conf < CONFIDENCE_THRESHOLD else "ok"}
+
+
+def write_residuals_csv(path: str | Path, labels: Sequence[str], residual: np.ndarray, loo: np.ndarray,
+                        weights: np.ndarray | None = None, used: np.ndarray | None = None) -> Path:
+    """``keypoint_residuals.csv``: one row per keypoint: ``label, residual_mm, loo_mm``, the two
+    vectors (``moving - predicted``, RAS mm), the fit weight and whether the fit used it."""
+    residual, loo = np.asarray(residual, dtype=np.float64), np.asarray(loo, dtype=np.float64)
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(["label", "residual_mm", "loo_mm", "residual_x_ras", "residual_y_ras", "residual_z_ras",
+                 "loo_x_ras", "loo_y_ras", "loo_z_ras", "weight", "used"])
+    for n, lab in enumerate(labels):
+        w = "" if weights is None else f"{float(weights[n]):.6g}"
+        u = 1 if used is None else int(bool(used[n]))
+        wr.writerow([lab, f"{np.linalg.norm(residual[n]):.6g}", f"{np.linalg.norm(loo[n]):.6g}",
+                     *(f"{v:.6g}" for v in residual[n]), *(f"{v:.6g}" for v in loo[n]), w, u])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def read_residuals_csv(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, residual_mm, loo_mm, used)`` from a ``keypoint_residuals.csv``."""
+    rows = list(csv.DictReader(io.StringIO(Path(path).read_text())))
+    return ([r["label"] for r in rows], np.array([float(r["residual_mm"]) for r in rows]),
+            np.array([float(r["loo_mm"]) for r in rows]), np.array([r["used"] == "1" for r in rows]))
+
+
+def save_pair_residual_plot(pair_dir: Path, aligns: Sequence[str], title: str = "") -> Path | None:
+    """``<pair_dir>/residuals.png`` from the ``<align>/keypoint_residuals.csv`` files (``None`` if none)."""
+    from .report import save_residual_plot
+
+    res, rejected, labels = {}, {}, []
+    for align in aligns:
+        f = pair_dir / align / "keypoint_residuals.csv"
+        if f.exists():
+            labels, rmm, lmm, used = read_residuals_csv(f)
+            res[align] = (rmm, lmm)
+            rejected[align] = ~used
+    if not res:
+        return None
+    return save_residual_plot(pair_dir / "residuals.png", labels, res, inlier_threshold_mm=INLIER_THRESHOLD_MM,
+                              rejected=rejected, title=title or "keypoint residuals and leave-one-out errors (mm)")
+
+
+def pair_record(name: str, rows: Sequence[dict], pair_dir: Path | None, report_dir: Path, *,
+                fixed: Any = None, warped: Any = None, note: str = ""):
+    """A :class:`keyreg.report.PairRecord` for one pair.
+
+    Args:
+        name: the pair's name.
+        rows: its metric rows (one per align, with the confidence columns).
+        pair_dir: its output directory (``residuals.png``, ``<align>/qc.png``), or ``None``.
+        report_dir: the directory of ``report.html`` (figure paths are relative to it).
+        fixed, warped: volumes for the thumbnail (e.g. the first align's warped image), or ``None``.
+        note: text shown with the figures.
+    """
+    from .report import PairRecord, overlay_thumbnail, thumbnail_data_uri
+
+    first = rows[0] if rows else {}
+    skip = {"pair", "moving", "fixed", "align", *CONFIDENCE_KEYS}
+    metrics = {r["align"]: {k: v for k, v in r.items() if k not in skip} for r in rows}
+    rec = PairRecord(name=name, metrics=metrics, confidence=first.get("confidence"),
+                     flagged=first.get("flag") == "check", note=note,
+                     details={k: first[k] for k in ("median_loo_mm", "inlier_fraction") if k in first})
+    if fixed is not None and warped is not None:
+        rec.thumbnail = thumbnail_data_uri(overlay_thumbnail(fixed, warped))
+    if pair_dir is not None:
+        plot = pair_dir / "residuals.png"
+        if plot.exists():
+            rec.figures.append(("keypoint residuals and leave-one-out errors", _rel(plot, report_dir)))
+        for r in rows:
+            qc = pair_dir / r["align"] / "qc.png"
+            if qc.exists():
+                rec.figures.append((f"{r['align']}: fixed, moving, warped, checkerboard, overlay, keypoints",
+                                    _rel(qc, report_dir)))
+    return rec
+
+
+def _rel(path: Path, start: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(path, start)).as_posix()
