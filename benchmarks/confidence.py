@@ -143,7 +143,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--drop", type=float, default=0.05, help="Dice drop that counts as 'dropped'")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--from_log", help="recompute the tables from the per-pair lines a (possibly interrupted) "
+                                       "run printed to stderr, instead of registering")
     args = ap.parse_args()
+    if args.from_log:
+        rows = rows_from_log(Path(args.from_log).read_text(), parse_aligns(args.aligns))
+        report(rows, parse_aligns(args.aligns), args, float("nan"), f"(from the log {args.from_log})")
+        return
     if not LABELMAPS.exists():
         sys.exit(f"needs {LABELMAPS}")
     t0 = time.perf_counter()
@@ -196,6 +202,25 @@ def main() -> None:
     report(rows, specs, args, time.perf_counter() - t0, net.config.name)
 
 
+def rows_from_log(text: str, specs) -> list[dict]:
+    """The rows of the per-pair lines ``  F->M kind conf C medLOO D inl I det X align plain/robust ...``."""
+    import re
+
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+)->(\d+) (\w+)\s+conf ([\d.]+) medLOO\s+([\d.]+) inl ([\d.]+) det ([-+\d.]+) (.*)", line)
+        if not m:
+            continue
+        row = {"fixed": int(m[1]), "moving": int(m[2]), "kind": m[3], "confidence": float(m[4]),
+               "median_loo": float(m[5]), "inliers": float(m[6]), "det": float(m[7])}
+        for name, plain, rob in re.findall(r"(\S+) ([\d.]+)/([\d.]+)", m[8]):
+            row[f"{name}_plain"], row[f"{name}_robust"] = float(plain), float(rob)
+        rows.append(row)
+    # only pairs whose clean registration is in the log
+    clean = {(r["fixed"], r["moving"]) for r in rows if r["kind"] == "clean"}
+    return [r for r in rows if (r["fixed"], r["moving"]) in clean]
+
+
 def report(rows, specs, args, seconds: float, model_name: str) -> None:
     ref = specs[0].name  # Dice drop judged on the first align
     clean = {(r["fixed"], r["moving"]): r for r in rows if r["kind"] == "clean"}
@@ -212,6 +237,8 @@ def report(rows, specs, args, seconds: float, model_name: str) -> None:
     print("|---|---|---|---|---|---|" + "---|---|" * len(specs))
     for kind in ("clean",) + DEGRADATIONS + ("all",):
         sel = np.array([kind == "all" or r["kind"] == kind for r in rows])
+        if not sel.any():
+            continue
         if kind in ("clean", "all"):
             auc_sel = np.ones(len(rows), bool) if kind == "all" else None
         else:
