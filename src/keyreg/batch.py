@@ -38,7 +38,8 @@ from .io import atomic_dir, atomic_write_text
 from .pairing import Pair, build_pairs
 
 __all__ = ["BatchResult", "run_batch", "register_batch", "distributed_env", "json_clean", "file_identity",
-           "model_fingerprint", "output_lock", "write_metric_tables", "format_summary", "scalar_metrics"]
+           "model_fingerprint", "output_lock", "write_metric_tables", "format_summary", "scalar_metrics",
+           "write_batch_report"]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -175,7 +176,7 @@ def write_metric_tables(save_dir: Path, rows: Sequence[dict],
                         failures: Sequence[tuple[str, str]] = ()) -> tuple[Path, Path]:
     """``metrics.csv`` (one row per pair and align, scalar metrics) and ``metrics.json`` (everything,
     per-label values and failures included), both written atomically."""
-    keys = ["pair", "moving", "fixed", "align"]
+    keys = ["pair", "moving", "fixed", "align"] + (["flag"] if any("flag" in r for r in rows) else [])
     for r in rows:
         for k in scalar_metrics(r):
             if k not in keys:
@@ -222,6 +223,12 @@ class BatchResult:
     warnings: list[str] = field(default_factory=list)
     description: str = ""
     aligns: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+    @property
+    def flagged(self) -> list[str]:
+        """Pairs whose confidence is below the threshold (``flag`` = ``check``), in batch order."""
+        return list(dict.fromkeys(r["pair"] for r in self.rows if r.get("flag") == "check"))
 
 
 def _pair_config(pair: Pair, registrar, metrics: list[str], fingerprint: str, write_images: bool,
@@ -301,6 +308,7 @@ def run_batch(
             _clean_stale(save_dir / "pairs", [pairs[i].name for i in mine])
         results: list[tuple[int, list[dict]]] = []
         failures: list[tuple[int, str, str]] = []
+        thumbs: dict[str, bytes] = {}
         bar = tqdm(mine, desc=f"{tag}pairs", unit="pair", file=sys.stderr, dynamic_ncols=True,
                    disable=single or not progress)
         for index in bar:
@@ -317,7 +325,7 @@ def run_batch(
             start = time.perf_counter()
             try:
                 rows, per_align = _one_pair(registrar, pair, metric_names, pair_dir, config, write_pairs,
-                                            save_eval_to_disk, visualize)
+                                            save_eval_to_disk, visualize, thumbs)
             except KeyregError as e:
                 if single:
                     raise
@@ -347,24 +355,61 @@ def run_batch(
         out.failures = [(name, msg) for _, name, msg in failures]
         if rank == 0 and (out.rows or not single):
             out.tables = write_metric_tables(save_dir, out.rows, out.failures)
+        if rank == 0 and out.rows:
+            out.report = write_batch_report(save_dir, out.rows, out.failures, thumbs, out.description)
     return out
 
 
+def write_batch_report(save_dir: Path, rows: Sequence[dict], failures: Sequence[tuple[str, str]],
+                       thumbs: dict[str, bytes], description: str = "") -> Path:
+    """``report.html`` of a batch (:mod:`keyreg.report`): one row per pair, flagged pairs first;
+    thumbnails from ``thumbs`` or ``pairs/<pair>/thumbnail.png``; figures from ``pairs/<pair>/``."""
+    from .qc import pair_record
+    from .report import PairRecord, thumbnail_data_uri, write_report
+    from .transforms.residuals import CONFIDENCE_THRESHOLD
+
+    by_pair: dict[str, list[dict]] = {}
+    for r in rows:
+        by_pair.setdefault(r["pair"], []).append(r)
+    records = []
+    for name, pair_rows in by_pair.items():
+        pair_dir = save_dir / "pairs" / name
+        rec = pair_record(name, pair_rows, pair_dir if pair_dir.is_dir() else None, save_dir)
+        png = thumbs.get(name)
+        if png is None and (pair_dir / "thumbnail.png").is_file():
+            png = (pair_dir / "thumbnail.png").read_bytes()
+        if png is not None:
+            rec.thumbnail = thumbnail_data_uri(png)
+        records.append(rec)
+    records += [PairRecord(name=n, flagged=True, note=f"FAILED: {e}") for n, e in failures]
+    return write_report(save_dir / "report.html", records, title=f"keyreg report: {save_dir.name or save_dir}",
+                        summary=description + ".", threshold=CONFIDENCE_THRESHOLD)
+
+
 def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config: dict, write_pairs: bool,
-              write_images: bool, visualize: bool) -> tuple[list[dict], dict]:
+              write_images: bool, visualize: bool, thumbs: dict[str, bytes] | None = None) -> tuple[list[dict], dict]:
     both = pair.moving_seg is not None and pair.fixed_seg is not None
     reg = registrar.register(pair.moving, pair.fixed, moving_seg=pair.moving_seg if both else None,
                              fixed_seg=pair.fixed_seg if both else None,
                              moving_key=_key(pair.moving), fixed_key=_key(pair.fixed))
     per_align = registrar.measure(reg, metrics)
-    rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **vals}
+    conf = reg.confidence
+    rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **conf, **vals}
             for align, vals in per_align.items()]
+    first = next(iter(reg), None)
+    png = None
+    if thumbs is not None and first is not None and first.warped is not None:
+        from .report import overlay_thumbnail
+
+        png = thumbs[pair.name] = overlay_thumbnail(reg.fixed, first.warped)
     if write_pairs:
         # everything goes to a temporary directory renamed to pairs/<pair> at the end; done.json is
         # written last, so an interrupted pair never looks complete
         with atomic_dir(pair_dir) as tmp:
             if write_images or visualize:
                 registrar.save(reg, tmp, write_images=write_images, visualize=visualize)
+                if png is not None:
+                    (tmp / "thumbnail.png").write_bytes(png)
             atomic_write_text(tmp / "done.json", json.dumps(
                 {"config": json_clean(config), "rows": json_clean(rows)}, indent=1) + "\n")
     return rows, per_align

@@ -13,7 +13,9 @@ Per pair directory::
     <align>/transform.lta                rigid/affine: FreeSurfer (moving -> fixed RAS)
     <align>/warp.nii.gz                  TPS: ITK/ANTs displacement field on the fixed grid
     <align>/tps.json                     TPS: keypoint pairs, lambda, weights, normalisation
+    <align>/keypoint_residuals.csv       per keypoint: residual and leave-one-out error (mm), weight, used
     <align>/qc.png                       with visualize=True
+    residuals.png                        with visualize=True: residuals of every align (for report.html)
 
 Every file is written atomically (temporary name, then rename).  Keypoint files are labelled with the
 model's keypoint names (``K-1 .. K-N`` for unnamed models).  This module depends on the result types
@@ -96,6 +98,13 @@ def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: boo
         from .formats.tps import write_tps_json
 
         out["tps"] = Path(write_tps_json(directory / "tps.json", tps_to_dict(res)))
+    from .qc import write_residuals_csv
+
+    resid = res.keypoint_residuals()
+    names = res.keypoint_names or [f"K-{i + 1}" for i in range(len(res.fixed_keypoints))]
+    out["residuals"] = write_residuals_csv(directory / "keypoint_residuals.csv", names, resid["residual"],
+                                           resid["loo"], res.weights,
+                                           None if res.weights is None else np.asarray(res.weights) > 0)
     if visualize and res.warped is not None:
         from .viz import save_qc_figure
 
@@ -117,4 +126,12 @@ def save_registration(reg: "Registration", directory: Path, *, write_images: boo
     for res in reg:
         files = save_alignment(res, directory / res.name, write_images=write_images, visualize=visualize)
         out.update({f"{res.name}/{k}": v for k, v in files.items()})
+    if visualize:
+        from .qc import save_pair_residual_plot
+
+        plot = save_pair_residual_plot(directory, [res.name for res in reg],
+                                       title=f"{reg.moving.name} -> {reg.fixed.name}: keypoint residuals and "
+                                             "leave-one-out errors (mm)")
+        if plot is not None:
+            out["residual_plot"] = plot
     return out

@@ -148,6 +148,8 @@ class RegistrationOptions:
             config; the anatomical default model leaves out ``Extracerebral-*``), ``()``: none.
         identity_check: keep the identity for a pair whose keypoints already agree up to their noise
             (:func:`keyreg.transforms.keep_identity_if_aligned`); ``None``: on for anatomical models.
+        robust: leave out keypoints that the others do not predict (:func:`keyreg.transforms.robust_fit`),
+            per align; without outliers the fit is the ordinary one.
     """
 
     aligns: tuple[str, ...] = ("affine", "tps_0")
@@ -159,6 +161,7 @@ class RegistrationOptions:
     pad_value: float | None = None
     exclude_keypoints: tuple[str, ...] | None = None
     identity_check: bool | None = None
+    robust: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.aligns, str):
@@ -190,17 +193,32 @@ def fit_alignments(
     moving_kp: ImageKeypoints,
     aligns: Sequence[AlignSpec],
     weights: torch.Tensor | None = None,
+    *,
+    robust: bool = False,
+    fit_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, AffineTransform | ThinPlateSpline]:
     """Fit every requested transform (``moving_from_fixed``) from one pair of keypoint sets.
 
     TPS coordinates are normalised by the fixed network grid's field of view
-    (:func:`keyreg.keypoints.tps_frame`), which keeps lambda's official meaning.
+    (:func:`keyreg.keypoints.tps_frame`), which keeps lambda's official meaning.  With ``robust``,
+    :func:`keyreg.transforms.robust_fit` leaves out disagreeing keypoints; the weights each fit used
+    (0 for a keypoint left out) are stored in ``fit_weights`` when a dict is given.
     """
+    from .transforms import robust_fit
+
     pf, pm = fixed_kp.points.unsqueeze(0), moving_kp.points.unsqueeze(0)
     w = None if weights is None else weights.unsqueeze(0)
     c, scale = tps_frame(fixed_kp.world_from_net, fixed_kp.grid_shape)
     center = torch.as_tensor(c, device=pf.device)
-    return {spec.name: fit_transform(spec, pf, pm, w, center=center, scale=scale) for spec in aligns}
+    if not robust:
+        return {spec.name: fit_transform(spec, pf, pm, w, center=center, scale=scale) for spec in aligns}
+    out = {}
+    for spec in aligns:
+        rf = robust_fit(spec, pf, pm, w, center=center, scale=scale)
+        out[spec.name] = rf.transform
+        if fit_weights is not None:
+            fit_weights[spec.name] = rf.weights[0]
+    return out
 
 
 class Registrar:
@@ -285,8 +303,10 @@ class Registrar:
         dropped = [n for i, n in enumerate(fixed_kp.names) if i not in set(keep)]
         return fixed_kp.subset(keep), moving_kp.subset(keep), dropped
 
-    def fit(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """Stage 2: every requested transform (``moving_from_fixed``) and the fit weights."""
+    def fit(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints,
+            fit_weights: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Stage 2: every requested transform (``moving_from_fixed``) and the fit weights (with
+        ``robust``, each align's own weights go to ``fit_weights``)."""
         from .models import power_weights
 
         if fixed_kp.points.shape != moving_kp.points.shape:
@@ -294,7 +314,8 @@ class Registrar:
                                      f"and {tuple(moving_kp.points.shape)}")
         w = power_weights(fixed_kp.mass.unsqueeze(0), moving_kp.mass.unsqueeze(0))[0] if self.weighted else None
         with self.timer("fit"):
-            fits = fit_alignments(fixed_kp, moving_kp, self.options.specs, w)
+            fits = fit_alignments(fixed_kp, moving_kp, self.options.specs, w, robust=self.options.robust,
+                                  fit_weights=fit_weights)
             if self.identity_check:
                 pf, pm = fixed_kp.points.unsqueeze(0), moving_kp.points.unsqueeze(0)
                 fits = keep_identity_if_aligned(fits, pf, pm, None if w is None else w.unsqueeze(0))
@@ -389,14 +410,17 @@ class Registrar:
     def _assemble(self, moving_v: Volume, fixed_v: Volume, moving_s: Volume | None, fixed_s: Volume | None,
                   kf: ImageKeypoints, km: ImageKeypoints) -> Registration:
         kf_fit, km_fit, dropped = self.select(kf, km)
-        transforms, w = self.fit(kf_fit, km_fit)
+        per_align: dict[str, torch.Tensor] = {}
+        transforms, w = self.fit(kf_fit, km_fit, per_align)
         w_np = None if w is None else w.detach().cpu().numpy()
         results = {
             spec.name: AlignmentResult(spec, transforms[spec.name], fixed_v, moving_v, kf_fit.numpy(), km_fit.numpy(),
-                                       w_np, self.options.field_stride, keypoint_names=list(kf_fit.names),
+                                       per_align[spec.name].detach().cpu().numpy() if spec.name in per_align else w_np,
+                                       self.options.field_stride, keypoint_names=list(kf_fit.names),
                                        pad_value=self.options.pad_value)
             for spec in self.options.specs}
-        return Registration(fixed_v, moving_v, kf, km, results, fixed_s, moving_s, w_np, excluded_keypoints=dropped)
+        return Registration(fixed_v, moving_v, kf, km, results, fixed_s, moving_s, w_np, excluded_keypoints=dropped,
+                            fit_keypoints=(kf_fit.numpy(), km_fit.numpy()))
 
     def describe(self) -> str:
         c = self.model.config

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import ConfigError, ImageIOError
 
-__all__ = ["KeypointFile", "MatchedKeypoints", "read_keypoint_file", "match_keypoints"]
+__all__ = ["KeypointFile", "MatchedKeypoints", "match_keypoints", "read_keypoint_file", "refit"]
 
 
 @dataclass
@@ -129,3 +129,71 @@ def match_keypoints(fixed: KeypointFile, moving: KeypointFile) -> MatchedKeypoin
         weights = np.asarray(moving.weights, dtype=np.float64)[rows_m]
     return MatchedKeypoints(np.asarray(fixed.points, dtype=np.float64)[rows_f],
                             np.asarray(moving.points, dtype=np.float64)[rows_m], labels, weights, left_out)
+
+
+def refit(
+    moving,
+    fixed,
+    fixed_keypoints,
+    moving_keypoints,
+    *,
+    aligns=("affine", "tps_0"),
+    moving_seg=None,
+    fixed_seg=None,
+    robust: bool = False,
+    use_weights: bool = True,
+    device=None,
+    label_interp: str = "nearest",
+    field_stride: int | None = None,
+    pad_value: float | None = None,
+    warp: bool = True,
+):
+    """Fit ``aligns`` from two keypoint files (or :class:`KeypointFile` objects) and warp, like
+    :meth:`keyreg.pipeline.Registrar.register` but without the network.
+
+    TPS coordinates are normalised by the fixed image's field of view (centre, half its longest
+    side), so ``lambda`` keeps its meaning; ``keyreg register`` used the network grid's field of
+    view, which is close but not identical (a refit TPS with lambda > 0 can differ slightly).
+
+    Returns:
+        ``(registration, matched)``: a :class:`keyreg.results.Registration` (measure and save it as
+        ``keyreg register``'s) and the :class:`MatchedKeypoints` (``left_out`` lists what was dropped).
+    """
+    import torch
+
+    from .keypoints import ImageKeypoints
+    from .pipeline import Registrar, fit_alignments
+    from .results import AlignmentResult, Registration
+    from .transforms import DEFAULT_FIELD_STRIDE
+
+    kf_file = fixed_keypoints if isinstance(fixed_keypoints, KeypointFile) else read_keypoint_file(fixed_keypoints)
+    km_file = moving_keypoints if isinstance(moving_keypoints, KeypointFile) else read_keypoint_file(moving_keypoints)
+    matched = match_keypoints(kf_file, km_file)
+    registrar = Registrar(None, device=device, aligns=tuple(aligns), weighted=False, label_interp=label_interp,
+                          field_stride=DEFAULT_FIELD_STRIDE if field_stride is None else field_stride,
+                          pad_value=pad_value, robust=robust)
+    moving_v, fixed_v, moving_s, fixed_s = registrar.load(moving, fixed, moving_seg, fixed_seg)
+    n = len(matched.labels)
+    ones = torch.ones(n, dtype=torch.float32)
+    kf = ImageKeypoints(torch.from_numpy(matched.fixed), ones, np.asarray(fixed_v.affine, dtype=np.float64),
+                        tuple(fixed_v.shape[:3]), names=list(matched.labels))
+    km = ImageKeypoints(torch.from_numpy(matched.moving), ones, np.asarray(moving_v.affine, dtype=np.float64),
+                        tuple(moving_v.shape[:3]), names=list(matched.labels))
+    w = None
+    if use_weights and matched.weights is not None:
+        w = torch.from_numpy(matched.weights)
+    per_align: dict = {}
+    with registrar.timer("fit"):
+        transforms = fit_alignments(kf, km, registrar.options.specs, w, robust=robust, fit_weights=per_align)
+    w_np = None if w is None else w.numpy()
+    results = {
+        spec.name: AlignmentResult(spec, transforms[spec.name], fixed_v, moving_v, matched.fixed, matched.moving,
+                                   per_align[spec.name].cpu().numpy() if spec.name in per_align else w_np,
+                                   registrar.options.field_stride, keypoint_names=list(matched.labels),
+                                   pad_value=pad_value)
+        for spec in registrar.options.specs}
+    reg = Registration(fixed_v, moving_v, kf, km, results, fixed_s, moving_s, w_np,
+                       excluded_keypoints=sorted(matched.left_out), fit_keypoints=(matched.fixed, matched.moving))
+    if warp:
+        registrar.warp(reg)
+    return reg, matched

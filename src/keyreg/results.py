@@ -125,10 +125,21 @@ class AlignmentResult:
     pad_value: float | None = None
     _dense: Any = field(default=None, repr=False)
     _aligned: Any = field(default=None, repr=False)
+    _residuals: Any = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def keypoint_residuals(self) -> dict[str, np.ndarray]:
+        """``{"residual": (K, 3), "loo": (K, 3)}`` mm: each keypoint's residual ``y - T(x)`` and its
+        leave-one-out prediction error (:mod:`keyreg.transforms.residuals`; computed once)."""
+        if self._residuals is None:
+            from .qc import alignment_residuals
+
+            self._residuals = alignment_residuals(self.spec, self.transform, self.fixed_keypoints,
+                                                  self.moving_keypoints, self.weights)
+        return self._residuals
 
     @property
     def matrix(self) -> np.ndarray | None:
@@ -249,6 +260,19 @@ class Registration:
     weights: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     excluded_keypoints: list[str] = field(default_factory=list)
+    fit_keypoints: tuple[np.ndarray, np.ndarray] | None = None
+    _confidence: Any = field(default=None, repr=False)
+
+    @property
+    def confidence(self) -> dict[str, Any]:
+        """The pair's confidence from its keypoints (:mod:`keyreg.transforms.residuals`):
+        ``confidence``, ``median_loo_mm``, ``inlier_fraction`` and ``flag`` (``check`` / ``ok``)."""
+        if self._confidence is None:
+            from .qc import pair_confidence_of
+
+            kf, km = self.fit_keypoints or (self.fixed_keypoints.numpy(), self.moving_keypoints.numpy())
+            self._confidence = pair_confidence_of(kf, km, self.weights)
+        return self._confidence
 
     def __getitem__(self, align: str) -> AlignmentResult:
         key = parse_aligns([align])[0].name

@@ -18,6 +18,7 @@ __all__ = ["main", "build_parser"]
 COMMANDS = {
     "demo": ("demo", "register a bundled example pair (MNI152 T1 vs a rotated, deformed T2-like copy)"),
     "register": ("register", "register moving image(s) to fixed image(s) through learned keypoints"),
+    "refit": ("refit", "refit and rewrite a registration from (hand-edited) keypoint files, without the network"),
     "models": ("models", "list the bundled models, or describe a model file"),
     "apply": ("apply", "apply saved transform(s) to an image, a label map or points"),
     "invert": ("invert", "invert a saved transform (exact for linear; TPS and fields with a residual)"),

@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'Left-Hippocampus', '*Cortex/anterior*', 'K-1*'; unnamed models have the names "
                         "K-1 .. K-N); replaces the model's default list (keyreg-anatomy: 'Extracerebral-*'); "
                         "'none' uses every keypoint")
+    a.add_argument("--robust", action="store_true",
+                   help="robust fits: leave out keypoints that the other keypoints do not predict (leave-one-out "
+                        "error above 4 robust standard deviations, at most half of them); a pair without such "
+                        "keypoints gets exactly the ordinary fit")
     a.add_argument("--pad_value", type=float, default=None,
                    help="intensity of warped voxels that fall outside the moving image (default: 0, or the "
                         "moving image's minimum when it is negative, e.g. -1024 for CT air)")
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         args.weighted_kp_align == "power", label_interp=args.label_interp,
         field_stride=DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride,
         half_resolution=args.half_resolution, use_amp=args.use_amp, pad_value=args.pad_value,
-        exclude_keypoints=_exclusions(args.exclude_keypoints))
+        exclude_keypoints=_exclusions(args.exclude_keypoints), robust=args.robust)
     res = register_batch(args.moving, args.fixed, moving_seg=args.moving_seg, fixed_seg=args.fixed_seg,
                          all_pairs=args.all_pairs, model=args.load_path, device=args.device, backbone=args.backbone,
                          num_keypoints=args.num_keypoints, options=options, save_dir=args.save_dir,
@@ -94,8 +98,17 @@ def report(res, save_dir: Path, per_pair: bool) -> int:
         print(f"{res.skipped} pair(s) were already complete and skipped (--skip_existing)", file=sys.stderr)
     if res.rows:
         print(format_summary(res.rows, res.aligns))
+    if res.rows:
+        from ..transforms.residuals import CONFIDENCE_THRESHOLD
+
+        flagged = res.flagged
+        n_pairs = len({r["pair"] for r in res.rows})
+        print(f"\nconfidence below {CONFIDENCE_THRESHOLD:g}, flagged check: {len(flagged)} of {n_pairs} pair(s)"
+              + (": " + ", ".join(flagged[:20]) + (" ..." if len(flagged) > 20 else "") if flagged else ""))
     if res.tables:
         print(f"\nmetrics written to {res.tables[0]} and {res.tables[1]}")
+    if res.report:
+        print(f"report: {res.report}")
     if res.rows and per_pair:
         print(f"per-pair outputs in {save_dir / 'pairs'}")
     if res.failures:
