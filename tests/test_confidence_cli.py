@@ -121,7 +121,7 @@ def test_refit_round_trip_from_edited_slicer_files(data, tiny_model_files, tmp_p
     t_saved = fit_tps(torch.tensor(tj["fixed_keypoints_ras"])[None], torch.tensor(tj["moving_keypoints_ras"])[None],
                       0.0, center=torch.tensor(tj["center_ras"], dtype=torch.float64), scale=tj["scale_mm"])
     q = torch.from_numpy(fixed.points)[None] + 1.5
-    torch.testing.assert_close(t_saved.map_points(q), t_direct.map_points(q), atol=1e-8, rtol=0)
+    torch.testing.assert_close(t_saved.map_points(q), t_direct.map_points(q), atol=1e-5, rtol=0)  # tps.json precision
     meta = json.loads((ref / "pairs" / "a" / "refit.json").read_text())
     assert meta["left_out"] == {"K-5": "not in the moving file"}
     assert (ref / "report.html").is_file() and (ref / "metrics.csv").is_file()
