@@ -382,7 +382,8 @@ def write_batch_report(save_dir: Path, rows: Sequence[dict], failures: Sequence[
             rec.thumbnail = thumbnail_data_uri(png)
         records.append(rec)
     records += [PairRecord(name=n, flagged=True, note=f"FAILED: {e}") for n, e in failures]
-    return write_report(save_dir / "report.html", records, title=f"keyreg report: {save_dir.name or save_dir}",
+    # nothing run-specific (paths, times) in the page: the same inputs give the same bytes
+    return write_report(save_dir / "report.html", records, title="keyreg report",
                         summary=description + ".", threshold=CONFIDENCE_THRESHOLD)
 
 
