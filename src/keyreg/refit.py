@@ -72,12 +72,14 @@ class MatchedKeypoints:
 
 def read_keypoint_file(path: str | Path) -> KeypointFile:
     """Read a keyreg CSV, Slicer ``.mrk.json`` / ``.json`` or ``.fcsv`` keypoint file (RAS mm in memory)."""
-    from .formats import read_markups, read_points_csv
+    from .formats import read_markups
+    from .formats.points import read_point_set
 
     p = Path(path)
     name = p.name.lower()
     if name.endswith(".csv"):
-        pts, labels, w = read_points_csv(p, with_weights=True)
+        ps = read_point_set(p)
+        pts, labels, w = ps.points, ps.labels, ps.weights
         n = len(pts)
         kf = KeypointFile(pts, list(labels), np.ones(n, bool), np.zeros(n, bool), w, str(p))
     elif name.endswith((".json", ".fcsv")):
