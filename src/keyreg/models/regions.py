@@ -190,8 +190,10 @@ class RegionAtlas:
             vox = np.stack(np.unravel_index(idx, labels.shape), 1).astype(np.float64)
             pts = vox @ ref[:3, :3].T + ref[:3, 3]
             centers = np.asarray([self.regions[k].center for k in ks], dtype=np.float64)
-            d2 = ((pts[:, None, :] - centers[None]) ** 2).sum(-1)
-            out.reshape(-1)[idx] = np.asarray(ks, dtype=np.int16)[d2.argmin(1)] + 1
+            from scipy.spatial import cKDTree
+
+            nearest = cKDTree(centers).query(pts)[1]  # memory O(voxels), not voxels x centres
+            out.reshape(-1)[idx] = np.asarray(ks, dtype=np.int16)[nearest] + 1
         return out
 
     def centroids(self, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,8 +291,9 @@ def build_atlas(
         mid, ext = allp.mean(0), allp.std(0) * 1.5
         hemi = structure_name(parent).split("-")[0] if structure_name(parent).split("-")[0] in ("Left", "Right") else None
         names = [f"{structure_name(parent)}/{_direction_name(c - mid, ext, hemi)}" for c in centers]
-        for k, (c, nm) in enumerate(sorted(zip(centers.tolist(), names), key=lambda t: t[1])):
-            dup = sum(1 for _, m in sorted(zip(centers.tolist(), names), key=lambda t: t[1])[:k] if m == nm)
+        ordered = sorted(zip(centers.tolist(), names), key=lambda t: t[1])
+        for k, (c, nm) in enumerate(ordered):
+            dup = sum(1 for _, m in ordered[:k] if m == nm)
             regions.append(Region(nm if dup == 0 else f"{nm}-{dup + 1}", parent, tuple(c)))
     provisional = RegionAtlas(tuple(regions), anchors, mean_c, np.zeros((len(regions), 3)))
     cents = []

@@ -200,10 +200,10 @@ class Trainer:
         its keypoints are the regions (the model's own, ``--regions``, or built from the label maps),
         which also fix the number of keypoints."""
         cfg = self.cfg
-        atlas = self._regions() if cfg.mode == "pretrain" else None
         if cfg.load_path:
             model = load_model(cfg.load_path, device=self.device)
             if cfg.mode == "pretrain":
+                atlas = model.config.regions or self._regions()
                 if model.config.regions is None and len(atlas) != model.num_keypoints:
                     raise ConfigError(f"the regions define {len(atlas)} keypoints but the model has "
                                       f"{model.num_keypoints}")
@@ -212,6 +212,7 @@ class Trainer:
                 model.config.fit_exclude = model.config.fit_exclude or ANATOMICAL_FIT_EXCLUDE
             model.train()
             return model
+        atlas = self._regions() if cfg.mode == "pretrain" else None
         k = len(atlas) if atlas is not None else cfg.num_keypoints
         arch = ArchitectureConfig(cfg.backbone, k, num_levels=cfg.num_levels,
                                   num_truncated=cfg.num_truncated, f_maps=cfg.f_maps)
@@ -224,14 +225,10 @@ class Trainer:
         return KeypointDetector(conf).to(self.device)
 
     def _regions(self):
-        """Regions for pretraining: from ``--load_path``'s config, a ``--regions`` file, or built from
-        the training label maps."""
+        """Regions for pretraining a model that has none yet: a ``--regions`` file, or built from the
+        training label maps."""
         from ..models.regions import RegionAtlas
 
-        if self.cfg.load_path:
-            loaded = load_model(self.cfg.load_path).config.regions
-            if loaded is not None:
-                return loaded
         if self.cfg.regions:
             try:
                 data = json.loads(Path(self.cfg.regions).read_text())
