@@ -100,6 +100,21 @@ def test_resume_continues_exactly(label_maps, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stop_at_shortens_a_run_of_the_same_schedule(label_maps, tmp_path):
+    # a cosine schedule over 4 steps, stopped at 2 and resumed, is the straight 4-step run; --stop_at is checked
+    straight = _cfg(label_maps, tmp_path / "a", steps=4, lr_schedule="cosine")
+    train(straight, progress=False)
+    train(_cfg(label_maps, tmp_path / "b", steps=4, stop_at=2, lr_schedule="cosine"), progress=False)
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    assert (tmp_path / "b" / "model.safetensors").exists()
+    train(_cfg(label_maps, tmp_path / "b", steps=4, lr_schedule="cosine"), resume=True, progress=False)
+    a = load_model(tmp_path / "a" / "model.safetensors").state_dict()
+    b = load_model(tmp_path / "b" / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="--stop_at"):
+        _cfg(label_maps, tmp_path / "c", steps=4, stop_at=5).validate()
+
+
 def test_cli_train_and_pretrain(label_maps, tmp_path, capsys):
     common = ["--label_maps", *label_maps[:2], "--num_keypoints", "8", "--num_levels", "2", "--num_truncated", "1",
               "--f_maps", "4", "--grid_shape", "16", "--voxel_size", "3", "--steps", "1", "--batch_size", "1", "--no_progress",

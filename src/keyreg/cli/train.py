@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
 
     t = p.add_argument_group("optimisation")
     t.add_argument("--steps", "--train_num_steps", dest="steps", type=int, default=None)
+    t.add_argument("--stop_at", type=int, default=None,
+                   help="stop after this step; the learning-rate schedule still spans --steps (a shortened run "
+                        "of a longer schedule, resumable)")
     t.add_argument("--batch_size", type=int, default=None, help="pairs per step and process")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None)

@@ -77,6 +77,7 @@ class TrainConfig:
     dense_coeff: float = 1.0                 # weight of the heatmap-vs-region-mask term (pretrain)
     # optimisation
     steps: int = 1000
+    stop_at: int | None = None               # stop after this step (the LR schedule still spans ``steps``)
     batch_size: int = 2
     lr: float = 3e-4
     lr_schedule: str = "constant"            # constant | cosine (to 5% of lr at the last step)
@@ -105,6 +106,8 @@ class TrainConfig:
             raise ConfigError(f"--lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("--steps and --batch_size must be >= 1")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ConfigError(f"--stop_at must be in [1, --steps={self.steps}], got {self.stop_at}")
         for name, lo, hi in (("lr", 0.0, None), ("max_rotation", 0.0, 180.0), ("max_displacement", 0.0, None),
                              ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None)):
             v = getattr(self, name)
@@ -459,17 +462,18 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------------------------
     def fit(self, *, progress: bool = True) -> dict[str, Any]:
-        """Train until ``cfg.steps``; returns the last logs and validation scores."""
+        """Train until ``cfg.steps`` (or ``cfg.stop_at``); returns the last logs and validation scores."""
         from tqdm import tqdm
 
         cfg = self.cfg
         log_path = self.save_dir / "log.csv"
         writer = _Logger(log_path, cfg) if self.rank == 0 else None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0,
+        bar = tqdm(total=cfg.stop_at or cfg.steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc=cfg.mode, unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {}
         t0, pairs_done = time.perf_counter(), 0
-        while self.step < cfg.steps:
+        end = cfg.steps if cfg.stop_at is None else cfg.stop_at
+        while self.step < end:
             batch = self.pairs.sample(cfg.batch_size, self.gen)
             if cfg.lr_schedule == "cosine":
                 for group in self.opt.param_groups:
@@ -492,7 +496,7 @@ class Trainer:
                           ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
             if writer:
                 writer.write(self.step, logs, val)
-            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == end):
                 self.save_checkpoint()
         bar.close()
         if self.rank == 0:
