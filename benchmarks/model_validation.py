@@ -36,7 +36,7 @@ from keyreg.metrics import dice_per_label, mean_dice
 from keyreg.models import load_model
 from keyreg.models.inference import detect_image_keypoints
 from keyreg.train.data import LabelMapBank
-from keyreg.train.synth import IntensityAugment, random_means, synthesize_image
+from keyreg.train.synth import contrast_image
 from keyreg.transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, fit_transform, keep_identity_if_aligned,
                                parse_align, sample_field)
 from keyreg.warp import warp_labels
@@ -56,11 +56,7 @@ def brain_dice(warped: np.ndarray, fixed: np.ndarray) -> float:
 
 
 def synth(labels: torch.Tensor, contrast: str, seed: int) -> np.ndarray:
-    g = torch.Generator().manual_seed(seed)
-    means = random_means(1, 1024, g, contrast=contrast)
-    img = synthesize_image(labels[None, None].long(), g, augment=IntensityAugment(resolution_prob=0.0),
-                           skull_strip=False, means=means)
-    return img[0, 0].numpy()
+    return contrast_image(labels, contrast, seed)
 
 
 def rotation(seed: int, degrees: float, center: np.ndarray) -> np.ndarray:
@@ -80,16 +76,17 @@ def warp_seg(seg: np.ndarray, seg_affine: np.ndarray, fixed: Volume, transform) 
     return out[0].numpy()
 
 
-def fit(align: str, kf: np.ndarray, km: np.ndarray, fixed: Volume, model_scale: float, mask=None):
+def fit(align: str, kf: np.ndarray, km: np.ndarray, fixed: Volume, model_scale: float, mask=None,
+        tolerance_mm: float = 0.0):
     """The pipeline's fit: the model's keypoint selection (``fit_exclude``), the closed-form fit and the
-    already-aligned check."""
+    already-aligned check (with the model's ``aligned_tolerance_mm``)."""
     ok = np.isfinite(kf).all(1) & np.isfinite(km).all(1)
     if mask is not None:
         ok &= np.asarray(mask)
     center = torch.as_tensor(fov_center(fixed.affine, fixed.shape))
     pf, pm = torch.from_numpy(kf[ok])[None], torch.from_numpy(km[ok])[None]
     tr = fit_transform(parse_align(align), pf, pm, center=center, scale=model_scale)
-    return keep_identity_if_aligned({align: tr}, pf, pm)[align]
+    return keep_identity_if_aligned({align: tr}, pf, pm, tolerance_mm=tolerance_mm)[align]
 
 
 def ants_affine(fixed: Volume, moving: Volume, moving_seg: np.ndarray, tmp: Path) -> tuple[np.ndarray, float]:
@@ -137,6 +134,7 @@ def main(argv=None) -> int:
     model = load_model(args.model).eval()
     atlas = model.config.regions
     mask = model.config.fit_mask(args.fit_exclude)
+    tol = model.config.aligned_tolerance_mm
     scale = fov_half_extent(np.diag([*model.config.preprocessing.grid.voxel_size, 1.0]),
                             model.config.preprocessing.grid.shape)
     print(f"model {model.config.name}: {model.config.architecture.describe()}, "
@@ -182,7 +180,7 @@ def main(argv=None) -> int:
                     row = {"fixed": args.maps[fi], "moving": args.maps[mi], "pair": f"{cf}->{cm}", "rot": deg,
                            "none": brain_dice(warp_seg(segs[mi], m_aff, fixed, None), segs[fi])}
                     for a in args.aligns:
-                        row[a] = brain_dice(warp_seg(segs[mi], m_aff, fixed, fit(a, kf, km, fixed, scale, mask)), segs[fi])
+                        row[a] = brain_dice(warp_seg(segs[mi], m_aff, fixed, fit(a, kf, km, fixed, scale, mask, tol)), segs[fi])
                     if atlas is not None:
                         true_m = atlas.centroids(segs[mi], m_aff)[0]
                         err = np.concatenate([np.linalg.norm(km - true_m, axis=1), np.linalg.norm(kf - true_f, axis=1)])
@@ -205,7 +203,7 @@ def main(argv=None) -> int:
         moving = Volume(images[(i, b)], affs[i], name="m")
         kf, km = keypoints(("f", i, a), fixed), keypoints(("m", i, b, 0.0), moving)
         before = brain_dice(warp_seg(segs[i], affs[i], fixed, None), segs[i])
-        after = brain_dice(warp_seg(segs[i], affs[i], fixed, fit("affine", kf, km, fixed, scale, mask)), segs[i])
+        after = brain_dice(warp_seg(segs[i], affs[i], fixed, fit("affine", kf, km, fixed, scale, mask, tol)), segs[i])
         aligned.append((m, before, after))
     print_tables(rows, args, aligned, t_detect / max(n_detect, 1), searched, n_detect)
     if args.time_1mm:

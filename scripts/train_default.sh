@@ -8,7 +8,7 @@
 # Runs on CPU or GPU (on a GPU raise STEPS and BATCH); under `torchrun` the same command trains with DDP.
 set -euo pipefail
 MAPS=${1:-../shared/data/labelmaps}
-STEPS=${2:-3000}
+STEPS=${2:-2500}
 SAVE=${3:-runs/anatomy}
 BATCH=${BATCH:-2}
 TRAIN=$(for i in 01 02 03 04 05 06 07 08 09 10 11 12; do echo "$MAPS/training_seg_$i.nii.gz"; done)

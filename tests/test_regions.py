@@ -153,6 +153,29 @@ def test_identity_kept_for_an_aligned_pair_and_not_for_a_moved_one():
     assert all(kept[n] is fits[n] for n in fits)
 
 
+def test_identity_kept_within_the_models_tolerance():
+    from keyreg.transforms import AlignSpec, fit_transform, keep_identity_if_aligned, keypoint_motion_mm
+
+    rng = np.random.default_rng(2)
+    pf = torch.from_numpy(rng.normal(scale=40, size=(1, 150, 3)))
+    # a systematic, contrast-like bias (a 2.6 % scaling: ~1.8 mm RMS) that no noise test absorbs
+    biased = pf * 1.026 + torch.from_numpy(rng.normal(scale=0.5, size=pf.shape))
+    specs = [AlignSpec("affine"), AlignSpec("tps", 1.0)]
+    center, scale = torch.zeros(3, dtype=torch.float64), 100.0
+    fits = {s.name: fit_transform(s, pf, biased, center=center, scale=scale) for s in specs}
+    motion = float(keypoint_motion_mm(pf, fits["affine"].matrix)[0])
+    assert 1.6 < motion < 2.1  # 2.6 % of an RMS radius of 40 * sqrt(3) = 69 mm
+    info: dict = {}
+    assert keep_identity_if_aligned(fits, pf, biased, info=info)["affine"] is fits["affine"]
+    assert info == {"affine_motion_mm": pytest.approx(motion), "already_aligned": False}
+    kept = keep_identity_if_aligned(fits, pf, biased, tolerance_mm=motion + 0.1, info=info)
+    assert info["already_aligned"]
+    probe = torch.from_numpy(rng.normal(scale=50, size=(1, 20, 3)))
+    for tr in kept.values():
+        torch.testing.assert_close(tr.map_points(probe), probe, atol=1e-9, rtol=0)
+    assert keep_identity_if_aligned(fits, pf, biased, tolerance_mm=motion - 0.1)["tps_1"] is fits["tps_1"]
+
+
 def test_models_command_lists_keypoint_names(atlas, tmp_path, capsys):
     from conftest import tiny_model
 

@@ -176,7 +176,7 @@ def write_metric_tables(save_dir: Path, rows: Sequence[dict],
                         failures: Sequence[tuple[str, str]] = ()) -> tuple[Path, Path]:
     """``metrics.csv`` (one row per pair and align, scalar metrics) and ``metrics.json`` (everything,
     per-label values and failures included), both written atomically."""
-    keys = ["pair", "moving", "fixed", "align"] + (["flag"] if any("flag" in r for r in rows) else [])
+    keys = ["pair", "moving", "fixed", "align"] + [k for k in ("flag", "already_aligned") if any(k in r for r in rows)]
     for r in rows:
         for k in scalar_metrics(r):
             if k not in keys:
@@ -395,7 +395,8 @@ def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config:
                              moving_key=_key(pair.moving), fixed_key=_key(pair.fixed))
     per_align = registrar.measure(reg, metrics)
     conf = reg.confidence
-    rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **conf, **vals}
+    rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **conf,
+             **({"already_aligned": reg.alignment_check["already_aligned"]} if reg.alignment_check else {}), **vals}
             for align, vals in per_align.items()]
     first = next(iter(reg), None)
     png = None

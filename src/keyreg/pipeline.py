@@ -304,9 +304,11 @@ class Registrar:
         return fixed_kp.subset(keep), moving_kp.subset(keep), dropped
 
     def fit(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints,
-            fit_weights: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], torch.Tensor | None]:
+            fit_weights: dict[str, torch.Tensor] | None = None,
+            check: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor | None]:
         """Stage 2: every requested transform (``moving_from_fixed``) and the fit weights (with
-        ``robust``, each align's own weights go to ``fit_weights``)."""
+        ``robust``, each align's own weights go to ``fit_weights``; with the already-aligned check,
+        its outcome goes to ``check``: ``already_aligned``, ``affine_motion_mm``)."""
         from .models import power_weights
 
         if fixed_kp.points.shape != moving_kp.points.shape:
@@ -318,7 +320,10 @@ class Registrar:
                                   fit_weights=fit_weights)
             if self.identity_check:
                 pf, pm = fixed_kp.points.unsqueeze(0), moving_kp.points.unsqueeze(0)
-                fits = keep_identity_if_aligned(fits, pf, pm, None if w is None else w.unsqueeze(0))
+                tol = float(getattr(self.model.config, "aligned_tolerance_mm", 0.0)) if self._model_arg is not None \
+                    or self._net is not None else 0.0
+                fits = keep_identity_if_aligned(fits, pf, pm, None if w is None else w.unsqueeze(0),
+                                                tolerance_mm=tol, info=check)
             return fits, w
 
     @property
@@ -411,7 +416,8 @@ class Registrar:
                   kf: ImageKeypoints, km: ImageKeypoints) -> Registration:
         kf_fit, km_fit, dropped = self.select(kf, km)
         per_align: dict[str, torch.Tensor] = {}
-        transforms, w = self.fit(kf_fit, km_fit, per_align)
+        check: dict[str, Any] = {}
+        transforms, w = self.fit(kf_fit, km_fit, per_align, check)
         w_np = None if w is None else w.detach().cpu().numpy()
         results = {
             spec.name: AlignmentResult(spec, transforms[spec.name], fixed_v, moving_v, kf_fit.numpy(), km_fit.numpy(),
@@ -420,7 +426,7 @@ class Registrar:
                                        pad_value=self.options.pad_value)
             for spec in self.options.specs}
         return Registration(fixed_v, moving_v, kf, km, results, fixed_s, moving_s, w_np, excluded_keypoints=dropped,
-                            fit_keypoints=(kf_fit.numpy(), km_fit.numpy()))
+                            fit_keypoints=(kf_fit.numpy(), km_fit.numpy()), alignment_check=check)
 
     def describe(self) -> str:
         c = self.model.config

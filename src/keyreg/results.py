@@ -248,7 +248,11 @@ class AlignmentResult:
 
 @dataclass
 class Registration:
-    """The result of a registration: keypoints of both images and one result per transform type."""
+    """The result of a registration: keypoints of both images and one result per transform type.
+
+    ``alignment_check`` holds the already-aligned check's outcome (``already_aligned``: the identity
+    was kept; ``affine_motion_mm``: RMS motion of the affine fit over the keypoints); empty when the
+    check is off."""
 
     fixed: Volume
     moving: Volume
@@ -261,6 +265,7 @@ class Registration:
     timings: dict[str, float] = field(default_factory=dict)
     excluded_keypoints: list[str] = field(default_factory=list)
     fit_keypoints: tuple[np.ndarray, np.ndarray] | None = None
+    alignment_check: dict[str, Any] = field(default_factory=dict)
     _confidence: Any = field(default=None, repr=False)
 
     @property

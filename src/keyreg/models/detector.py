@@ -71,6 +71,10 @@ class ModelConfig:
         fit_exclude: glob patterns of keypoint names left out of fits by default (the anatomical
             default model: ``Extracerebral-*``, whose head-shape variability would pull a brain
             alignment); a user's own exclusion list replaces it.
+        aligned_tolerance_mm: the smallest motion (RMS over the fit keypoints, mm) the model
+            resolves; a fit that moves a pair's keypoints less keeps the identity
+            (:func:`keyreg.transforms.keep_identity_if_aligned`); calibrated on aligned pairs by
+            ``scripts/calibrate_aligned.py``; 0 for models without a calibration.
     """
 
     name: str
@@ -83,6 +87,7 @@ class ModelConfig:
     orientation_search: bool | str = False
     fit_exclude: tuple[str, ...] = ()
     names: tuple[str, ...] | None = None
+    aligned_tolerance_mm: float = 0.0
 
     FORMAT = "keyreg-model"
     VERSION = 1
@@ -94,6 +99,7 @@ class ModelConfig:
                 "training": self.training,
                 **({"regions": self.regions.to_dict()} if self.regions is not None else {}),
                 "orientation_search": self.orientation_search, "fit_exclude": list(self.fit_exclude),
+                **({"aligned_tolerance_mm": self.aligned_tolerance_mm} if self.aligned_tolerance_mm else {}),
                 **({"keypoint_names": list(self.names)} if self.names is not None and self.regions is None else {})}
 
     def to_json(self) -> str:
@@ -123,6 +129,9 @@ class ModelConfig:
         search = d.get("orientation_search", False)
         if search not in (True, False, "auto", "always"):
             raise ConfigError(f"orientation_search must be true, false, 'auto' or 'always', got {search!r}")
+        tol = d.get("aligned_tolerance_mm", 0.0)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1e3:
+            raise ConfigError(f"aligned_tolerance_mm must be a number of mm >= 0, got {tol!r}")
         weighting = d.get("weighting")
         if weighting not in (None, "power"):
             raise ConfigError(f"unknown keypoint weighting {weighting!r}")
@@ -130,7 +139,8 @@ class ModelConfig:
                    preprocessing=PreprocessConfig.from_dict(d.get("preprocessing", {})),
                    weighting=weighting, description=str(d.get("description", "")),
                    training=dict(d.get("training", {})), regions=regions, orientation_search=search,
-                   fit_exclude=tuple(exclude), names=tuple(names) if names is not None else None)
+                   fit_exclude=tuple(exclude), names=tuple(names) if names is not None else None,
+                   aligned_tolerance_mm=float(tol))
 
     def fit_mask(self, exclude: Sequence[str] | None = None) -> list[bool] | None:
         """Which keypoints enter fits: names matching none of ``exclude`` (default: ``fit_exclude``);

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -201,6 +202,23 @@ def synthesize_image(
         img = (img - lo) / (hi - lo).clamp_min(1e-6)
         out.append(img.pow(math.exp(aug.gamma_std * n_gamma)))
     return torch.cat(out).float()
+
+
+def contrast_image(labels: torch.Tensor, contrast: str, seed: int) -> np.ndarray:
+    """A whole-head image of one label map in a named contrast (``t1``, ``t2``, ``pd``, ``flair``),
+    seeded, without resolution loss: the images of the validation and calibration scripts.
+
+    Args:
+        labels: ``(I, J, K)`` integer label ids.
+
+    Returns:
+        ``(I, J, K)`` float32 image.
+    """
+    g = torch.Generator().manual_seed(seed)
+    means = random_means(1, 1024, g, contrast=contrast)
+    img = synthesize_image(labels[None, None].long(), g, augment=IntensityAugment(resolution_prob=0.0),
+                           skull_strip=False, means=means)
+    return img[0, 0].numpy()
 
 
 def random_rotation(batch: int, generator: torch.Generator, *, max_degrees: float = 180.0,

@@ -9,7 +9,7 @@ from .invert import invert_points, map_to_fixed
 from .linear import AffineTransform, fit_affine, fit_rigid
 from .residuals import KeypointResiduals, keypoint_residuals, loo_errors, pair_confidence
 from .robust import RobustFit, robust_fit
-from .selection import NUM_PARAMS, identity_suffices, keep_identity_if_aligned
+from .selection import NUM_PARAMS, identity_suffices, keep_identity_if_aligned, keypoint_motion_mm
 from .spec import AlignSpec, fit_transform, parse_align, parse_aligns
 from .tps import ThinPlateSpline, fit_tps, tps_kernel
 
@@ -35,6 +35,7 @@ __all__ = [
     "identity_suffices",
     "NUM_PARAMS",
     "keep_identity_if_aligned",
+    "keypoint_motion_mm",
     "DEFAULT_FIELD_STRIDE",
     "KeypointResiduals",
     "keypoint_residuals",
