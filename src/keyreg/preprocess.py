@@ -152,21 +152,45 @@ def normalize_intensity(data: torch.Tensor, spec: IntensitySpec) -> torch.Tensor
     return (x - lo) / (hi - lo).clamp_min(1e-12)
 
 
-def _antialias(volume: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
-    """Gaussian pre-filter before down-sampling by ``factors`` (per image axis); sigma = 0.4 factor."""
+def _box_pool(volume: torch.Tensor, factors: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Average ``s x s x s`` blocks (``s = floor(factor / 2)`` per axis) before a large down-sampling:
+    the Gaussian pre-filter then runs on a volume ``prod(s)`` times smaller.
+
+    Returns:
+        ``(pooled, img_from_pooled, box_variance)``: the pooled volume, the ``(4, 4)`` map from its
+        voxel indices to the input's (the block centres), and each axis' box variance in input voxels^2.
+    """
+    s = np.maximum(1, np.floor(np.asarray(factors) / 2)).astype(int)
+    img_from_pooled = np.eye(4)
+    if (s == 1).all():
+        return volume, img_from_pooled, np.zeros(3)
+    pad = []
+    for axis in (2, 1, 0):  # F.pad order: last axis first; replicate the tail to a multiple of s
+        n = volume.shape[2 + axis]
+        pad += [0, int(-n % s[axis])]
+    x = F.pad(volume, pad, mode="replicate") if any(pad) else volume
+    pooled = F.avg_pool3d(x, kernel_size=tuple(int(v) for v in s))
+    img_from_pooled[:3, :3] = np.diag(s)
+    img_from_pooled[:3, 3] = (s - 1) / 2
+    return pooled, img_from_pooled, (s.astype(float) ** 2 - 1) / 12
+
+
+def _antialias(volume: torch.Tensor, factors: np.ndarray, sigma0: np.ndarray | None = None) -> torch.Tensor:
+    """Gaussian pre-filter before down-sampling by ``factors`` (per axis, in this volume's voxels):
+    sigma = 0.4 factor, less ``sigma0`` (the blur the volume already has, same units)."""
+    sig = 0.4 * np.asarray(factors, dtype=np.float64)
+    if sigma0 is not None:
+        sig = np.sqrt(np.maximum(sig ** 2 - np.asarray(sigma0) ** 2, 0.0))
+    blur = [(axis, float(sg)) for axis, (f, sg) in enumerate(zip(factors, sig)) if f > 1.25 and sg > 0.3]
     out = volume
     if volume.device.type == "cpu":  # scipy's separable filter is much faster than conv3d on CPU
         from scipy import ndimage
 
         arr = volume.detach().numpy()
-        for axis, f in enumerate(factors):
-            if f > 1.25:
-                arr = ndimage.gaussian_filter1d(arr, 0.4 * float(f), axis=2 + axis, mode="nearest", truncate=3.0)
+        for axis, sigma in blur:
+            arr = ndimage.gaussian_filter1d(arr, sigma, axis=2 + axis, mode="nearest", truncate=3.0)
         return torch.from_numpy(np.ascontiguousarray(arr))
-    for axis, f in enumerate(factors):
-        if f <= 1.25:
-            continue
-        sigma = 0.4 * float(f)
+    for axis, sigma in blur:
         radius = int(np.ceil(3 * sigma))
         x = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
         k = torch.exp(-0.5 * (x / sigma) ** 2)
@@ -180,21 +204,31 @@ def _antialias(volume: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
 
 
 def network_source(volume: Volume, config: PreprocessConfig, world_from_net: np.ndarray,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """The image normalised and anti-aliased for network grids with ``world_from_net``'s voxel
-    size (any rotation of such a grid can then be sampled from it): ``(1, 1, I, J, K)`` float32."""
+    size (any rotation of such a grid can then be sampled from it).
+
+    A fine image is first averaged in blocks (:func:`_box_pool`), then blurred with the rest of the
+    pre-filter (Gaussian, sigma 0.4 x the down-sampling factor in all).
+
+    Returns:
+        ``(source, world_from_source)``: ``(1, 1, I', J', K')`` float32 and its ``(4, 4)`` affine.
+    """
     src = normalize_intensity(volume.tensor(device), config.intensity)
     img_from_net = np.linalg.inv(volume.affine) @ world_from_net
     # down-sampling factor along each image axis: how many image voxels one network step spans
     factors = np.sqrt((img_from_net[:3, :3] ** 2).sum(axis=1))
-    return _antialias(src, factors)
+    pooled, img_from_pooled, box_var = _box_pool(src, factors)
+    step = np.diag(img_from_pooled)[:3]
+    sigma0 = np.sqrt(box_var) / step  # the box's blur, in pooled voxels
+    return _antialias(pooled, factors / step, sigma0), volume.affine @ img_from_pooled
 
 
-def sample_network_input(source: torch.Tensor, image_affine: np.ndarray, world_from_net: np.ndarray,
+def sample_network_input(source: torch.Tensor, source_affine: np.ndarray, world_from_net: np.ndarray,
                          shape: Sequence[int]) -> torch.Tensor:
-    """Trilinear samples of a :func:`network_source` on the grid ``world_from_net`` (``shape``),
-    clamped to [0, 1]: ``(1, 1, *shape)``."""
-    img_from_net = np.linalg.inv(image_affine) @ world_from_net
+    """Trilinear samples of a :func:`network_source` (with its affine ``source_affine``) on the grid
+    ``world_from_net`` (``shape``), clamped to [0, 1]: ``(1, 1, *shape)``."""
+    img_from_net = np.linalg.inv(source_affine) @ world_from_net
     x = resample_affine(source, torch.as_tensor(img_from_net), tuple(shape), mode="linear")
     return x.clamp_(0, 1)
 
@@ -212,5 +246,5 @@ def to_network_input(
     """
     grid = config.grid
     world_from_net = network_grid_affine(volume.affine, volume.shape, grid)
-    src = network_source(volume, config, world_from_net, device)
-    return sample_network_input(src, volume.affine, world_from_net, grid.shape), world_from_net
+    src, src_affine = network_source(volume, config, world_from_net, device)
+    return sample_network_input(src, src_affine, world_from_net, grid.shape), world_from_net

@@ -140,7 +140,7 @@ class _Runner:
         pre = model.config.preprocessing
         self.shape = pre.grid.shape
         self.base = network_grid_affine(volume.affine, volume.shape, pre.grid)
-        self.source = network_source(volume, pre, self.base, device)
+        self.source, self.source_affine = network_source(volume, pre, self.base, device)
         self.passes = 0
 
     def grid(self, rotation: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -158,7 +158,7 @@ class _Runner:
         out = []
         for start in range(0, len(grids), batch):
             chunk = grids[start:start + batch]
-            x = torch.cat([sample_network_input(self.source, self.volume.affine, g, self.shape) for g in chunk])
+            x = torch.cat([sample_network_input(self.source, self.source_affine, g, self.shape) for g in chunk])
             x = x.contiguous(memory_format=torch.channels_last_3d)
             amp = self.use_amp and self.device.type == "cuda"
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
