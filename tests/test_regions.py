@@ -129,7 +129,7 @@ def test_orientation_search_runs_on_an_anatomical_model(atlas):
     assert torch.isfinite(det.points).all() and det.template_residual_mm.shape == (len(a),)
     assert det.searched == (det.passes > 6)
     always = detect_image_keypoints(model, vol, search="always")
-    assert 25 <= always.passes <= 26 and always.searched
+    assert 25 <= always.passes <= 28 and always.searched  # 24 looks, 1-2 canonical passes (twice when doubtful)
     assert detect_image_keypoints(model, vol, search=False).passes == 1
 
 

@@ -3,16 +3,18 @@
 An anatomical model (``ModelConfig.regions``) knows where its keypoints lie in a reference frame
 (``RegionAtlas.template``).  Detection then runs in up to three steps, all in world mm:
 
-1. **first look**: the network sees the image on its usual RAS grid (any orientation) and turned by
-   half a turn about each axis (4 looks, one batch); a trimmed similarity fit of the template onto
-   each look's keypoints gives a pose, and the look that fits best is kept.
+1. **first look**: the network sees the image on grids turned by the 24 rotations of the cube group
+   (``always``, the default of anatomical models) or by the 4 half turns (``auto``); a trimmed
+   similarity fit of the template onto each look's keypoints gives a pose, and the look that fits
+   best is kept (``always``: when its canonical pass does not fit the template, the runner-up's
+   canonical pass is tried too, and the better one kept).
 2. **canonical pass**: the image is resampled onto a grid that follows that pose (the template's
    orientation, centred on the head), where the network was trained to be accurate; its keypoints,
    mapped back through the grid's affine, are the result (the pass is repeated once when it moves
    the pose by more than ``REFINE_DEGREES``).
-3. **search** (only when the canonical keypoints do not fit the template, i.e. the first look
-   failed): the first look is repeated on the 24 rotations of the cube group, and the hypothesis
-   whose canonical pass fits the template best is kept.
+3. **search** (``auto`` only, when the canonical keypoints do not fit the template, i.e. the first
+   look failed): the first look is repeated on the 24 rotations of the cube group, and the
+   hypothesis whose canonical pass fits the template best is kept.
 
 Unnamed models (official checkpoints, K-keypoint models) are run as before: one pass.
 
@@ -217,8 +219,12 @@ def detect_image_keypoints(
     center = runner.base[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + runner.base[:3, 3]
     if use_search == "always":  # first look on all 24 cube rotations: the best one starts the canonical pass
         looks = runner.run([runner.grid(r, center) for r in cube_rotations()])
-        best = int(np.argmin([np.median(_trimmed_similarity(template, p)[1]) for p, _ in looks]))
-        pts, mass, grid, res = canonical(looks[best][0])
+        order = np.argsort([np.median(_trimmed_similarity(template, p)[1]) for p, _ in looks])
+        pts, mass, grid, res = canonical(looks[int(order[0])][0])
+        if np.median(res) > SEARCH_RESIDUAL_MM:  # doubtful: the runner-up look gets its canonical pass too
+            cand = canonical(looks[int(order[1])][0])
+            if np.median(cand[3]) < np.median(res):
+                pts, mass, grid, res = cand
         return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, True,
                                  {"median_template_residual_mm": float(np.median(res))})
     # first look: the image as it is and turned half a turn about each axis (one batch); the look whose
