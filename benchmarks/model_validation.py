@@ -37,8 +37,8 @@ from keyreg.models import load_model
 from keyreg.models.inference import detect_image_keypoints
 from keyreg.train.data import LabelMapBank
 from keyreg.train.synth import contrast_image
-from keyreg.transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, fit_transform, keep_identity_if_aligned,
-                               parse_align, sample_field)
+from keyreg.transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, fit_affine, fit_transform,
+                               keep_identity_if_aligned, keypoint_motion_mm, parse_align, sample_field)
 from keyreg.warp import warp_labels
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "labelmaps"
@@ -204,8 +204,11 @@ def main(argv=None) -> int:
         kf, km = keypoints(("f", i, a), fixed), keypoints(("m", i, b, 0.0), moving)
         before = brain_dice(warp_seg(segs[i], affs[i], fixed, None), segs[i])
         after = brain_dice(warp_seg(segs[i], affs[i], fixed, fit("affine", kf, km, fixed, scale, mask, tol)), segs[i])
-        aligned.append((m, before, after))
-    print_tables(rows, args, aligned, t_detect / max(n_detect, 1), searched, n_detect)
+        ok = np.isfinite(kf).all(1) & np.isfinite(km).all(1) & (np.asarray(mask) if mask is not None else True)
+        pf, pm = torch.from_numpy(kf[ok])[None], torch.from_numpy(km[ok])[None]
+        motion = float(keypoint_motion_mm(pf, fit_affine(pf, pm))[0])
+        aligned.append((m, before, after, motion))
+    print_tables(rows, args, aligned, t_detect / max(n_detect, 1), searched, n_detect, tol)
     if args.time_1mm:
         time_1mm(model, args)
     return 0
@@ -216,7 +219,7 @@ def _mean(rows, key):
     return (float(np.mean(v)), len(v)) if v else (float("nan"), 0)
 
 
-def print_tables(rows, args, aligned, t_mean, searched, n_detect) -> None:
+def print_tables(rows, args, aligned, t_mean, searched, n_detect, tol) -> None:
     aligns = args.aligns
     print("\n### Mean Dice (brain structures 2-60) by rotation, all contrast pairs\n")
     head = ["rotation", "n", "before"] + aligns + ["ceiling affine", "affine / ceiling", "kp error median (mm)"]
@@ -247,9 +250,10 @@ def print_tables(rows, args, aligned, t_mean, searched, n_detect) -> None:
         print(f"| {pair} | {len(sel)} | {_mean(sel, 'none')[0]:.3f} | " +
               " | ".join(f"{_mean(sel, a)[0]:.3f}" for a in aligns) + f" | {_mean(sel, 'ceiling_affine')[0]:.3f} |")
     print("\n### Already aligned pairs (one map, two contrasts, one grid)\n")
-    print("| map | before | affine |\n|---|---|---|")
-    for m, b, a in aligned:
-        print(f"| {m} | {b:.3f} | {a:.3f} |")
+    print(f"aligned_tolerance_mm of the model: {tol:g}\n")
+    print("| map | before | affine | affine fit's keypoint motion (mm) |\n|---|---|---|---|")
+    for m, b, a, motion in aligned:
+        print(f"| {m} | {b:.3f} | {a:.3f} | {motion:.2f} |")
     print(f"\nkeypoint detection: {n_detect} images at 2 mm, mean {t_mean:.2f} s/image, "
           f"orientation search ran on {searched}")
 

@@ -1,7 +1,8 @@
 """Install a trained anatomical model into the package as a bundled model and make it the default.
 
-    python scripts/install_model.py runs/anat/stage2/model.safetensors --steps 900+2000 --wall "..." \
-        --images 23600
+    python scripts/calibrate_aligned.py runs/anat/stage3/model.safetensors --write
+    python scripts/install_model.py runs/anat/stage3/model.safetensors --steps 900+550+2500 --wall "..." \
+        --images 15800
 
 Writes src/keyreg/pretrained/<name>.safetensors + .json (no pickles) and src/keyreg/pretrained/DEFAULT.
 """
@@ -30,11 +31,13 @@ def main() -> int:
     c.name = args.name
     c.orientation_search = "always"
     c.fit_exclude = c.fit_exclude or ("Extracerebral-*",)
+    if not c.aligned_tolerance_mm:
+        print("note: no aligned_tolerance_mm in the config (scripts/calibrate_aligned.py --write sets it)")
     c.description = (f"anatomical keypoints: {len(c.regions)} named region centroids; truncated U-Net, 64^3 at 4 mm; "
                      "any orientation (search), any MRI contrast")
     c.training = {
         "data": "../shared/data/labelmaps training_seg_01..12 (synthetic contrasts); validation 13..15",
-        "command": "scripts/train_default.sh ../shared/data/labelmaps 2000 runs/anat",
+        "command": "scripts/train_default.sh ../shared/data/labelmaps 2500 runs/anat",
         "steps": args.steps, "images_seen": args.images, "wall_time": args.wall,
         "batch": "2 pairs (4 images) per step", "model_card": "docs/models.md",
     }
