@@ -1,23 +1,25 @@
 """Keypoints of one image at any orientation: test-time orientation search for anatomical models.
 
 An anatomical model (``ModelConfig.regions``) knows where its keypoints lie in a reference frame
-(``RegionAtlas.template``).  Detection then runs in up to three steps, all in world mm:
+(``RegionAtlas.template``).  Detection runs in two steps, all in world mm:
 
-1. **first look**: the network sees the image on grids turned by the 24 rotations of the cube group
-   (``always``, the default of anatomical models) or by the 4 half turns (``auto``); a trimmed
-   similarity fit of the template onto each look's keypoints gives a pose, and the look that fits
-   best is kept.  ``always`` keeps up to three *hypotheses*: distinct poses whose looks fit almost
-   as well.  Each gets its canonical pass, and a check pass on the same grid turned by 40°; the
-   hypothesis whose keypoints drift least is the anatomy's (a network that reads a wrongly turned
-   head as upright draws its keypoint layout in the grid's frame, so its keypoints turn with the
-   grid; measured on the demo: 2.9 mm drift for the right pose, 7.7 mm for a half-turned one).
-2. **canonical pass**: the image is resampled onto a grid that follows that pose (the template's
-   orientation, centred on the head), where the network was trained to be accurate; its keypoints,
-   mapped back through the grid's affine, are the result (the pass is repeated once when it moves
-   the pose by more than ``REFINE_DEGREES``).
-3. **search** (``auto`` only, when the canonical keypoints do not fit the template, i.e. the first
-   look failed): the first look is repeated on the 24 rotations of the cube group, and the
-   hypothesis whose canonical pass fits the template best is kept.
+1. **first looks** (the search): the network sees the image on grids turned by the 24 rotations of
+   the cube group (one batch); a trimmed similarity fit of the template onto each look's keypoints
+   gives a pose.  Up to three *hypotheses* are kept: the best-fitting look and distinct poses whose
+   looks fit almost as well.
+2. **canonical pass**: the image is resampled onto a grid that follows a hypothesis's pose (the
+   template's orientation, centred on the head), where the network was trained to be accurate; its
+   keypoints, mapped back through the grid's affine, are the result (the pass is repeated once when
+   it moves the pose by more than ``REFINE_DEGREES``).  With several hypotheses, each also gets a
+   *check pass* on its grid turned by 40°, and the one whose keypoints drift least is kept: a network
+   that reads a wrongly turned head as upright draws its keypoint layout in the grid's frame, so its
+   keypoints turn with the grid (the demo's MNI T1: 2.6 mm drift for the right pose, 7.9 mm for a
+   half-turned one).
+
+``search="always"`` (the default of anatomical models) always runs both steps (25-33 passes).
+``"auto"`` first reads the image as it is (the canonical pass from the RAS grid's reading): when those
+keypoints fit the template (median residual <= ``SEARCH_RESIDUAL_MM``) and drift by at most
+``ACCEPT_DRIFT_MM`` under the check pass, they are the result (3-4 passes); otherwise the search runs.
 
 Unnamed models (official checkpoints, K-keypoint models) are run as before: one pass.
 
@@ -50,6 +52,8 @@ HYPOTHESIS_MARGIN_MM = 3.0
 DISTINCT_DEGREES = 30.0
 #: turn of the grid (degrees) that tells hypotheses apart (:func:`_drift`)
 CHECK_TILT_DEGREES = 40.0
+#: ``auto``: the upright reading is kept when its keypoints drift by at most this (mm) under that turn
+ACCEPT_DRIFT_MM = 5.0
 
 
 @dataclass
@@ -227,9 +231,10 @@ def detect_image_keypoints(
         volume: the image.
         device: where the network runs (default: the model's device).
         use_amp: bf16 autocast on CUDA.
-        search: ``"always"`` (the 24 cube rotations are looked at first), ``True``/``"auto"`` (first
-            look at the image as it is; the 24 rotations only when the canonical pass does not fit the
-            template), ``False`` (one pass, no canonicalisation); ``None`` follows the model config.
+        search: ``"always"`` (the 24 cube rotations are looked at first), ``True``/``"auto"`` (the
+            image as it is first: kept when its canonical keypoints fit the template and pass the
+            drift check, else the search of ``"always"``), ``False`` (one pass, no canonicalisation);
+            ``None`` follows the model config.
     """
     device = torch.device(device) if device is not None else model.device
     atlas = model.config.regions
@@ -255,33 +260,25 @@ def detect_image_keypoints(
             pose = new_pose
         return pts, mass, grid, res
 
-    center = runner.base[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + runner.base[:3, 3]
-    if use_search == "always":  # first look on all 24 cube rotations; distinct good poses are hypotheses
-        looks = runner.run([runner.grid(r, center) for r in cube_rotations()])
-        cands = [canonical(first) for first in _hypotheses([p for p, _ in looks], template)]
-        info: dict = {"hypotheses": len(cands)}
-        best = 0
-        if len(cands) > 1:  # the pose whose keypoints stay put when the grid turns is the anatomy's
-            drift = [_drift(runner, grid, pts) for pts, _, grid, _ in cands]
-            best = int(np.argmin(drift))
-            info["hypothesis_drift_mm"] = [round(d, 2) for d in drift]
-        pts, mass, grid, res = cands[best]
+    def result(cand, searched: bool, info: dict) -> DetectedKeypoints:
+        pts, mass, grid, res = cand
         info["median_template_residual_mm"] = float(np.median(res))
-        return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, True, info)
-    # first look: the image as it is and turned half a turn about each axis (one batch); the look whose
-    # keypoints fit the template best gives the pose
-    looks = runner.run([runner.grid(r, center) for r in half_turns()])
-    first = looks[int(np.argmin([np.median(_trimmed_similarity(template, p)[1]) for p, _ in looks]))][0]
-    pts, mass, grid, res = canonical(first)
-    searched = False
-    if np.median(res) > SEARCH_RESIDUAL_MM:
-        searched = True
-        rots = cube_rotations()
-        looks = runner.run([runner.grid(r, center) for r in rots])
-        scores = [np.median(_trimmed_similarity(template, p)[1]) for p, _ in looks]
-        best = int(np.argmin(scores))
-        cand = canonical(looks[best][0])
-        if np.median(cand[3]) < np.median(res):
-            pts, mass, grid, res = cand
-    return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, searched,
-                             {"median_template_residual_mm": float(np.median(res))})
+        return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, searched,
+                                 info)
+
+    if use_search == "auto":  # upright first, kept when its keypoints fit the template and do not drift
+        cand = canonical(runner.run([runner.base])[0][0])
+        drift = _drift(runner, cand[2], cand[0])
+        if drift <= ACCEPT_DRIFT_MM and np.median(cand[3]) <= SEARCH_RESIDUAL_MM:
+            return result(cand, False, {"hypotheses": 1, "hypothesis_drift_mm": [round(drift, 2)]})
+    # the search: first looks on all 24 cube rotations; distinct good poses are hypotheses
+    center = runner.base[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + runner.base[:3, 3]
+    looks = runner.run([runner.grid(r, center) for r in cube_rotations()])
+    cands = [canonical(first) for first in _hypotheses([p for p, _ in looks], template)]
+    info: dict = {"hypotheses": len(cands)}
+    best = 0
+    if len(cands) > 1:  # the pose whose keypoints stay put when the grid turns is the anatomy's
+        drift_mm = [_drift(runner, grid, pts) for pts, _, grid, _ in cands]
+        best = int(np.argmin(drift_mm))
+        info["hypothesis_drift_mm"] = [round(d, 2) for d in drift_mm]
+    return result(cands[best], True, info)
