@@ -208,3 +208,30 @@ def test_training_label_warp_is_exact_for_large_ids():
     eye = torch.eye(4, dtype=torch.float64)
     out = warp_labels_on_grid(labels, eye, (6, 6, 6), eye, eye[None])
     assert torch.equal(out, labels)
+
+
+def test_the_warp_stage_warps_image_and_segmentation_in_one_pass_as_two_warps_would(pair, monkeypatch):
+    from keyreg import results, warp
+    from keyreg.results import warp_volume
+
+    moving, fixed = pair
+    ct = ((moving.data - 0.01) * 2000 - 1024).astype(np.float32)  # a negative background: padded with its min
+    moving = make_volume(ct, moving.affine, "ct")
+    seg = make_volume((moving.data > -500).astype(np.int16) * 300 + (moving.data > 0), moving.affine, "seg",
+                      kind="labels")
+    rng = np.random.default_rng(3)
+    kf = ImageKeypoints(torch.as_tensor(rng.uniform(-12, 12, (10, 3))), torch.ones(10), fixed.affine, fixed.shape)
+    km = dataclasses.replace(kf, points=kf.points + torch.as_tensor(rng.normal(0, 1.5, (10, 3))))
+    calls = []
+    real = warp.warp_image_and_labels
+    monkeypatch.setattr(results, "warp_image_and_labels", lambda *a, **k: calls.append(a) or real(*a, **k))
+    reg = Registrar(aligns=("affine", "tps_0"), device="cpu", label_interp="labelwise").register_keypoints(
+        moving, fixed, kf, km, moving_seg=seg, fixed_seg=seg)
+    assert len(calls) == 2 and all(a[0] is not None and a[1] is not None for a in calls)  # one pass per align
+    for res in reg:
+        dense = res.dense_transform()
+        img = warp_volume(moving, fixed, dense)
+        lab = warp_volume(seg, fixed, dense, kind="labels", interp="labelwise")
+        np.testing.assert_array_equal(res.warped.data, img.data)
+        np.testing.assert_array_equal(res.warped_seg.data, lab.data)
+        assert res.warped_seg.data.dtype == np.int16 and float(res.warped.data.min()) == pytest.approx(-1024)

@@ -37,7 +37,7 @@ from .errors import ConfigError, DegenerateFitError
 from .io import Volume, check_same_grid, load_volume
 from .keypoints import (ImageKeypoints, check_enough, detect_keypoints, select_keypoints, tps_frame,
                         validate_patterns)
-from .results import AlignmentResult, Registration, label_interp, pad_value_for, warp_volume
+from .results import AlignmentResult, Registration, label_interp, pad_value_for, warp_volumes
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, check_field_stride,
                          fit_transform, keep_identity_if_aligned, parse_aligns)
 
@@ -346,13 +346,17 @@ class Registrar:
         pad = pad_value_for(reg.moving, self.options.pad_value) if image else 0.0
         for res in reg:
             dense = self.dense(res)
-            with self.timer("warp"):
+            with self.timer("warp"):  # image and segmentation in one pass over the fixed grid
+                seg_in = reg.moving_seg if seg else None
+                if image or seg_in is not None:
+                    warped, warped_seg = warp_volumes(reg.moving if image else None, seg_in, reg.fixed, dense,
+                                                      seg_interp=self.options.label_interp, pad_value=pad,
+                                                      device=self.device)
                 if image:
-                    res.warped = warp_volume(reg.moving, reg.fixed, dense, pad_value=pad, device=self.device)
+                    res.warped = warped
                     res.warped.name = f"{reg.moving.name}_{res.name}"
-                if seg and reg.moving_seg is not None:
-                    res.warped_seg = warp_volume(reg.moving_seg, reg.fixed, dense, kind="labels",
-                                                 interp=self.options.label_interp, device=self.device)
+                if seg_in is not None:
+                    res.warped_seg = warped_seg
                     res.warped_seg.name = f"{reg.moving.name}_{res.name}_seg"
 
     def measure(self, reg: Registration, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -19,9 +19,9 @@ from .io import Volume, load_volume
 from .keypoints import ImageKeypoints
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, DisplacementField, ThinPlateSpline,
                          map_to_fixed, parse_aligns, sample_field)
-from .warp import ImageInterp, LabelInterp, warp_image, warp_labels
+from .warp import ImageInterp, LabelInterp, warp_image_and_labels
 
-__all__ = ["AlignmentResult", "Registration", "warp_volume", "image_interp", "label_interp", "pad_value_for",
+__all__ = ["AlignmentResult", "Registration", "warp_volume", "warp_volumes", "image_interp", "label_interp", "pad_value_for",
            "INVERSE_WARN_MM"]
 
 #: An inverse mapped point whose residual ``|T(p) - q|`` exceeds this (mm) is reported with a warning.
@@ -79,17 +79,45 @@ def warp_volume(vol: Volume, reference: Volume, transform, *, kind: str = "image
     :func:`pad_value_for`, label maps 0."""
     dev = torch.device(device) if device is not None else _transform_device(transform)
     if kind == "labels":
-        out = warp_labels(vol.tensor(dev)[:, 0], vol.affine, reference.shape, reference.affine,
-                          transform, mode=label_interp(interp))[0]
-        return reference.with_data(out.cpu().numpy(), name=vol.name, kind="labels")
-    pad = pad_value_for(vol, pad_value)
-    src = vol.tensor(dev).float()
-    if pad != 0.0:  # interpolation weights sum to 1: warp(x - pad) + pad pads with ``pad``, else unchanged
-        src = src - pad
-    out = warp_image(src, vol.affine, reference.shape, reference.affine, transform, mode=image_interp(interp))[0, 0]
-    if pad != 0.0:
-        out = out + pad
-    return reference.with_data(out.cpu().numpy(), name=vol.name, kind="image")
+        return warp_volumes(None, vol, reference, transform, seg_interp=interp, device=dev)[1]
+    img, _ = warp_volumes(vol, None, reference, transform, interp=interp, pad_value=pad_value, device=dev)
+    return img
+
+
+def warp_volumes(image: Volume | None, seg: Volume | None, reference: Volume, transform, *,
+                 interp: str | None = None, seg_interp: str | None = None, pad_value: float | None = None,
+                 device: torch.device | str | None = None) -> tuple[Volume | None, Volume | None]:
+    """:func:`warp_volume` of an image and its segmentation (on the image's grid) in one pass: the
+    sampling positions of each slab are computed once for both (:func:`keyreg.warp.warp_image_and_labels`);
+    the results are those of two :func:`warp_volume` calls.
+
+    Returns:
+        ``(warped image or None, warped segmentation or None)`` on ``reference``'s grid.
+    """
+    dev = torch.device(device) if device is not None else _transform_device(transform)
+    src = lab = None
+    pad = 0.0
+    if image is not None:
+        pad = pad_value_for(image, pad_value)
+        src = image.tensor(dev).float()
+        if pad != 0.0:  # interpolation weights sum to 1: warp(x - pad) + pad pads with ``pad``, else unchanged
+            src = src - pad
+    if seg is not None:
+        if image is not None and seg.shape != image.shape:
+            raise ConfigError(f"segmentation {seg.shape} and image {image.shape} must share one grid")
+        lab = seg.tensor(dev)[:, 0]
+    aff = (image if image is not None else seg).affine
+    img_out, seg_out = warp_image_and_labels(src, lab, aff, reference.shape, reference.affine, transform,
+                                             mode=image_interp(interp), label_mode=label_interp(seg_interp))
+    img_vol = seg_vol = None
+    if img_out is not None:
+        out = img_out[0, 0]
+        if pad != 0.0:
+            out = out + pad
+        img_vol = reference.with_data(out.cpu().numpy(), name=image.name, kind="image")
+    if seg_out is not None:
+        seg_vol = reference.with_data(seg_out[0].cpu().numpy(), name=seg.name, kind="labels")
+    return img_vol, seg_vol
 
 
 @dataclass
