@@ -15,10 +15,13 @@ with the same number of threads; the script prints the ratios keyreg / ANTs meas
 (the machine is shared, so ratios hold where absolute seconds do not).
 
     python benchmarks/speed_1mm.py [--repeats 3] [--threads 2] [--skip_ants] [--batch 10] \
+        [--only full|affine|batch] [--batch_aligns ...] [--batch_metrics ...] [--compare_src DIR] \
         [--append docs/benchmarks.md]
 
 ``--batch N`` also registers a directory of N pairs (the fixed image under N names, the moving
-image rotated differently per pair) with the full command and reports pairs per minute.
+image rotated differently per pair) with the full command (or ``--batch_aligns`` / ``--batch_metrics``)
+and reports pairs per minute; ``--compare_src DIR`` runs the same batch with the keyreg of another
+source tree too (alternating order), for a before/after measured under the same load.
 """
 
 from __future__ import annotations
@@ -151,8 +154,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip_ants", action="store_true")
-    p.add_argument("--only", choices=["full", "affine"], help="run one of the two commands")
+    p.add_argument("--only", choices=["full", "affine", "batch"],
+                   help="run one of the two commands, or only the batch (with --batch N)")
     p.add_argument("--batch", type=int, default=0, help="also time a directory of N pairs (full command)")
+    p.add_argument("--batch_aligns", nargs="+", default=FULL_ALIGNS, help="aligns of the batch command")
+    p.add_argument("--batch_metrics", nargs="+", default=FULL_METRICS, help="metrics of the batch command")
+    p.add_argument("--compare_src", type=Path, default=None,
+                   help="also run the batch with the keyreg under this source tree (e.g. a worktree of an "
+                        "older commit), alternating with this one, for a before/after in the same run")
     p.add_argument("--label", default="", help="a label for the table (e.g. before / after)")
     p.add_argument("--append", help="append the tables to this markdown file")
     args = p.parse_args()
@@ -176,7 +185,7 @@ def main() -> None:
         commands = [("full", True), ("affine", False)]
         if args.only:
             commands = [c for c in commands if c[0] == args.only]
-        for rep in range(args.repeats):
+        for rep in range(args.repeats if commands else 0):
             for key, full in commands:
                 save = work / f"{key}_{rep}"
                 r = timed_process(keyreg_cmd(paths, save, full), env)
@@ -188,15 +197,22 @@ def main() -> None:
                 print(f"{key} run {rep + 1}: wall {r['wall']:.1f} s, cpu {r['cpu']:.1f} s, "
                       f"peak RSS {r['rss_mb']:.0f} MiB, stages {r['stages']}", flush=True)
         ants = None
-        if not args.skip_ants:
+        if not args.skip_ants and args.only != "batch":
             ants = timed_process([sys.executable, "-c", ANTS_SCRIPT, str(paths["fixed"]), str(paths["moving"])], env)
             print(f"ANTs Affine: wall {ants['wall']:.1f} s, cpu {ants['cpu']:.1f} s, peak RSS "
                   f"{ants['rss_mb']:.0f} MiB ({ants['stdout'].strip()})", flush=True)
-        batch = None
+        batches: list[tuple[str, dict]] = []
         if args.batch:
-            batch = run_batch(args.batch, work, env)
-            print(f"batch of {args.batch} pairs: {batch['wall']:.1f} s, {batch['ppm']:.2f} pairs/minute, "
-                  f"peak RSS {batch['rss_mb']:.0f} MiB", flush=True)
+            trees = [("this tree", ROOT)] + ([("compare", args.compare_src.resolve())] if args.compare_src else [])
+            for rep in range(args.repeats):
+                for label, tree in (trees if rep % 2 == 0 else trees[::-1]):
+                    benv = dict(env)
+                    benv["PYTHONPATH"] = str(tree / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+                    b = run_batch(args.batch, work, benv, args.batch_aligns, args.batch_metrics)
+                    batches.append((label, b))
+                    print(f"batch of {args.batch} pairs ({label}: {tree}): wall {b['wall']:.1f} s, cpu "
+                          f"{b['cpu']:.1f} s, {b['ppm']:.2f} pairs/minute (wall), peak RSS {b['rss_mb']:.0f} MiB",
+                          flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -244,9 +260,15 @@ def main() -> None:
         med = {s: median([r["stages"].get(s, 0.0) for r in runs]) for s in stages}
         other = median([r["wall"] - sum(r["stages"].values()) for r in runs])
         lines.append("| " + " | ".join(f"{med[s]:.2f}" for s in stages) + f" | {other:.2f} |\n")
-    if batch is not None:
-        lines.append(f"Batch: {args.batch} pairs (full command, one process): {batch['wall']:.1f} s wall, "
-                     f"{batch['ppm']:.2f} pairs/minute, peak RSS {batch['rss_mb']:.0f} MiB.\n")
+    if batches:
+        lines.append(f"Batch: a directory of {args.batch} pairs, one process, `--list_of_aligns "
+                     f"{' '.join(args.batch_aligns)} --list_of_metrics {' '.join(args.batch_metrics)} "
+                     "--save_eval_to_disk`:\n")
+        lines.append("| code | wall (s) | CPU (s) | pairs/minute (wall) | peak RSS (MiB) |")
+        lines.append("|---|---|---|---|---|")
+        for label, b in batches:
+            lines.append(f"| {label} | {b['wall']:.1f} | {b['cpu']:.1f} | {b['ppm']:.2f} | {b['rss_mb']:.0f} |")
+        lines.append("")
     text = "\n".join(lines)
     print("\n" + text)
     if args.append:
@@ -254,9 +276,11 @@ def main() -> None:
             f.write("\n" + text)
 
 
-def run_batch(n: int, work: Path, env: dict[str, str]) -> dict:
+def run_batch(n: int, work: Path, env: dict[str, str], aligns=FULL_ALIGNS, metrics=FULL_METRICS) -> dict:
     """A directory of ``n`` pairs (same fixed image, moving rotated by 5..15 degrees), full command."""
     dirs = {k: work / "batch" / k for k in ("fixed", "moving", "fixed_seg", "moving_seg")}
+    shutil.rmtree(work / "batch", ignore_errors=True)
+    shutil.rmtree(work / "batch_out", ignore_errors=True)
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -266,9 +290,10 @@ def run_batch(n: int, work: Path, env: dict[str, str]) -> dict:
             os.symlink(paths[k], d / f"p{i:02d}.nii.gz")
     cmd = [sys.executable, "-m", "keyreg.cli", "register", "--moving", str(dirs["moving"]), "--fixed", str(dirs["fixed"]),
            "--moving_seg", str(dirs["moving_seg"]), "--fixed_seg", str(dirs["fixed_seg"]),
-           "--list_of_aligns", *FULL_ALIGNS, "--list_of_metrics", *FULL_METRICS, "--save_eval_to_disk",
+           "--list_of_aligns", *aligns, "--list_of_metrics", *metrics, "--save_eval_to_disk",
            "--save_dir", str(work / "batch_out"), "--device", "cpu"]
     r = timed_process(cmd, env)
+    shutil.rmtree(work / "batch_out", ignore_errors=True)
     r["ppm"] = 60.0 * n / r["wall"]
     return r
 

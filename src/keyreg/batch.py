@@ -36,6 +36,7 @@ from typing import Any
 from .errors import ConfigError, KeyregError, OutputError
 from .io import atomic_dir, atomic_write_text
 from .pairing import Pair, build_pairs
+from .writer import BackgroundWriter
 
 __all__ = ["BatchResult", "run_batch", "register_batch", "distributed_env", "json_clean", "file_identity",
            "model_fingerprint", "output_lock", "write_metric_tables", "format_summary", "scalar_metrics",
@@ -311,39 +312,62 @@ def run_batch(
         thumbs: dict[str, bytes] = {}
         bar = tqdm(mine, desc=f"{tag}pairs", unit="pair", file=sys.stderr, dynamic_ncols=True,
                    disable=single or not progress)
-        for index in bar:
-            pair = pairs[index]
-            pair_dir = save_dir / "pairs" / pair.name
-            config = _pair_config(pair, registrar, metric_names, fingerprint, save_eval_to_disk, visualize) \
-                if write_pairs else {}
-            if skip_existing:
-                done = _completed(pair_dir, config)
-                if done is not None:
-                    results.append((index, done))
-                    out.skipped += 1
+        # a batch writes each pair on a background thread while the next one is computed (at most one
+        # pair waits to be written); a single pair writes in line, so that its error is raised
+        writer = BackgroundWriter(max_pending=1) if write_pairs and not single else None
+        written: dict[int, list[dict]] = {}
+
+        def collect(outcomes) -> None:
+            for o in outcomes:
+                rows = written.pop(o.key)
+                if o.error is None:
+                    results.append((o.key, rows))
+                elif not isinstance(o.error, Exception):  # an interrupt while writing stops the batch
+                    raise o.error
+                else:
+                    msg = _failure_message(o.error)
+                    failures.append((o.key, pairs[o.key].name, msg))
+                    emit(f"{tag}FAILED {pairs[o.key].name}: {msg}")
+
+        try:
+            for index in bar:
+                pair = pairs[index]
+                pair_dir = save_dir / "pairs" / pair.name
+                config = _pair_config(pair, registrar, metric_names, fingerprint, save_eval_to_disk, visualize) \
+                    if write_pairs else {}
+                if skip_existing:
+                    done = _completed(pair_dir, config)
+                    if done is not None:
+                        results.append((index, done))
+                        out.skipped += 1
+                        continue
+                start = time.perf_counter()
+                try:
+                    rows, per_align, job = _one_pair(registrar, pair, metric_names, pair_dir, config, write_pairs,
+                                                     save_eval_to_disk, visualize, thumbs, defer=writer is not None)
+                except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: record it, keep going
+                    if single:
+                        raise
+                    msg = _failure_message(e)
+                    failures.append((index, pair.name, msg))
+                    emit(f"{tag}FAILED {pair.name}: {msg}")
                     continue
-            start = time.perf_counter()
-            try:
-                rows, per_align = _one_pair(registrar, pair, metric_names, pair_dir, config, write_pairs,
-                                            save_eval_to_disk, visualize, thumbs)
-            except KeyregError as e:
-                if single:
-                    raise
-                failures.append((index, pair.name, str(e)))
-                emit(f"{tag}FAILED {pair.name}: {e}")
-                continue
-            except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: record it, keep going
-                if single:
-                    raise
-                msg = f"internal error {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                failures.append((index, pair.name, msg))
-                emit(f"{tag}FAILED {pair.name}: {msg}")
-                continue
-            results.append((index, rows))
-            summary = "  ".join(f"{a}: " + " ".join(f"{k}={v:.4f}" for k, v in vals.items() if isinstance(v, float))
-                                for a, vals in per_align.items())
-            if not single:
-                emit(f"{tag}{pair.name} ({time.perf_counter() - start:.1f} s)  {summary}")
+                if job is None:
+                    results.append((index, rows))
+                else:
+                    written[index] = rows
+                    writer.submit(index, job)  # blocks while the previous pair is still being written
+                    collect(writer.finished())
+                summary = "  ".join(f"{a}: " + " ".join(f"{k}={v:.4f}" for k, v in vals.items()
+                                                        if isinstance(v, float))
+                                    for a, vals in per_align.items())
+                if not single:
+                    emit(f"{tag}{pair.name} ({time.perf_counter() - start:.1f} s)  {summary}")
+            if writer is not None:
+                collect(writer.close())
+        finally:
+            if writer is not None:  # interrupted: the pair being written ends (atomically), queued ones never start
+                writer.close(cancel=True)
         bar.close()
         out.seconds = dict(registrar.timer.seconds)
 
@@ -387,8 +411,18 @@ def write_batch_report(save_dir: Path, rows: Sequence[dict], failures: Sequence[
                         summary=description + ".", threshold=CONFIDENCE_THRESHOLD)
 
 
+def _failure_message(e: BaseException) -> str:
+    """How a failed pair is reported: a keyreg error's message, else ``internal error <type>: <first line>``."""
+    if isinstance(e, KeyregError):
+        return str(e)
+    return f"internal error {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config: dict, write_pairs: bool,
-              write_images: bool, visualize: bool, thumbs: dict[str, bytes] | None = None) -> tuple[list[dict], dict]:
+              write_images: bool, visualize: bool, thumbs: dict[str, bytes] | None = None, *,
+              defer: bool = False) -> tuple[list[dict], dict, Callable[[], None] | None]:
+    """Register and measure one pair; write its directory now, or (``defer``) return the job that
+    writes it (for a :class:`~keyreg.writer.BackgroundWriter`), else ``None``."""
     both = pair.moving_seg is not None and pair.fixed_seg is not None
     reg = registrar.register(pair.moving, pair.fixed, moving_seg=pair.moving_seg if both else None,
                              fixed_seg=pair.fixed_seg if both else None,
@@ -404,7 +438,10 @@ def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config:
         from .report import overlay_thumbnail
 
         png = thumbs[pair.name] = overlay_thumbnail(reg.fixed, first.warped)
-    if write_pairs:
+    if not write_pairs:
+        return rows, per_align, None
+
+    def write() -> None:
         # everything goes to a temporary directory renamed to pairs/<pair> at the end; done.json is
         # written last, so an interrupted pair never looks complete
         with atomic_dir(pair_dir) as tmp:
@@ -414,7 +451,11 @@ def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config:
                     (tmp / "thumbnail.png").write_bytes(png)
             atomic_write_text(tmp / "done.json", json.dumps(
                 {"config": json_clean(config), "rows": json_clean(rows)}, indent=1) + "\n")
-    return rows, per_align
+
+    if defer:
+        return rows, per_align, write
+    write()
+    return rows, per_align, None
 
 
 def _key(path: Path) -> tuple:

@@ -1,0 +1,115 @@
+"""Writing results on a background thread while the next pair is computed (batches).
+
+A :class:`BackgroundWriter` runs write jobs (plain callables) one after another on one thread, in
+the order they were submitted.  It is bounded: :meth:`BackgroundWriter.submit` blocks while
+``max_pending`` jobs are unfinished, so at most that many results wait in memory besides the one
+being computed.  Every job's outcome is kept (its return value or its exception) and handed back by
+:meth:`BackgroundWriter.finished` / :meth:`BackgroundWriter.close`: nothing is lost or raised on
+the wrong thread.  The jobs themselves must be atomic (keyreg's writers use
+:func:`keyreg.io.atomic_dir` / :func:`keyreg.io.atomic_path`), so a job that fails, or one that
+never runs because the batch was interrupted, leaves no half-written file.
+
+zlib (the ``.nii.gz`` compression) and torch release the GIL, so writing and computing overlap.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BackgroundWriter", "WriteOutcome"]
+
+
+@dataclass
+class WriteOutcome:
+    """What became of one job: its ``key``, its return ``value`` or the ``error`` it raised."""
+
+    key: Any
+    value: Any = None
+    error: BaseException | None = None
+
+
+class BackgroundWriter:
+    """One writer thread with a bounded number of unfinished jobs (see the module docstring).
+
+    Example:
+        >>> with BackgroundWriter(max_pending=1) as w:                    # doctest: +SKIP
+        ...     w.submit("pair-1", lambda: write_pair(...))
+        ...     for done in w.finished(): ...
+    """
+
+    def __init__(self, max_pending: int = 1) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
+        self._slots = threading.Semaphore(max_pending)
+        self._lock = threading.Condition()
+        self._jobs: deque[tuple[Any, Callable[[], Any]]] = deque()
+        self._done: list[WriteOutcome] = []
+        self._closed = False
+        self._cancel = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, key: Any, job: Callable[[], Any]) -> None:
+        """Queue ``job`` (called with no arguments on the writer thread); blocks while
+        ``max_pending`` jobs are unfinished.  After a job raised a ``BaseException`` that is not an
+        ``Exception`` (``KeyboardInterrupt``), queued and new jobs are dropped: the caller re-raises
+        it from the outcomes (:meth:`finished`)."""
+        if self._closed:
+            raise RuntimeError("the writer is closed")
+        self._slots.acquire()
+        with self._lock:
+            if self._cancel:  # a job was interrupted: nothing more is started
+                self._slots.release()
+                return
+            self._jobs.append((key, job))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="keyreg-writer", daemon=False)
+                self._thread.start()
+            self._lock.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs and not self._closed:
+                    self._lock.wait()
+                if not self._jobs or self._cancel:
+                    return
+                key, job = self._jobs.popleft()
+            try:
+                out = WriteOutcome(key, value=job())
+            except BaseException as e:  # noqa: BLE001 - handed to the submitting thread
+                out = WriteOutcome(key, error=e)
+            with self._lock:
+                self._done.append(out)
+                if out.error is not None and not isinstance(out.error, Exception):  # KeyboardInterrupt & co.
+                    self._cancel = True
+                    self._jobs.clear()
+            self._slots.release()
+
+    def finished(self) -> list[WriteOutcome]:
+        """Outcomes of the jobs finished since the last call, in submission order."""
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def close(self, *, cancel: bool = False) -> list[WriteOutcome]:
+        """Wait for the jobs (``cancel``: only for the one running; the queued ones are dropped, never
+        started) and stop the thread; returns the outcomes not yet collected."""
+        with self._lock:
+            self._closed = True
+            if cancel:
+                self._cancel = True
+                self._jobs.clear()
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        return self.finished()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(cancel=exc_type is not None)
