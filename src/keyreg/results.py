@@ -177,14 +177,15 @@ class AlignmentResult:
         return None
 
     def dense_transform(self) -> AffineTransform | DisplacementField:
-        """The transform as used for warping on the fixed grid (a TPS becomes a displacement field
-        sampled every ``field_stride`` voxels; computed once and cached)."""
+        """The transform as used for warping on the fixed grid (a TPS becomes a displacement field on
+        the fixed grid, evaluated every ``field_stride`` voxels and trilinear in between; computed
+        once and cached)."""
         if isinstance(self.transform, AffineTransform):
             return self.transform
         if self._dense is None:
             dev = self.transform.control_points.device
             self._dense = sample_field(self.transform, self.fixed.shape, self.fixed.affine,
-                                       stride=self.field_stride, device=dev)
+                                       stride=self.field_stride, device=dev, full_grid=True)
         return self._dense
 
     def displacement(self) -> np.ndarray:
@@ -192,8 +193,9 @@ class AlignmentResult:
         dense = self.dense_transform()
         if isinstance(dense, AffineTransform):
             dense = sample_field(dense, self.fixed.shape, self.fixed.affine, stride=1, device=dense.matrix.device)
-        full = dense.upsample(self.fixed.shape, self.fixed.affine)
-        return full.displacement[0].permute(1, 2, 3, 0).cpu().numpy()
+        if dense.shape != tuple(self.fixed.shape):
+            dense = dense.upsample(self.fixed.shape, self.fixed.affine)
+        return dense.displacement[0].permute(1, 2, 3, 0).cpu().numpy()
 
     @property
     def aligned_keypoints(self) -> np.ndarray:
@@ -267,7 +269,7 @@ class AlignmentResult:
         if isinstance(self.transform, AffineTransform):
             return self.transform
         return sample_field(self.transform, ref.shape, ref.affine, stride=self.field_stride,
-                            device=self.transform.control_points.device)
+                            device=self.transform.control_points.device, full_grid=True)
 
     def save(self, directory: str | Path, *, write_images: bool = True, visualize: bool = False) -> dict[str, Path]:
         """Write this alignment's outputs (layout in the README); returns name -> path."""

@@ -114,6 +114,7 @@ def sample_field(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     slab_points: int = 1 << 20,
+    full_grid: bool = False,
 ) -> DisplacementField:
     """Evaluate ``transform`` on the stride-``stride`` sub-grid of a grid and store ``T(p) - p``.
 
@@ -124,9 +125,13 @@ def sample_field(
         batch_size: ``B`` of the transform.
         dtype: precision of evaluation and storage (float32: fast; TPS error ~1e-6 of the field of view).
         slab_points: points evaluated per call of ``transform.map_points``.
+        full_grid: return the field on the full grid (``shape``, ``affine``): the sub-grid values
+            trilinearly interpolated in between (:meth:`DisplacementField.upsample`), which is what
+            warping with the sub-grid field gives, in the form the warp reads fastest.
 
     Returns:
-        A :class:`DisplacementField` on the coarse grid (``dtype``, on ``device``).
+        A :class:`DisplacementField` on the coarse grid, or with ``full_grid`` on the full grid
+        (``dtype``, on ``device``).
     """
     coarse, grid_aff = coarse_grid_affine(shape, affine, stride)
     grid_aff = grid_aff.to(device)
@@ -146,4 +151,7 @@ def sample_field(
         else:
             u = transform.map_points(world_b) - world_b
         disp[:, :, start:stop] = u.transpose(1, 2).reshape(batch_size, 3, stop - start, *coarse[1:])
-    return DisplacementField(disp, grid_aff)
+    field = DisplacementField(disp, grid_aff)
+    if full_grid and tuple(coarse) != tuple(int(n) for n in shape[:3]):
+        field = field.upsample(shape[:3], as_affine_tensor(affine, grid_aff.device))
+    return field
