@@ -277,6 +277,7 @@ def registered(tmp_path, tiny_model_files):
     assert main(["register", "--moving", str(root / "m.nii.gz"), "--fixed", str(root / "f.nii.gz"),
                  "--moving_seg", str(root / "m_seg.nii.gz"), "--fixed_seg", str(root / "f_seg.nii.gz"),
                  "--load_path", str(tiny_model_files), "--list_of_aligns", "affine", "tps_0",
+                 "--field_stride", "1",  # the exact TPS at every voxel, as `keyreg apply` of tps.json
                  "--save_eval_to_disk", "--save_dir", str(out), "--device", "cpu"]) == 0
     return root, out / "pairs" / "m_to_f"
 
