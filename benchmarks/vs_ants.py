@@ -185,10 +185,11 @@ def main() -> None:
                 spath = _save(tmp / f"{jid}_moving_seg.nii.gz", m_seg.data.astype(np.int32), m_seg.affine)
                 truth[jid] = (fix, angle)
                 if net is None:  # the before-registration Dice, computed here when keyreg did not run
-                    from keyreg.evaluate import _metrics_before
+                    from keyreg.measure import measure_before
 
-                    before = _metrics_before(m_img, m_seg, fix.image, fix.seg, ["harddice"], "nearest",
-                                             torch.device("cpu"))["harddice"]
+                    before = measure_before(["harddice"], fixed=fix.image, moving=m_img, fixed_seg=fix.seg,
+                                            moving_seg=m_seg, label_interp="nearest",
+                                            device=torch.device("cpu"))["harddice"]
                     dice.setdefault(("before registration", angle), []).append(before)
                 for method in args.methods:
                     safe = "".join(c if c.isalnum() else "_" for c in method)
