@@ -32,7 +32,7 @@ import torch
 
 from keyreg.geometry import fov_center, fov_half_extent, rotation_about
 from keyreg.io import Volume
-from keyreg.metrics import dice_per_label, mean_dice
+from keyreg.metrics import brain_dice_per_label, mean_dice
 from keyreg.models import load_model
 from keyreg.models.inference import detect_image_keypoints
 from keyreg.train.data import LabelMapBank
@@ -50,9 +50,7 @@ def seed_of(*parts) -> int:
 
 
 def brain_dice(warped: np.ndarray, fixed: np.ndarray) -> float:
-    w = np.where((warped >= 2) & (warped <= 60), warped, 0)
-    f = np.where((fixed >= 2) & (fixed <= 60), fixed, 0)
-    return mean_dice(dice_per_label(w, f))
+    return mean_dice(brain_dice_per_label(warped, fixed))
 
 
 def synth(labels: torch.Tensor, contrast: str, seed: int) -> np.ndarray:

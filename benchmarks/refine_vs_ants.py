@@ -46,20 +46,13 @@ sys.path.insert(0, str(HERE))
 LABELMAPS = ROOT.parent / "shared" / "data" / "labelmaps"
 ROWS = {"a0": ("t1", "t2", 0.0), "a90": ("t1", "t2", 90.0), "b": ("t1", "t1", 0.0)}
 ROW_TITLES = {"a0": "(a) T1→T2, 0°", "a90": "(a) T1→T2, 90°", "b": "(b) T1→T1"}
-BRAIN_LABELS = range(2, 61)
 
 
 def brain_dice(warped_seg, fixed_seg) -> float:
-    """Mean Dice over the labels 2..60 present in either segmentation."""
-    import numpy as np
+    """Mean Dice over the brain labels 2..60 present in either segmentation (``keyreg.metrics.BRAIN_LABELS``)."""
+    from keyreg.metrics import brain_dice_per_label, mean_dice
 
-    vals = []
-    for lab in BRAIN_LABELS:
-        a, b = warped_seg == lab, fixed_seg == lab
-        na, nb = int(a.sum()), int(b.sum())
-        if na + nb:
-            vals.append(2.0 * int(np.logical_and(a, b).sum()) / (na + nb))
-    return float(np.mean(vals))
+    return mean_dice(brain_dice_per_label(warped_seg, fixed_seg))
 
 
 def _save(path: Path, data, affine) -> str:

@@ -164,3 +164,23 @@ def test_torchrun_two_cpu_processes_shard_and_merge(data, tiny_model_files, tmp_
     for r1, r2 in zip(merged, _table(single / "metrics.csv"), strict=True):
         assert r1 == r2  # bit-identical: keypoints do not depend on which rank or batch processed an image
     assert json.loads((out / "metrics.json").read_text())["failures"] == []
+
+
+def test_one_torchrun_environment_reader(monkeypatch):
+    from keyreg import batch, distributed
+    from keyreg.errors import ConfigError
+    from keyreg.train import trainer
+
+    assert batch.distributed_env is distributed.distributed_env
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert distributed.distributed_env() == (0, 1, 0) == trainer._distributed()
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert trainer._distributed() == (0, 1, 3)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="must be integers"):
+        trainer._distributed()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match="invalid RANK=2"):
+        trainer._distributed()

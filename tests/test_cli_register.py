@@ -129,3 +129,13 @@ def test_models_command_lists_or_describes(tiny_model_files, capsys):
     assert main(["models", str(tiny_model_files)]) == 0
     out = capsys.readouterr().out
     assert "truncatedunet K=12" in out and "ras, 24x24x24 at 8x8x8 mm" in out
+
+
+def test_unique_names_one_rule_for_every_workflow():
+    from keyreg.pairing import unique_names
+
+    assert unique_names(["a", "b"]) == ["a", "b"]
+    # the first keeps its name; no new name takes one that another input already has
+    assert unique_names(["a", "a", "a_2", "b", "a"]) == ["a", "a_3", "a_2", "b", "a_4"]
+    names = unique_names(["x"] * 5 + ["x_3"])
+    assert len(set(names)) == 6 and names[0] == "x" and names[-1] == "x_3"

@@ -167,3 +167,47 @@ def test_uncreatable_output_directory_is_a_clean_error():
 def test_volume_repr_shows_geometry():
     v = Volume(image(), AFF, name="t1")
     assert "shape=(6, 7, 5)" in repr(v) and "1.5x1x2 mm" in repr(v) and "RAS" in repr(v)
+
+
+def test_atomic_dir_merge_replaces_its_entries_and_keeps_the_others(tmp_path):
+    from keyreg.io import atomic_dir
+
+    out = tmp_path / "out"
+    (out / "images" / "old").mkdir(parents=True)
+    (out / "mine.txt").write_text("the user's")
+    (out / "metrics.csv").write_text("old")
+    with atomic_dir(out, merge=True) as stage:
+        assert stage.parent == out and stage.name.endswith(".tmp")
+        (stage / "images" / "new").mkdir(parents=True)
+        (stage / "metrics.csv").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["images", "metrics.csv", "mine.txt"]
+    assert [p.name for p in (out / "images").iterdir()] == ["new"]  # a directory is replaced as a whole
+    assert (out / "metrics.csv").read_text() == "new" and (out / "mine.txt").read_text() == "the user's"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out, merge=True) as stage:
+            (stage / "metrics.csv").write_text("half")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["images", "metrics.csv", "mine.txt"]
+    assert (out / "metrics.csv").read_text() == "new"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="afile"):
+        with atomic_dir(tmp_path / "afile" / "out", merge=True):
+            pass
+
+
+def test_one_affine_check_for_images_and_transform_files(tmp_path):
+    from keyreg.errors import ShapeError
+    from keyreg.formats import write_displacement_field
+    from keyreg.formats.lta import lta_geometry_block
+    from keyreg.io import check_affine
+
+    singular = np.diag([1.0, 1.0, 0.0, 1.0])
+    with pytest.raises(ImageContentError, match="x.nii: invalid affine"):
+        check_affine(singular, "x.nii")
+    with pytest.raises(ShapeError, match="invalid affine"):
+        check_affine(torch.full((4, 4), float("nan")), "t", ShapeError)
+    with pytest.raises(ShapeError, match="invalid affine"):
+        write_displacement_field(tmp_path / "u.nii.gz", np.zeros((2, 2, 2, 3), np.float32), singular)
+    with pytest.raises(ShapeError, match="invalid affine"):
+        lta_geometry_block((2, 2, 2), singular, "src")
+    assert not list(tmp_path.iterdir())

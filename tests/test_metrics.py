@@ -101,3 +101,19 @@ def test_compute_metrics_requires_inputs_and_returns_per_label():
     assert out["jdstd"] == 0.0 and "jdlessthan0" not in out
     with pytest.raises(ConfigError, match="needs --moving_seg and --fixed_seg"):
         compute_metrics(["harddice"])
+
+
+def test_brain_dice_counts_only_freesurfer_brain_structures():
+    from keyreg.metrics import BRAIN_LABELS, brain_dice_per_label, brain_structures, mean_dice
+
+    fixed = np.zeros((4, 4, 4), np.int64)
+    fixed[0], fixed[1], fixed[2], fixed[3, :2] = 2, 60, 507, 61  # 507: extra-cerebral, 61: not a brain structure
+    warped = fixed.copy()
+    warped[2] = 0  # the extra-cerebral label is lost: no effect on brain Dice
+    warped[3] = 1
+    assert list(BRAIN_LABELS) == list(range(2, 61))
+    assert set(np.unique(brain_structures(fixed)).tolist()) == {0, 2, 60}
+    assert brain_dice_per_label(warped, fixed) == {2: 1.0, 60: 1.0}
+    out = compute_metrics(["braindice", "harddice"], warped_seg=warped, fixed_seg=fixed)
+    assert out["braindice"] == 1.0 and out["braindice_per_label"] == {2: 1.0, 60: 1.0}
+    assert out["harddice"] < 1.0 and mean_dice(out["harddice_per_label"]) == out["harddice"]

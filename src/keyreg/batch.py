@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .distributed import distributed_env
 from .errors import ConfigError, KeyregError, OutputError
 from .io import atomic_dir, atomic_write_text
 from .pairing import Pair, build_pairs
@@ -44,19 +45,6 @@ __all__ = ["BatchResult", "run_batch", "register_batch", "distributed_env", "jso
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def distributed_env() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the torchrun environment (``(0, 1, 0)`` without it)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise ConfigError("the environment variables RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"invalid RANK={rank} for WORLD_SIZE={world}")
-    return rank, world, local
-
 
 def json_clean(v: Any) -> Any:
     """``v`` with non-finite floats as ``None`` and keys as strings (strict JSON)."""

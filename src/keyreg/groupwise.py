@@ -23,9 +23,9 @@ keypoints).  Only one image (and two label maps, for Dice) is in memory at a tim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, ImageContentError, OutputError
+from .errors import ConfigError, ImageContentError
 from .geometry import fov_center
-from .io import Volume, check_same_grid, grid_volume, load_volume, nifti_stem, read_grid, save_volume
+from .io import Volume, atomic_dir, check_same_grid, grid_volume, load_volume, nifti_stem, read_grid, save_volume
 from .measure import normalize_like
+from .pairing import unique_names
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, fit_transform,
                          map_to_fixed, parse_align)
 
@@ -188,16 +189,6 @@ def _name(source: Any, i: int) -> str:
     return f"image{i}"
 
 
-def _unique_names(names: list[str]) -> list[str]:
-    out: list[str] = []
-    for n in names:
-        cand, k = n, 2
-        while cand in out:
-            cand, k = f"{n}_{k}", k + 1
-        out.append(cand)
-    return out
-
-
 def _template_grid(first: Volume, t0: AffineTransform | ThinPlateSpline) -> Volume:
     """The first image's grid, moved so that its centre is where its own centre lands in the template."""
     c0 = torch.as_tensor(fov_center(first.affine, first.shape), dtype=torch.float64).reshape(1, 1, 3)
@@ -205,18 +196,6 @@ def _template_grid(first: Volume, t0: AffineTransform | ThinPlateSpline) -> Volu
     aff = first.affine.copy()
     aff[:3, 3] += c - c0[0, 0].numpy()
     return grid_volume(first.shape, aff, "template")
-
-
-def _finish(stage: Path, save_dir: Path) -> None:
-    """Move every entry of the staging directory into ``save_dir`` (replacing older results)."""
-    for entry in sorted(stage.iterdir()):
-        target = save_dir / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        os.replace(entry, target)
-    stage.rmdir()
 
 
 def groupwise(
@@ -274,7 +253,7 @@ def groupwise(
     if keypoints is not None and len(keypoints) != len(images):
         raise ConfigError(f"got {len(keypoints)} keypoint sets for {len(images)} images")
     dev = registrar.device
-    names = _unique_names([_name(x, i) for i, x in enumerate(images)])
+    names = unique_names([_name(x, i) for i, x in enumerate(images)])
     grids = [read_grid(x) if isinstance(x, (str, os.PathLike, Volume)) else None for x in images]
     if segs is not None:
         for name, g, s in zip(names, grids, segs):
@@ -305,14 +284,14 @@ def groupwise(
     grid = grid_volume(grid.shape, grid.affine, "template", grid.header)
 
     out_dir = None if save_dir is None else Path(save_dir)
-    try:
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".groupwise-", suffix=".tmp", dir=out_dir))
-    except OSError as e:
-        raise OutputError(f"{out_dir}: cannot write here ({e.strerror or e})") from None
+    # outputs are staged and moved into save_dir only when everything is written; without a
+    # save_dir the staging area is a scratch directory for the warped label maps
+    stage = (atomic_dir(out_dir, merge=True) if out_dir is not None
+             else tempfile.TemporaryDirectory(prefix="keyreg-groupwise-"))
     warp_bar = tqdm(total=len(images), desc="warping", unit="image", **bar)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(warp_bar.close)
+        work = Path(cleanup.enter_context(stage))
         rows, seg_files, label_ids = [], [], set()
         total = np.zeros(grid.shape, dtype=np.float64)
         for i in range(len(images)):
@@ -363,13 +342,6 @@ def groupwise(
             save_volume(template.data, grid, work / "template.nii.gz")
             save_keypoints(work, "template_keypoints", fit.template_keypoints, names=names_kp)
             _write_metrics(work, metrics)
-            _finish(work, out_dir)
-        else:
-            shutil.rmtree(work)
-    except BaseException:
-        warp_bar.close()
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return GroupwiseResult(names, fit, grid, template, metrics, dice, out_dir)
 
 

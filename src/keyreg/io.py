@@ -24,12 +24,12 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .errors import ImageContentError, ImageIOError, OutputError
+from .errors import ImageContentError, ImageIOError, KeyregError, OutputError
 from .geometry import voxel_sizes
 
 __all__ = ["Volume", "load_volume", "save_volume", "read_grid", "grid_volume", "atomic_path", "atomic_dir",
            "atomic_write_text", "write_nifti", "ParallelGzipWriter", "NIFTI_SUFFIXES", "IMAGE_SUFFIXES",
-           "is_nifti_path", "is_image_path", "nifti_stem", "MAX_VOXELS", "check_same_grid", "check_affine",
+           "is_nifti_path", "is_image_path", "nifti_stem", "MAX_VOXELS", "check_same_grid", "check_affine", "is_valid_affine",
            "clean_stale_temporaries"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -51,15 +51,25 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
-def check_affine(affine: Any, where: str) -> np.ndarray:
-    """``affine`` as a float64 4x4 world-from-voxel matrix; :class:`ImageContentError` unless it is
-    finite and invertible (the one place this is checked for images and grids)."""
+def is_valid_affine(a: np.ndarray) -> bool:
+    """True for a finite ``(4, 4)`` matrix whose linear part is invertible (``|det| >= 1e-12``)."""
+    return (a.shape == (4, 4) and bool(np.all(np.isfinite(a)))
+            and abs(float(np.linalg.det(a[:3, :3]))) >= 1e-12)
+
+
+def check_affine(affine: Any, where: str, error: type[KeyregError] = ImageContentError) -> np.ndarray:
+    """``affine`` as a float64 4x4 world-from-voxel matrix; ``error`` (default
+    :class:`ImageContentError`) unless it is finite and invertible.  The one place this is checked,
+    for images, grids and the geometry that transform files record (``formats``: ``ShapeError``
+    for an argument, ``ImageIOError`` for a file)."""
+    if hasattr(affine, "detach"):
+        affine = affine.detach().cpu().double().numpy()
     try:
         a = np.asarray(affine, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ImageContentError(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)") from None
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
-        raise ImageContentError(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)")
+        a = None
+    if a is None or not is_valid_affine(a):
+        raise error(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)")
     return a
 
 
@@ -369,30 +379,47 @@ def _umask() -> int:
     return mask
 
 
+def _replace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing what is there (a directory as a whole: it is moved aside
+    first and deleted after, so ``dst`` never holds a mix of old and new entries)."""
+    old = None
+    if os.path.lexists(dst) and (src.is_dir() or (dst.is_dir() and not dst.is_symlink())):
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, merge: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory next to ``path``; it becomes ``path`` only if the block succeeds.
 
     On success an existing ``path`` (a directory) is replaced as a whole; on any error (or an
     interrupt) the temporary directory is deleted, so a half-written result never carries the
     final name.  Used for per-pair output directories, whose completion marker is written last.
+
+    With ``merge=True``, ``path`` is a directory that may hold other things (a user's output
+    directory): the temporary directory is made inside it and, on success, each of its entries
+    replaces the entry of the same name in ``path``; other entries are kept.  Used by workflows
+    that write several top-level outputs at once (``keyreg groupwise``).
     """
     path = Path(path)
+    where = path if merge else path.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=where))
     except OSError as e:
-        raise OutputError(f"{path.parent}: cannot write here ({_short(e)})") from None
+        raise OutputError(f"{where}: cannot write here ({_short(e)})") from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if merge:
+            for entry in sorted(tmp.iterdir()):
+                _replace(entry, path / entry.name)
+            tmp.rmdir()
+        else:
+            os.chmod(tmp, 0o777 & ~_umask())
+            _replace(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OutputError):  # a file inside: name it by its final path, not the temporary one

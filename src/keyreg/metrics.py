@@ -30,6 +30,9 @@ __all__ = [
     "ncc",
     "dice_per_label",
     "mean_dice",
+    "BRAIN_LABELS",
+    "brain_structures",
+    "brain_dice_per_label",
     "soft_dice_per_label",
     "hausdorff95_per_label",
     "jacobian_determinant",
@@ -43,6 +46,7 @@ METRICS: dict[str, str] = {
     "mse": "image",
     "ncc": "image",
     "harddice": "seg",
+    "braindice": "seg",
     "softdice": "seg",
     "hausd": "seg",
     "jdstd": "transform",
@@ -129,6 +133,23 @@ def dice_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray) -> dict[int, f
         return out
     return {int(lab): float(2.0 * int(inter[lab]) / (int(count_a[lab]) + int(count_b[lab])))
             for lab in ids.tolist() if lab != 0}
+
+
+#: FreeSurfer label ids of the brain structures, 2 (Left-Cerebral-White-Matter) to 60 (Right-VentralDC):
+#: what a "brain Dice" averages over (the ``braindice`` metric, ``keyreg evaluate --metrics braindice``,
+#: the benchmarks).  Background 0, unknown ids above 60 and the extra-cerebral ids (>= 500) are left out.
+BRAIN_LABELS = range(2, 61)
+
+
+def brain_structures(seg: np.ndarray) -> np.ndarray:
+    """``seg`` with every id outside :data:`BRAIN_LABELS` set to 0 (background)."""
+    seg = np.asarray(seg)
+    return np.where((seg >= BRAIN_LABELS.start) & (seg < BRAIN_LABELS.stop), seg, 0)
+
+
+def brain_dice_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray) -> dict[int, float]:
+    """:func:`dice_per_label` over the brain structures (:data:`BRAIN_LABELS`) present in either map."""
+    return dice_per_label(brain_structures(warped_seg), brain_structures(fixed_seg))
 
 
 def mean_dice(per_label: dict[int, float]) -> float:
@@ -359,6 +380,9 @@ def compute_metrics(
         elif name == "harddice":
             per = dice_per_label(warped_seg, fixed_seg)
             out["harddice"], out["harddice_per_label"] = mean_dice(per), per
+        elif name == "braindice":
+            per = brain_dice_per_label(warped_seg, fixed_seg)
+            out["braindice"], out["braindice_per_label"] = mean_dice(per), per
         elif name == "softdice":
             if moving_seg is None or moving_affine is None or fixed_affine is None:
                 raise ConfigError("metric 'softdice' needs the moving segmentation and both affines")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, ImageIOError
 
-__all__ = ["Pair", "build_pairs", "list_nifti", "pair_name"]
+__all__ = ["Pair", "build_pairs", "list_nifti", "pair_name", "unique_names"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,22 @@ def pair_name(moving: Path, fixed: Path) -> str:
 
     m, f = nifti_stem(moving), nifti_stem(fixed)
     return m if m == f and moving != fixed else f"{m}_to_{f}"
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """``names`` made unique, order kept: the first of equal names keeps it, the next ones get
+    ``_2``, ``_3``, ... (skipping any name already given or still to come), so output names of
+    inputs with one file name stem (from several directories) never collide."""
+    taken = set(names)
+    out: list[str] = []
+    used: set[str] = set()
+    for n in names:
+        cand, k = n, 2
+        while cand in used or (cand != n and cand in taken):
+            cand, k = f"{n}_{k}", k + 1
+        used.add(cand)
+        out.append(cand)
+    return out
 
 
 def list_nifti(directory: Path) -> list[Path]:

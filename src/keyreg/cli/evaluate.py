@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--list_of_aligns", nargs="+", default=["rigid", "affine", "tps_0"], metavar="ALIGN",
                    help="rigid, affine, tps_<lambda> (default: rigid affine tps_0)")
     m.add_argument("--list_of_metrics", nargs="+", default=["harddice"], metavar="METRIC",
-                   help="mse ncc harddice softdice hausd jdstd jdlessthan0 (default: harddice)")
+                   help="mse ncc harddice braindice softdice hausd jdstd jdlessthan0 (default: harddice)")
     m.add_argument("--label_interp", choices=["nearest", "labelwise"], default="nearest",
                    help="resampling of segmentations")
     m.add_argument("--field_stride", type=int, default=None, help="sub-grid stride of the dense TPS field (default 1 = exact at every voxel)")

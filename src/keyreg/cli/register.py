@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--list_of_aligns", nargs="+", default=["affine", "tps_0"], metavar="ALIGN",
                    help="rigid, affine, tps_<lambda> (e.g. tps_0 tps_1 tps_10); default: affine tps_0")
     a.add_argument("--list_of_metrics", nargs="+", default=None, metavar="METRIC",
-                   help="mse ncc harddice softdice hausd jdstd jdlessthan0 "
+                   help="mse ncc harddice braindice softdice hausd jdstd jdlessthan0 "
                         "(default: mse, plus harddice with segmentations)")
     a.add_argument("--label_interp", choices=["nearest", "labelwise"], default="nearest",
                    help="resampling of segmentations (ids are never blended)")

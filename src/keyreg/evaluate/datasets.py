@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError, ImageContentError, ImageIOError
 from ..io import Volume, check_same_grid, load_volume, nifti_stem
-from ..pairing import list_nifti
+from ..pairing import list_nifti, unique_names
 from .contrasts import synthesizer
 from .seeds import seed_of
 
@@ -136,26 +136,11 @@ def images_from_csv(path: str | Path) -> list[EvalImage]:
         entries.append((img, seg, r[col["modality"]].strip() or "image", subject))
     if not entries:
         raise ConfigError(f"{path}: the CSV lists no image")
-    names = _unique_names([nifti_stem(e[0]) for e in entries])
+    names = unique_names([nifti_stem(e[0]) for e in entries])
     out = []
     for (img, seg, mod, subject), name in zip(entries, names):
         image, segv = _load_pair(img, seg, name)
         out.append(EvalImage(name, subject, mod, image, segv, str(img)))
-    return out
-
-
-def _unique_names(names: Sequence[str]) -> list[str]:
-    counts: dict[str, int] = {}
-    for n in names:
-        counts[n] = counts.get(n, 0) + 1
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        if counts[n] > 1:
-            seen[n] = seen.get(n, 0) + 1
-            out.append(f"{n}#{seen[n]}")
-        else:
-            out.append(n)
     return out
 
 
@@ -190,7 +175,7 @@ def images_from_label_maps(paths: Sequence[str | Path], contrasts: Sequence[str]
             files.append(p)
         else:
             raise ImageIOError(f"{p}: label map does not exist")
-    subjects = _unique_names([nifti_stem(f) for f in files])
+    subjects = unique_names([nifti_stem(f) for f in files])
     segs = []
     for f, subject in zip(files, subjects):
         seg = load_volume(f, kind="labels", name=subject)

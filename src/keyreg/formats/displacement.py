@@ -34,11 +34,8 @@ INTENT_VECTOR = 1007
 _FLIP = np.array([-1.0, -1.0, 1.0], dtype=np.float32)
 
 
-def _check_affine(affine, name: str = "affine") -> np.ndarray:
-    a = np.asarray(affine.detach().cpu().numpy() if torch.is_tensor(affine) else affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
-        raise ShapeError(f"{name} must be a finite, invertible (4, 4) matrix")
-    return a
+def _check_affine(affine, name: str = "displacement field") -> np.ndarray:
+    return keyreg_io.check_affine(affine, name, ShapeError)
 
 
 def _check_displacement(displacement_ras) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ImageIOError, ShapeError
 from ..geometry import voxel_sizes
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_affine, is_valid_affine
 from ._common import PathLike, as_matrix, fmt, one_line, read_text, reading
 
 __all__ = ["write_lta", "read_lta", "read_lta_file", "LtaFile", "LtaGrid", "lta_geometry_block", "LINEAR_VOX_TO_VOX", "LINEAR_RAS_TO_RAS"]
@@ -34,9 +34,7 @@ def _geometry(shape: Sequence[int], affine, name: str) -> tuple[np.ndarray, np.n
     dims = np.asarray([int(s) for s in tuple(shape)[:3]], dtype=np.float64)
     if dims.size != 3 or np.any(dims < 1):
         raise ShapeError(f"{name}: shape must give three positive sizes, got {tuple(shape)}")
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
-        raise ShapeError(f"{name}: affine must be a finite, invertible (4, 4) matrix")
+    a = check_affine(affine, name, ShapeError)
     vs = voxel_sizes(a)
     mdc = a[:3, :3] / vs
     cras = a[:3, :3] @ (dims / 2) + a[:3, 3]
@@ -140,7 +138,7 @@ def _block_affine(info: dict) -> np.ndarray | None:
     a = np.eye(4)
     a[:3, :3] = mdc * vs
     a[:3, 3] = cras - a[:3, :3] @ (dims / 2)
-    if not np.all(np.isfinite(a)) or np.any(dims < 1) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+    if np.any(dims < 1) or not is_valid_affine(a):
         return None
     return a
 
@@ -254,7 +252,7 @@ def read_lta_file(path: PathLike) -> LtaFile:
             name = _TYPE_NAMES.get(kind, "unknown")
             raise ImageIOError(f"{p}: LTA type {kind} ({name}) is not supported; keyreg reads types "
                                "0 (LINEAR_VOX_TO_VOX) and 1 (LINEAR_RAS_TO_RAS)")
-        if abs(np.linalg.det(ras[:3, :3])) < 1e-12:
+        if not is_valid_affine(ras):
             raise ImageIOError(f"{p}: LTA matrix is singular")
         out = np.linalg.inv(ras)
         out[3] = [0.0, 0.0, 0.0, 1.0]

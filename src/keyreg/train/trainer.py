@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..distributed import distributed_env
 from ..errors import CheckpointError, ConfigError, ImageIOError
 from ..geometry import apply_affine, fov_center, fov_half_extent, normalized_to_voxel
 from ..models import KeypointDetector, ModelConfig
@@ -138,13 +138,16 @@ def sample_lambda(spec: str | float, g: torch.Generator) -> float:
     raise ConfigError(f"--tps_lmbda must be a number, uniform, lognormal or loguniform, got {spec!r}")
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _distributed() -> tuple[int, int, int]:
+    """``(rank, world, local_rank)`` (:func:`keyreg.distributed.distributed_env`), with the process
+    group started when there is more than one process."""
+    rank, world, local = distributed_env()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world
+    if dist.is_initialized():
+        rank = dist.get_rank()
+    return rank, world, local
 
 
 class Trainer:
@@ -153,8 +156,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.rank, self.world = _distributed()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.rank, self.world, local = _distributed()
         if cfg.device:
             self.device = torch.device(cfg.device)
         elif torch.cuda.is_available():
