@@ -214,6 +214,40 @@ def _level_deadlines(budget: Budget, costs: Sequence[float]) -> list[float]:
     return out
 
 
+def _plan(fixed: torch.Tensor, affine: np.ndarray, spacing_mm: float, iterations: Sequence[int], budget: Budget,
+          desc: str) -> tuple[list[float], list[float], _Progress]:
+    """Level spacings (coarse to fine; the finest never finer than the fixed voxels), absolute
+    deadlines per level (the budget shared in proportion to iterations x grid points) and the bar."""
+    finest = max(spacing_mm, float(np.sqrt((affine[:3, :3] ** 2).sum(0)).min()))
+    spacings = _levels(finest, len(iterations))
+    costs = [it * np.prod(level_grid(fixed.shape[2:], affine, s)[0]) for it, s in zip(iterations, spacings)]
+    return spacings, _level_deadlines(budget, costs), _Progress(sum(iterations), desc, budget.progress)
+
+
+def _adam_level(step: Callable[[], tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, iterations: int, deadline: float, bar: _Progress,
+                on_step: Callable[[int, float], None] | None = None) -> tuple[int, bool]:
+    """Up to ``iterations`` Adam steps of one level, stopping at ``deadline`` (``time.perf_counter``).
+
+    ``step()`` returns ``(objective, shown)``: the objective is minimised; ``shown`` (e.g. the
+    similarity without the regulariser) goes to the bar and to ``on_step(k, value)`` (``k`` counts the
+    level's steps from 1).  Returns the steps run and whether the deadline cut the level short.
+    """
+    for k in range(iterations):
+        if time.perf_counter() > deadline:
+            return k, True
+        opt.zero_grad(set_to_none=True)
+        objective, shown = step()
+        objective.backward()
+        opt.step()
+        sched.step()
+        value = float(shown.detach())
+        bar.update(value)
+        if on_step is not None:
+            on_step(k + 1, value)
+    return iterations, False
+
+
 def optimize_affine(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -249,10 +283,7 @@ def optimize_affine(
     opt = torch.optim.Adam([lin, trans], lr=cfg.lr)
     total_iters = max(sum(cfg.iterations), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - 0.9 * min(k / total_iters, 1.0))
-    spacings = _levels(max(cfg.spacing_mm, float(np.sqrt((a[:3, :3] ** 2).sum(0)).min())), len(cfg.iterations))
-    costs = [it * np.prod(level_grid(fixed.shape[2:], a, s)[0]) for it, s in zip(cfg.iterations, spacings)]
-    deadlines = _level_deadlines(budget, costs)
-    bar = _Progress(sum(cfg.iterations), "affine refinement", budget.progress)
+    spacings, deadlines, bar = _plan(fixed, a, cfg.spacing_mm, cfg.iterations, budget, "affine refinement")
     done, stopped = 0, False
     c_t = torch.as_tensor(center, device=dev, dtype=dt)
 
@@ -298,17 +329,13 @@ def optimize_affine(
         if last:
             with torch.no_grad():
                 loss_start = float(loss_fn(feat.moving[0][:, li_[:, 0], li_[:, 1], li_[:, 2]], target, weight))
-        for _ in range(iters):
-            if time.perf_counter() > deadlines[li]:
-                stopped = stopped or last or budget.left() <= 0
-                break
-            opt.zero_grad(set_to_none=True)
+        def step(feat=feat, world=world, vfw=vfw, target=target, weight=weight):
             loss = loss_fn(warp(feat.moving, world, vfw), target, weight)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-            bar.update(float(loss.detach()))
+            return loss, loss
+
+        n_done, cut = _adam_level(step, opt, sched, iters, deadlines[li], bar)
+        done += n_done
+        stopped = stopped or (cut and (last or budget.left() <= 0))
         if last:
             with torch.no_grad():
                 loss_end = float(loss_fn(warp(feat.moving, world, vfw), target, weight))
@@ -351,11 +378,8 @@ def optimize_velocity(
         raise ConfigError(f"control_factor must be >= 1, got {cfg.control_factor}")
     a = np.asarray(fixed_affine, dtype=np.float64)
     dev, dt = fixed.device, fixed.dtype
-    finest = max(cfg.spacing_mm, float(np.sqrt((a[:3, :3] ** 2).sum(0)).min()))
-    spacings = _levels(finest, len(cfg.iterations))
-    costs = [it * np.prod(level_grid(fixed.shape[2:], a, s)[0]) for it, s in zip(cfg.iterations, spacings)]
-    deadlines = _level_deadlines(budget, costs)
-    bar = _Progress(sum(cfg.iterations), "deformable refinement", budget.progress)
+    spacings, deadlines, bar = _plan(fixed, a, cfg.spacing_mm, cfg.iterations, budget, "deformable refinement")
+    finest = spacings[-1]
     v: torch.Tensor | None = None
     done, stopped = 0, False
     loss_start = loss_end = float("nan")
@@ -389,20 +413,14 @@ def optimize_velocity(
         if last:
             with torch.no_grad():
                 loss_start = float(feat.loss(feat.moving))
-        for _ in range(iters):
-            if time.perf_counter() > deadlines[li]:
-                stopped = stopped or last or budget.left() <= 0
-                break
-            opt.zero_grad(set_to_none=True)
+        def step(v=v, forward=forward, caff=caff):
             sim, vs = forward(v)
-            loss = sim + cfg.reg_weight * diffusion_energy(vs, caff)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-            bar.update(float(sim.detach()))
-            if callback is not None:
-                callback(done, float(sim.detach()))
+            return sim + cfg.reg_weight * diffusion_energy(vs, caff), sim
+
+        report = None if callback is None else (lambda k, value, base=done: callback(base + k, value))
+        n_done, cut = _adam_level(step, opt, sched, iters, deadlines[li], bar, report)
+        done += n_done
+        stopped = stopped or (cut and (last or budget.left() <= 0))
         if last:
             with torch.no_grad():
                 loss_end = float(forward(v)[0])
