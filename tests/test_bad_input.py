@@ -720,6 +720,57 @@ CASES = [missing_file, unreadable_file, corrupt_gzip, truncated_data, empty_file
          evaluate_scaling_too_large, evaluate_label_stride_zero, evaluate_field_stride_zero]
 
 
+# issue 12: dense refinement
+def refine_unknown_stage(e):
+    return register(e, extra=["--refine", "bspline"]), r"unknown refinement 'bspline': use affine or deformable"
+
+
+def refine_seconds_negative(e):
+    return (register(e, extra=["--refine", "deformable", "--refine_seconds", "-5"]),
+            r"refinement time budget must be > 0 seconds, got -5")
+
+
+def refine_iterations_negative(e):
+    return (register(e, extra=["--refine", "deformable", "--refine_iterations", "10", "-1"]),
+            r"refinement iterations must be non-negative integers, got \[10, -1\]")
+
+
+def refine_reg_weight_nan(e):
+    return (register(e, extra=["--refine", "deformable", "--refine_reg_weight", "nan"]),
+            r"regularisation weight must be >= 0, got nan")
+
+
+def refine_unknown_similarity(e):
+    return (register(e, extra=["--refine", "affine", "--refine_similarity", "mi"]),
+            r"unknown refinement similarity 'mi': use mind or lncc")
+
+
+def fixed_mask_wrong_grid(e):
+    mask = _image(e, "mask.nii.gz", np.ones((10, 12, 14), np.uint8), np.diag([2.0, 2.0, 2.0, 1.0]))
+    return (register(e, extra=["--refine", "affine", "--fixed_mask", mask]),
+            r"mask: fixed mask grid \(10, 12, 14\) does not match its image grid \(24, 26, 22\)")
+
+
+def fixed_mask_empty(e):
+    mask = _image(e, "mask.nii.gz", np.zeros(e.shape, np.uint8))
+    return register(e, extra=["--refine", "affine", "--fixed_mask", mask]), r"mask: the fixed mask is empty"
+
+
+def fixed_mask_without_refine(e):
+    mask = _image(e, "mask.nii.gz", np.ones(e.shape, np.uint8))
+    return register(e, extra=["--fixed_mask", mask]), r"fixed mask limits the dense refinement's similarity"
+
+
+def fixed_mask_missing(e):
+    return (register(e, extra=["--refine", "affine", "--fixed_mask", e.src / "nomask.nii.gz"]),
+            r"nomask\.nii\.gz: --fixed_mask does not exist")
+
+
+CASES += [refine_unknown_stage, refine_seconds_negative, refine_iterations_negative, refine_reg_weight_nan,
+          refine_unknown_similarity, fixed_mask_wrong_grid, fixed_mask_empty, fixed_mask_without_refine,
+          fixed_mask_missing]
+
+
 def _outputs(e) -> list[Path]:
     """Files anywhere that a failed command may have left: the output directory, temporaries, inverses
     (minus the files a case placed there itself, ``e.keep``)."""

@@ -206,44 +206,101 @@ def test_bad_options_and_mask():
         refine_transform(img, img, start, fixed_mask=bad_mask)
 
 
-def test_refine_registration_outputs_and_apply(tmp_path):
-    """refine_registration from a keypoint TPS and affine: <align>+<stage> results, files that
-    `keyreg apply` reads (the align directory's warp.nii.gz), an inverse that undoes the forward."""
-    from keyreg.apply import apply_transform
-    from keyreg.formats import read_displacement_field
+def _shifted_pair(tmp_path=None):
+    """A fixed image, the same content 2 mm away in the moving image, keypoints half-way: an
+    affine/TPS start that refinement must finish."""
     from keyreg.keypoints import ImageKeypoints
-    from keyreg.pipeline import Registrar
-    from keyreg.refine import refine_registration
 
     aff = _affine()
     fixed = _image(aff)
     shift = np.eye(4)
     shift[:3, 3] = [2.0, -1.0, 1.5]
-    moving_aff = shift @ aff  # the content sits 2 mm away in the moving image
+    moving_aff = shift @ aff
     pts = world_points(SHAPE, aff)[::7, ::7, ::6].reshape(-1, 3)
     kf = ImageKeypoints(torch.as_tensor(pts), torch.ones(len(pts)), aff, SHAPE)
-    km = ImageKeypoints(torch.as_tensor(pts + shift[:3, 3] * 0.5), torch.ones(len(pts)), aff, SHAPE)  # half-way start
+    km = ImageKeypoints(torch.as_tensor(pts + shift[:3, 3] * 0.5), torch.ones(len(pts)), aff, SHAPE)
     seg = (fixed > 0.4).astype(np.int16)
-    reg = Registrar(aligns=["affine", "tps_1"], device="cpu").register_keypoints(
-        make_volume(fixed, moving_aff, "moving"), make_volume(fixed, aff, "fixed"), kf, km,
-        moving_seg=make_volume(seg, moving_aff, kind="labels"), fixed_seg=make_volume(seg, aff, kind="labels"))
-    out = refine_registration(reg, "deformable", options=RefineOptions(iterations=(10, 10)))
-    assert set(out) == {"affine+deformable", "tps_1+deformable"}
-    ra = out["affine+deformable"]
-    assert ra.metrics["jdlessthan0"] == 0.0 and "refine_dice_end" in ra.metrics
-    assert ra.metrics["refine_dice_end"] >= ra.metrics["refine_dice_start"] - 0.01
-    files = ra.save(tmp_path / "affine+deformable")
-    assert {"warp", "inverse_warp", "warped", "warped_seg", "report"} <= set(files)
-    u, a = read_displacement_field(files["warp"])
-    assert u.shape == (*SHAPE, 3) and np.allclose(a, aff)
+    return dict(moving=make_volume(fixed, moving_aff, "moving"), fixed=make_volume(fixed, aff, "fixed"),
+                fixed_kp=kf, moving_kp=km, moving_seg=make_volume(seg, moving_aff, kind="labels"),
+                fixed_seg=make_volume(seg, aff, kind="labels"))
+
+
+def test_refine_stage_of_the_pipeline_outputs_and_apply(tmp_path):
+    """The Registrar's refine stage from a keypoint TPS and affine: <align>+<stage> results measured and
+    saved like keypoint aligns; files that `keyreg apply` reads (the align directory's warp.nii.gz);
+    an inverse that undoes the forward."""
+    from keyreg.apply import apply_transform
+    from keyreg.formats import read_displacement_field
+    from keyreg.pipeline import Registrar
+    from keyreg.refine import RefinedAlignment, refine_registration
+
+    pair = _shifted_pair()
+    registrar = Registrar(aligns=["affine", "tps_1"], device="cpu", refine=("deformable",), refine_iterations=(10, 10))
+    reg = registrar.register_keypoints(pair["moving"], pair["fixed"], pair["fixed_kp"], pair["moving_kp"],
+                                       moving_seg=pair["moving_seg"], fixed_seg=pair["fixed_seg"])
+    assert list(reg.results) == ["affine", "tps_1", "affine+deformable", "tps_1+deformable"]
+    assert "refine" in registrar.timer.seconds
+    metrics = registrar.measure(reg, ["mse", "harddice", "jdlessthan0"])
+    ra = reg["affine+deformable"]
+    assert isinstance(ra, RefinedAlignment) and ra.warped is not None and ra.warped_seg is not None
+    assert metrics["affine+deformable"]["jdlessthan0"] == 0.0
+    assert metrics["affine+deformable"]["refine_kept_start"] in (0, 1)
+    assert "refine_kept_start" not in metrics["affine"]
+    report = ra.result.report
+    assert report["dice_end"] >= report["dice_start"] - 0.01
+    assert metrics["affine+deformable"]["harddice"] >= metrics["affine"]["harddice"] - 0.01
+    files = registrar.save(reg, tmp_path)
+    d = tmp_path / "affine+deformable"
+    for name in ("warp.nii.gz", "inverse_warp.nii.gz", "refine.json", "warped.nii.gz", "warped_seg.nii.gz",
+                 "keypoints_aligned.csv"):
+        assert (d / name).is_file(), name
+    assert files["affine+deformable/warp"] == d / "warp.nii.gz"
+    u, a = read_displacement_field(d / "warp.nii.gz")
+    assert u.shape == (*SHAPE, 3) and np.allclose(a, pair["fixed"].affine)
     # keyreg apply with the align directory gives the saved warped image
-    applied = apply_transform(make_volume(fixed, moving_aff, "moving"), [tmp_path / "affine+deformable"])
+    applied = apply_transform(pair["moving"], [d])
     assert np.abs(applied.data - ra.warped.data).max() < 1e-3
     # the inverse field maps the moving grid back: T(T^-1(q)) = q inside
-    w, wa = read_displacement_field(files["inverse_warp"])
+    w, wa = read_displacement_field(d / "inverse_warp.nii.gz")
+    moving_aff = pair["moving"].affine
     assert np.allclose(wa, moving_aff)
     q = torch.from_numpy(world_points(SHAPE, moving_aff)).reshape(1, -1, 3)
     p = q + torch.from_numpy(w).reshape(1, -1, 3).double()
     back = ra.transform.map_points(p.float()).double()
     err = (back - q).norm(dim=-1).reshape(SHAPE)[6:-6, 6:-6, 6:-6]
     assert float(err.max()) < 0.2
+    # called directly, refine_registration refines the keypoint aligns only and adds nothing to reg
+    direct = refine_registration(reg, "affine", aligns=["affine"], options=RefineOptions(iterations=(2,)))
+    assert set(direct) == {"affine+affine"} and "affine+affine" not in reg.results
+
+
+def test_refine_stage_keeps_a_linear_result_linear_and_a_rejected_start(tmp_path):
+    """An affine refinement of an affine start is a matrix (written in every linear format, and
+    warp.nii.gz); a refinement the safeguard rejects keeps its start, and says so."""
+    import json
+
+    from keyreg.pipeline import Registrar
+
+    pair = _shifted_pair()
+    registrar = Registrar(aligns=["affine"], device="cpu", refine=("affine",))
+    reg = registrar.register_keypoints(pair["moving"], pair["fixed"], pair["fixed_kp"], pair["moving_kp"],
+                                       moving_seg=pair["moving_seg"], fixed_seg=pair["fixed_seg"])
+    ra = reg["affine+affine"]
+    assert ra.matrix is not None and isinstance(ra.dense_transform(), AffineTransform)
+    registrar.save(reg, tmp_path)
+    for name in ("transform_matrix.txt", "transform.tfm", "warp.nii.gz", "inverse_warp.nii.gz", "refine.json"):
+        assert (tmp_path / "affine+affine" / name).is_file(), name
+    # segmentations that agree at the start while the images are 3 mm apart: following the images
+    # would cost Dice, so the safeguard keeps the start
+    moved = make_volume(np.roll(pair["fixed"].data, 1, axis=0), pair["fixed"].affine, "moved")  # 3 mm voxels
+    reg = registrar.register_keypoints(moved, pair["fixed"], pair["fixed_kp"], pair["fixed_kp"],
+                                       moving_seg=pair["fixed_seg"], fixed_seg=pair["fixed_seg"])
+    kept = reg["affine+affine"]
+    assert kept.kept_start and kept.transform is reg["affine"].transform
+    registrar.measure(reg, ["harddice"])
+    assert kept.metrics["refine_kept_start"] == 1
+    assert kept.metrics["harddice"] == pytest.approx(reg["affine"].metrics["harddice"])
+    registrar.save(reg, tmp_path / "kept")
+    doc = json.loads((tmp_path / "kept" / "affine+affine" / "refine.json").read_text())
+    assert doc["kept_start"] is True and "Dice" in doc["report"]["reason"]
+    assert (tmp_path / "kept" / "affine+affine" / "inverse_warp.nii.gz").is_file()

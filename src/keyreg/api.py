@@ -57,6 +57,13 @@ def register(
     field_stride: int = DEFAULT_FIELD_STRIDE,
     pad_value: float | None = None,
     exclude_keypoints: Sequence[str] | None = None,
+    refine: Sequence[str] | str = (),
+    fixed_mask: Any = None,
+    refine_similarity: str = "mind",
+    refine_iterations: Sequence[int] | None = None,
+    refine_reg_weight: float | None = None,
+    refine_seconds: float | None = None,
+    progress: bool = False,
 ) -> Registration:
     """Register ``moving`` to ``fixed`` with every transform type in ``aligns``, from one keypoint
     detection per image; the moving image (and segmentation) are resampled onto the fixed grid.
@@ -76,12 +83,27 @@ def register(
         pad_value: intensity outside the moving image (default: 0, or the image's minimum when negative).
         exclude_keypoints: fnmatch patterns of keypoint names left out of every fit (``None``: the
             model's default, ``fit_exclude``; ``()``: none).
+        refine: dense refinement stages, ``"affine"`` and/or ``"deformable"`` (:mod:`keyreg.refine`):
+            every align is refined, giving ``reg["<align>+<stage>"]`` (a
+            :class:`~keyreg.refine.RefinedAlignment`).
+        fixed_mask: mask on the fixed grid limiting the refinement's similarity (needs ``refine``).
+        refine_similarity: ``"mind"`` (multi-modal, default) or ``"lncc"`` (same contrast).
+        refine_iterations: deformable iterations per level, coarse to fine (default ``(40, 30, 20)``).
+        refine_reg_weight: smoothness weight of the velocity field (default 1.0).
+        refine_seconds: wall-clock budget of each refinement (default: none).
+        progress: progress bars of the refinement on stderr.
 
     Returns:
-        A :class:`Registration`; ``reg[align]`` is an :class:`AlignmentResult`.
+        A :class:`Registration`; ``reg[align]`` is an :class:`AlignmentResult` (a refined align a
+        :class:`~keyreg.refine.RefinedAlignment`, measured and saved the same way).
     """
+    extra = {k: v for k, v in (("refine_iterations", refine_iterations), ("refine_reg_weight", refine_reg_weight))
+             if v is not None}
     registrar = Registrar(model, device=device, aligns=tuple(aligns), weighted=weighted, use_amp=use_amp,
                           half_resolution=half_resolution, label_interp=label_interp, field_stride=field_stride,
                           pad_value=pad_value,
-                          exclude_keypoints=None if exclude_keypoints is None else tuple(exclude_keypoints))
-    return registrar.register(moving, fixed, moving_seg=moving_seg, fixed_seg=fixed_seg)
+                          exclude_keypoints=None if exclude_keypoints is None else tuple(exclude_keypoints),
+                          refine=(refine,) if isinstance(refine, str) else tuple(refine),
+                          refine_similarity=refine_similarity, refine_seconds=refine_seconds, progress=progress,
+                          **extra)
+    return registrar.register(moving, fixed, moving_seg=moving_seg, fixed_seg=fixed_seg, fixed_mask=fixed_mask)

@@ -223,8 +223,11 @@ class BatchResult:
 def _pair_config(pair: Pair, registrar, metrics: list[str], fingerprint: str, write_images: bool,
                  visualize: bool) -> dict:
     """What a finished pair directory must record to be reused by ``skip_existing``."""
-    return {"inputs": {"moving": file_identity(pair.moving), "fixed": file_identity(pair.fixed),
-                       "moving_seg": file_identity(pair.moving_seg), "fixed_seg": file_identity(pair.fixed_seg)},
+    inputs = {"moving": file_identity(pair.moving), "fixed": file_identity(pair.fixed),
+              "moving_seg": file_identity(pair.moving_seg), "fixed_seg": file_identity(pair.fixed_seg)}
+    if pair.fixed_mask is not None:
+        inputs["fixed_mask"] = file_identity(pair.fixed_mask)
+    return {"inputs": inputs,
             "model": fingerprint, "options": registrar.options.to_dict(), "metrics": metrics,
             "save_eval_to_disk": write_images, "visualize": visualize}
 
@@ -259,7 +262,8 @@ def run_batch(
     Args:
         registrar: a :class:`~keyreg.pipeline.Registrar`.
         pairs: the whole batch (every rank passes the same list).
-        metrics: metric names (default: ``mse``, plus ``harddice`` when pairs have segmentations).
+        metrics: metric names (default: ``mse``, plus ``harddice`` when pairs have segmentations, plus
+            ``jdstd`` and ``jdlessthan0`` with a refinement).
         save_eval_to_disk, visualize: write per-pair files / QC figures under ``save_dir/pairs``.
         skip_existing: reuse finished pair directories (see the module docstring).
         rank, world: torchrun rank and size (:func:`distributed_env`).
@@ -276,8 +280,13 @@ def run_batch(
     if not pairs:
         raise ConfigError("no pairs to register")
     has_seg = any(p.moving_seg and p.fixed_seg for p in pairs)
-    metric_names = parse_metrics(list(metrics) if metrics else (["mse", "harddice"] if has_seg else ["mse"]))
-    aligns = list(registrar.options.aligns)
+    default = ["mse", "harddice"] if has_seg else ["mse"]
+    if registrar.options.refine:  # refined fields: their folding next to the keypoint aligns
+        default += ["jdstd", "jdlessthan0"]
+    metric_names = parse_metrics(list(metrics) if metrics else default)
+    aligns = registrar.options.result_names
+    if any(p.fixed_mask is not None for p in pairs):
+        registrar.options.check_mask_use()
     save_dir = Path(save_dir)
     single = len(pairs) == 1 and world == 1  # a single pair fails with its error; a batch goes on
     mine = list(range(rank, len(pairs), world))
@@ -413,7 +422,7 @@ def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config:
     writes it (for a :class:`~keyreg.writer.BackgroundWriter`), else ``None``."""
     both = pair.moving_seg is not None and pair.fixed_seg is not None
     reg = registrar.register(pair.moving, pair.fixed, moving_seg=pair.moving_seg if both else None,
-                             fixed_seg=pair.fixed_seg if both else None,
+                             fixed_seg=pair.fixed_seg if both else None, fixed_mask=pair.fixed_mask,
                              moving_key=_key(pair.moving), fixed_key=_key(pair.fixed))
     per_align = registrar.measure(reg, metrics)
     conf = reg.confidence
@@ -476,6 +485,7 @@ def register_batch(
     moving_seg: str | os.PathLike | None = None,
     fixed_seg: str | os.PathLike | None = None,
     all_pairs: bool = False,
+    fixed_mask: str | os.PathLike | None = None,
     model: Any = None,
     device: str | None = "auto",
     backbone: str | None = None,
@@ -484,17 +494,19 @@ def register_batch(
     **batch_kwargs: Any,
 ) -> BatchResult:
     """Pair the inputs, build a :class:`~keyreg.pipeline.Registrar` for this rank's device (one GPU per
-    rank under torchrun) and :func:`run_batch` them: what ``keyreg register`` does."""
+    rank under torchrun) and :func:`run_batch` them: what ``keyreg register`` does.  Progress bars of
+    the refinement stage are shown when ``progress`` (default on) and stderr is a terminal."""
     from .pipeline import Registrar, resolve_device
 
-    pairs, warnings = build_pairs(moving, fixed, moving_seg, fixed_seg, all_pairs=all_pairs)
+    pairs, warnings = build_pairs(moving, fixed, moving_seg, fixed_seg, all_pairs=all_pairs, fixed_mask=fixed_mask)
     rank, world, local_rank = distributed_env()
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda" and dev.index is None:  # one GPU per rank
         import torch
 
         dev = resolve_device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}")
-    registrar = Registrar(model, device=dev, options=options, backbone=backbone, num_keypoints=num_keypoints)
+    registrar = Registrar(model, device=dev, options=options, backbone=backbone, num_keypoints=num_keypoints,
+                          progress=batch_kwargs.get("progress", True) and sys.stderr.isatty())
     if rank == 0:
         log = batch_kwargs.get("log") or (lambda line: print(line, file=sys.stderr))
         for w in warnings:

@@ -16,6 +16,8 @@ Per pair directory::
     <align>/keypoint_residuals.csv       per keypoint: residual and leave-one-out error (mm), weight, used
     <align>/qc.png                       with visualize=True
     residuals.png                        with visualize=True: residuals of every align (for report.html)
+    <align>+<stage>/                     a refined align (keyreg.refine.outputs): warp.nii.gz,
+                                         inverse_warp.nii.gz, refine.json, warped images, QC
 
 Every file is written atomically (temporary name, then rename).  Keypoint files are labelled with the
 model's keypoint names (``K-1 .. K-N`` for unnamed models).  This module depends on the result types
@@ -33,9 +35,10 @@ from .errors import OutputError
 from .io import save_volume
 
 if TYPE_CHECKING:
+    from .io import Volume
     from .results import AlignmentResult, Registration
 
-__all__ = ["save_alignment", "save_registration", "save_keypoints", "tps_to_dict"]
+__all__ = ["save_alignment", "save_linear", "save_registration", "save_keypoints", "tps_to_dict"]
 
 
 def save_keypoints(directory: Path, stem: str, points: np.ndarray,
@@ -68,10 +71,22 @@ def tps_to_dict(res: "AlignmentResult") -> dict:
         moving_grid=grid_document(res.moving.name, res.moving.shape, res.moving.affine))
 
 
+def save_linear(directory: Path, matrix: np.ndarray, fixed: "Volume", moving: "Volume") -> dict[str, Path]:
+    """A ``(4, 4)`` RAS matrix (fixed -> moving) in every linear format: ``transform_matrix.txt``,
+    ``transform.tfm`` (ITK), ``transform_0GenericAffine.mat`` (ANTs), ``transform.lta`` (FreeSurfer)."""
+    from .formats import write_ants_mat, write_itk_affine, write_lta, write_matrix_txt
+
+    return {"matrix": Path(write_matrix_txt(directory / "transform_matrix.txt", matrix)),
+            "itk": Path(write_itk_affine(directory / "transform.tfm", matrix)),
+            "ants": Path(write_ants_mat(directory / "transform_0GenericAffine.mat", matrix)),
+            "lta": Path(write_lta(directory / "transform.lta", matrix, moving.shape, moving.affine, fixed.shape,
+                                  fixed.affine, moving_name=moving.name, fixed_name=fixed.name))}
+
+
 def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: bool = True,
                    visualize: bool = False) -> dict[str, Path]:
     """Write one alignment's files into ``directory`` (created if needed)."""
-    from .formats import write_ants_mat, write_displacement_field, write_itk_affine, write_lta, write_matrix_txt
+    from .formats import write_displacement_field
 
     out: dict[str, Path] = {}
     try:
@@ -86,12 +101,7 @@ def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: boo
     out.update(save_keypoints(directory, "keypoints_aligned", aligned, res.weights, res.keypoint_names))
     matrix = res.matrix
     if matrix is not None:
-        out["matrix"] = Path(write_matrix_txt(directory / "transform_matrix.txt", matrix))
-        out["itk"] = Path(write_itk_affine(directory / "transform.tfm", matrix))
-        out["ants"] = Path(write_ants_mat(directory / "transform_0GenericAffine.mat", matrix))
-        out["lta"] = Path(write_lta(directory / "transform.lta", matrix, res.moving.shape, res.moving.affine,
-                                    res.fixed.shape, res.fixed.affine, moving_name=res.moving.name,
-                                    fixed_name=res.fixed.name))
+        out.update(save_linear(directory, matrix, res.fixed, res.moving))
     else:
         out["warp"] = Path(write_displacement_field(directory / "warp.nii.gz", res.displacement(),
                                                     res.fixed.affine, header=res.fixed.header))
@@ -123,8 +133,8 @@ def save_registration(reg: "Registration", directory: Path, *, write_images: boo
                               reg.fixed_keypoints.names))
     out.update(save_keypoints(directory, "keypoints_moving", reg.moving_keypoints.numpy(), reg.weights,
                               reg.moving_keypoints.names))
-    for res in reg:
-        files = save_alignment(res, directory / res.name, write_images=write_images, visualize=visualize)
+    for res in reg:  # keypoint aligns (save_alignment) and refined ones (keyreg.refine.RefinedAlignment.save)
+        files = res.save(directory / res.name, write_images=write_images, visualize=visualize)
         out.update({f"{res.name}/{k}": v for k, v in files.items()})
     if visualize:
         from .qc import save_pair_residual_plot

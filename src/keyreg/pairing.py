@@ -17,6 +17,7 @@ class Pair:
     fixed: Path
     moving_seg: Path | None = None
     fixed_seg: Path | None = None
+    fixed_mask: Path | None = None
 
     @property
     def name(self) -> str:
@@ -88,39 +89,42 @@ def build_pairs(
     fixed_seg: str | Path | None = None,
     *,
     all_pairs: bool = False,
+    fixed_mask: str | Path | None = None,
 ) -> tuple[list[Pair], list[str]]:
     """Build the list of pairs to register and a list of warnings (unmatched files).
 
     * two files: one pair;
     * two directories: files with identical names are paired (sorted by name); with ``all_pairs``
       every moving image is paired with every fixed image (an image is not paired with itself);
-    * segmentations: files for file inputs, directories (same file names) for directory inputs;
+    * segmentations and the fixed mask (of the dense refinement): files for file inputs, directories
+      (same file names; a mask has the name of its fixed image) for directory inputs;
     * a file paired with a directory is an error.
     """
     moving, fixed = Path(moving), Path(fixed)
     ms = None if moving_seg is None else Path(moving_seg)
     fs = None if fixed_seg is None else Path(fixed_seg)
+    fm = None if fixed_mask is None else Path(fixed_mask)
     km, kf = _kind(moving, "--moving"), _kind(fixed, "--fixed")
     if km != kf:
         raise ConfigError(f"--moving is a {km} but --fixed is a {kf}: give two files or two directories")
-    for seg, flag in ((ms, "--moving_seg"), (fs, "--fixed_seg")):
+    for seg, flag in ((ms, "--moving_seg"), (fs, "--fixed_seg"), (fm, "--fixed_mask")):
         k = _kind(seg, flag)
         if k is not None and k != km:
             raise ConfigError(f"{flag} must be a {km} like --moving and --fixed, got a {k}")
     if km == "file":
         if all_pairs:
             raise ConfigError("--all_pairs needs directories for --moving and --fixed")
-        return [Pair(moving, fixed, ms, fs)], []
+        return [Pair(moving, fixed, ms, fs, fm)], []
 
     warnings: list[str] = []
     mov_files, fix_files = list_nifti(moving), list_nifti(fixed)
 
-    def seg_for(seg_dir: Path | None, img: Path) -> Path | None:
+    def seg_for(seg_dir: Path | None, img: Path, what: str = "segmentation") -> Path | None:
         if seg_dir is None:
             return None
         p = seg_dir / img.name
         if not p.exists():
-            warnings.append(f"no segmentation {p} for {img}")
+            warnings.append(f"no {what} {p} for {img}")
             return None
         return p
 
@@ -129,7 +133,7 @@ def build_pairs(
         for m in mov_files:
             for f in fix_files:
                 if m.resolve() != f.resolve():
-                    pairs.append(Pair(m, f, seg_for(ms, m), seg_for(fs, f)))
+                    pairs.append(Pair(m, f, seg_for(ms, m), seg_for(fs, f), seg_for(fm, f, "fixed mask")))
     else:
         fixed_by_name = {f.name: f for f in fix_files}
         for m in mov_files:
@@ -137,7 +141,7 @@ def build_pairs(
             if f is None:
                 warnings.append(f"moving {m.name} has no fixed image of the same name")
                 continue
-            pairs.append(Pair(m, f, seg_for(ms, m), seg_for(fs, f)))
+            pairs.append(Pair(m, f, seg_for(ms, m), seg_for(fs, f), seg_for(fm, f, "fixed mask")))
         warnings += [f"fixed {n} has no moving image of the same name" for n in sorted(fixed_by_name)]
     if not pairs:
         raise ConfigError(f"no pairs to register between {moving} and {fixed} "

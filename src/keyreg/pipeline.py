@@ -8,13 +8,14 @@ stage                 what                                                   mod
 ====================  =====================================================  ============================
 ``keypoints``         one network pass per image, cached per image key       :mod:`keyreg.keypoints`
 ``fit``               every requested transform from the two keypoint sets   :mod:`keyreg.transforms`
+``refine``            (optional) dense refinement of every align: ``<align>+<stage>`` :mod:`keyreg.refine`
 ``dense``             a TPS sampled as a displacement field on the fixed grid :mod:`keyreg.transforms.field`
 ``warp``              moving image / segmentation onto the fixed grid        :mod:`keyreg.warp`
 ``measure``           metrics on the fixed grid                              :mod:`keyreg.measure`
 ``save``              files per pair and align                               :mod:`keyreg.export`
 ====================  =====================================================  ============================
 
-:meth:`Registrar.register` runs load -> keypoints -> fit -> dense -> warp; ``measure`` and ``save``
+:meth:`Registrar.register` runs load -> keypoints -> fit -> refine -> dense -> warp; ``measure`` and ``save``
 are called on its :class:`~keyreg.results.Registration`.  ``keyreg register`` (through
 :mod:`keyreg.batch`), ``keyreg evaluate``, ``keyreg groupwise`` and :func:`keyreg.register` all use it.
 """
@@ -37,6 +38,7 @@ from .errors import ConfigError, DegenerateFitError
 from .io import Volume, check_same_grid, load_volume
 from .keypoints import (ImageKeypoints, check_enough, detect_keypoints, select_keypoints, tps_frame,
                         validate_patterns)
+from .refine import STAGES, DeformableConfig, RefineOptions, check_fixed_mask, refined_name
 from .results import AlignmentResult, Registration, label_interp, pad_value_for, warp_volumes
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, check_field_stride,
                          fit_transform, keep_identity_if_aligned, parse_aligns)
@@ -150,6 +152,13 @@ class RegistrationOptions:
             (:func:`keyreg.transforms.keep_identity_if_aligned`); ``None``: on for anatomical models.
         robust: leave out keypoints that the others do not predict (:func:`keyreg.transforms.robust_fit`),
             per align; without outliers the fit is the ordinary one.
+        refine: dense refinement stages (``affine``, ``deformable``; :mod:`keyreg.refine`) applied to
+            every align, each giving one more alignment ``<align>+<stage>``; ``()``: none.
+        refine_similarity: ``mind`` (MIND-SSC, multi-modal) or ``lncc`` (same contrast).
+        refine_iterations: deformable Adam iterations per level, coarse to fine (its length is the
+            number of levels).
+        refine_reg_weight: weight of the velocity's diffusion energy.
+        refine_seconds: wall-clock budget of each refinement (one align, one stage); ``None``: none.
     """
 
     aligns: tuple[str, ...] = ("affine", "tps_0")
@@ -162,6 +171,11 @@ class RegistrationOptions:
     exclude_keypoints: tuple[str, ...] | None = None
     identity_check: bool | None = None
     robust: bool = False
+    refine: tuple[str, ...] = ()
+    refine_similarity: str = "mind"
+    refine_iterations: tuple[int, ...] = DeformableConfig.iterations
+    refine_reg_weight: float = DeformableConfig.reg_weight
+    refine_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.aligns, str):
@@ -177,13 +191,52 @@ class RegistrationOptions:
             object.__setattr__(self, "exclude_keypoints", (self.exclude_keypoints,))
         if self.exclude_keypoints is not None:
             object.__setattr__(self, "exclude_keypoints", validate_patterns(self.exclude_keypoints))
+        if isinstance(self.refine, str):
+            object.__setattr__(self, "refine", (self.refine,))
+        for stage in self.refine:
+            if stage not in STAGES:
+                raise ConfigError(f"unknown refinement {stage!r}: use {' or '.join(STAGES)}")
+        object.__setattr__(self, "refine", tuple(dict.fromkeys(self.refine)))
+        raw = self.refine_iterations
+        raw = (raw,) if isinstance(raw, (int, float, str)) else raw
+        try:
+            its = tuple(int(i) for i in raw)
+            if any(isinstance(i, bool) or float(i) != j for i, j in zip(raw, its)):
+                raise ValueError
+            weight = float(self.refine_reg_weight)
+            seconds = None if self.refine_seconds is None else float(self.refine_seconds)
+        except (TypeError, ValueError):
+            raise ConfigError(f"refinement iterations must be whole numbers and its regularisation weight and "
+                              f"seconds numbers, got {self.refine_iterations!r}, {self.refine_reg_weight!r}, "
+                              f"{self.refine_seconds!r}") from None
+        object.__setattr__(self, "refine_iterations", its)
+        object.__setattr__(self, "refine_reg_weight", weight)
+        object.__setattr__(self, "refine_seconds", seconds)
+        self.refine_options().check()
+
+    def check_mask_use(self) -> None:
+        """A fixed mask is used by the refinement only: :class:`ConfigError` without one."""
+        if not self.refine:
+            raise ConfigError("a fixed mask limits the dense refinement's similarity: it needs a refinement "
+                              "stage (refine affine or deformable)")
+
+    def refine_options(self, progress: bool = False) -> RefineOptions:
+        """The :class:`~keyreg.refine.RefineOptions` of the ``refine_*`` fields."""
+        return RefineOptions(similarity=self.refine_similarity, iterations=self.refine_iterations,
+                             reg_weight=self.refine_reg_weight, seconds=self.refine_seconds, progress=progress)
+
+    @property
+    def result_names(self) -> list[str]:
+        """Every alignment a registration gives: the aligns, then each align's refinements in stage order."""
+        return [*self.aligns, *(refined_name(a, s) for a in self.aligns for s in self.refine)]
 
     @property
     def specs(self) -> list[AlignSpec]:
         return parse_aligns(list(self.aligns))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"aligns": list(self.aligns),
+        return dataclasses.asdict(self) | {"aligns": list(self.aligns), "refine": list(self.refine),
+                                           "refine_iterations": list(self.refine_iterations),
                                            "exclude_keypoints": (None if self.exclude_keypoints is None
                                                                  else list(self.exclude_keypoints))}
 
@@ -235,17 +288,19 @@ class Registrar:
         device: ``cpu``, ``cuda``, ``cuda:N``, ``auto``/``None``.
         options: a :class:`RegistrationOptions`, or its fields as keywords.
         backbone, num_keypoints: if given, the model must have them.
+        progress: progress bars of the refinement stage on stderr.
     """
 
     def __init__(self, model: Any = None, *, device: str | torch.device | None = None,
                  options: RegistrationOptions | None = None, backbone: str | None = None,
-                 num_keypoints: int | None = None, **option_fields: Any) -> None:
+                 num_keypoints: int | None = None, progress: bool = False, **option_fields: Any) -> None:
         if options is None:
             options = RegistrationOptions(**option_fields)
         elif option_fields:
             options = dataclasses.replace(options, **option_fields)
         self.options = options
         self.device = resolve_device(device)
+        self.progress = progress
         self.timer = Timer()
         self._model_arg, self._model_checks = model, {"backbone": backbone, "num_keypoints": num_keypoints}
         self._net: Any = None
@@ -335,6 +390,25 @@ class Registrar:
             return False
         return getattr(self.model.config, "regions", None) is not None
 
+    def refine(self, reg: Registration) -> dict[str, Any]:
+        """Stage 2b: dense refinement (``options.refine``) of every keypoint align; the refined
+        alignments ``<align>+<stage>`` (:class:`keyreg.refine.RefinedAlignment`) are added to ``reg``
+        after the keypoint aligns (align by align, stages in order) and returned."""
+        if not self.options.refine:
+            return {}
+        from .refine import refine_registration
+
+        starts = [name for name in reg.results if "+" not in name]
+        found: dict[str, Any] = {}
+        with self.timer("refine"):
+            for stage in self.options.refine:
+                found.update(refine_registration(reg, stage, aligns=starts,
+                                                 options=self.options.refine_options(self.progress),
+                                                 device=self.device))
+        added = {n: found[n] for n in (refined_name(a, s) for a in starts for s in self.options.refine)}
+        reg.results.update(added)
+        return added
+
     def dense(self, res: AlignmentResult):
         """Stage 3: the transform as used for warping on the fixed grid (cached on the result)."""
         with self.timer("dense_field"):
@@ -385,10 +459,23 @@ class Registrar:
             check_same_grid(moving_s, moving_v, "moving segmentation")
         return moving_v, fixed_v, moving_s, fixed_s
 
+    def load_mask(self, fixed_mask: Any, fixed: Volume) -> Volume | None:
+        """Read the fixed mask (non-zero = used by the refinement's similarity) and check it lies on
+        the fixed image's grid; it needs a refinement stage."""
+        if fixed_mask is None:
+            return None
+        self.options.check_mask_use()
+        with self.timer("load"):
+            mask = load_volume(fixed_mask, kind="labels")
+        check_fixed_mask(mask, fixed)
+        return mask
+
     def register(self, moving: Any, fixed: Any, *, moving_seg: Any = None, fixed_seg: Any = None,
-                 moving_key: Any = None, fixed_key: Any = None, warp: bool = True) -> Registration:
-        """Load, detect keypoints (cached under ``*_key``), fit every align, and (``warp``) resample
-        the moving image and segmentation onto the fixed grid.
+                 fixed_mask: Any = None, moving_key: Any = None, fixed_key: Any = None,
+                 warp: bool = True) -> Registration:
+        """Load, detect keypoints (cached under ``*_key``), fit every align, refine them
+        (``options.refine``; ``fixed_mask`` limits the similarity) and (``warp``) resample the moving
+        image and segmentation onto the fixed grid.
 
         Returns:
             A :class:`~keyreg.results.Registration`; measure and save it with :meth:`measure`,
@@ -396,28 +483,31 @@ class Registrar:
         """
         start = dict(self.timer.seconds)
         moving_v, fixed_v, moving_s, fixed_s = self.load(moving, fixed, moving_seg, fixed_seg)
+        mask = self.load_mask(fixed_mask, fixed_v)
         kf = self.keypoints(fixed_v, fixed_key)
         km = self.keypoints(moving_v, moving_key)
-        reg = self._assemble(moving_v, fixed_v, moving_s, fixed_s, kf, km)
+        reg = self._assemble(moving_v, fixed_v, moving_s, fixed_s, kf, km, mask)
         if warp:
             self.warp(reg)
         reg.timings = {k: v - start.get(k, 0.0) for k, v in self.timer.seconds.items() if v != start.get(k, 0.0)}
         return reg
 
     def register_keypoints(self, moving: Any, fixed: Any, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints, *,
-                           moving_seg: Any = None, fixed_seg: Any = None, warp: bool = True) -> Registration:
+                           moving_seg: Any = None, fixed_seg: Any = None, fixed_mask: Any = None,
+                           warp: bool = True) -> Registration:
         """:meth:`register` from keypoints found elsewhere (landmarks, another model): the pipeline from
         the fit stage on; the network is not run."""
         start = dict(self.timer.seconds)
         moving_v, fixed_v, moving_s, fixed_s = self.load(moving, fixed, moving_seg, fixed_seg)
-        reg = self._assemble(moving_v, fixed_v, moving_s, fixed_s, fixed_kp, moving_kp)
+        mask = self.load_mask(fixed_mask, fixed_v)
+        reg = self._assemble(moving_v, fixed_v, moving_s, fixed_s, fixed_kp, moving_kp, mask)
         if warp:
             self.warp(reg)
         reg.timings = {k: v - start.get(k, 0.0) for k, v in self.timer.seconds.items() if v != start.get(k, 0.0)}
         return reg
 
     def _assemble(self, moving_v: Volume, fixed_v: Volume, moving_s: Volume | None, fixed_s: Volume | None,
-                  kf: ImageKeypoints, km: ImageKeypoints) -> Registration:
+                  kf: ImageKeypoints, km: ImageKeypoints, fixed_mask: Volume | None = None) -> Registration:
         kf_fit, km_fit, dropped = self.select(kf, km)
         per_align: dict[str, torch.Tensor] = {}
         check: dict[str, Any] = {}
@@ -429,10 +519,14 @@ class Registrar:
                                        self.options.field_stride, keypoint_names=list(kf_fit.names),
                                        pad_value=self.options.pad_value)
             for spec in self.options.specs}
-        return Registration(fixed_v, moving_v, kf, km, results, fixed_s, moving_s, w_np, excluded_keypoints=dropped,
-                            fit_keypoints=(kf_fit.numpy(), km_fit.numpy()), alignment_check=check)
+        reg = Registration(fixed_v, moving_v, kf, km, results, fixed_s, moving_s, w_np, excluded_keypoints=dropped,
+                           fit_keypoints=(kf_fit.numpy(), km_fit.numpy()), alignment_check=check, fixed_mask=fixed_mask)
+        self.refine(reg)
+        return reg
 
     def describe(self) -> str:
         c = self.model.config
-        return f"model {c.name} ({c.architecture.describe()}), aligns {' '.join(self.options.aligns)}, device {self.device}"
+        refine = f", refine {' '.join(self.options.refine)}" if self.options.refine else ""
+        return (f"model {c.name} ({c.architecture.describe()}), aligns {' '.join(self.options.aligns)}{refine}, "
+                f"device {self.device}")
 

@@ -278,7 +278,8 @@ class AlignmentResult:
 
 @dataclass
 class Registration:
-    """The result of a registration: keypoints of both images and one result per transform type.
+    """The result of a registration: keypoints of both images and one result per transform type
+    (keypoint aligns first, then refined aligns ``<align>+<stage>`` when the pipeline refined them).
 
     ``alignment_check`` holds the already-aligned check's outcome (``already_aligned``: the identity
     was kept; ``affine_motion_mm``: RMS motion of the affine fit over the keypoints); empty when the
@@ -296,6 +297,7 @@ class Registration:
     excluded_keypoints: list[str] = field(default_factory=list)
     fit_keypoints: tuple[np.ndarray, np.ndarray] | None = None
     alignment_check: dict[str, Any] = field(default_factory=dict)
+    fixed_mask: Volume | None = None
     _confidence: Any = field(default=None, repr=False)
 
     @property
@@ -310,7 +312,12 @@ class Registration:
         return self._confidence
 
     def __getitem__(self, align: str) -> AlignmentResult:
-        key = parse_aligns([align])[0].name
+        """The result of a keypoint align (``"affine"``, ``"tps_1"``) or of a refined one
+        (``"affine+deformable"``, a :class:`keyreg.refine.RefinedAlignment`)."""
+        if align in self.results:
+            return self.results[align]
+        base, plus, stage = align.partition("+")
+        key = parse_aligns([base])[0].name + plus + stage
         if key not in self.results:
             raise KeyError(f"{align!r} was not computed; available: {', '.join(self.results)}")
         return self.results[key]
@@ -329,6 +336,8 @@ class Registration:
             res.metrics = measure_alignment(
                 names, fixed=self.fixed, moving=self.moving, transform=res.dense_transform(), warped=res.warped,
                 warped_seg=res.warped_seg, fixed_seg=self.fixed_seg, moving_seg=self.moving_seg)
+            if hasattr(res, "refine_metrics"):  # a refined align: whether the safeguard kept its start, time
+                res.metrics.update(res.refine_metrics())
             out[res.name] = res.metrics
         return out
 

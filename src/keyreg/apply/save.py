@@ -23,7 +23,7 @@ def _default_inverse_path(st: SavedTransform, inv: InverseResult) -> Path:
     if st.path.is_dir() or not st.path.exists():
         raise ConfigError(f"{st.path}: give the output file with -o")
     name = st.path.name
-    if inv.method == "fixed_point":
+    if inv.method in ("fixed_point", "stored"):
         suffix = ".nii.gz"
     elif inv.method == "swapped_keypoints":
         suffix = ".json"
@@ -62,7 +62,7 @@ def save_inverse(inv: InverseResult, saved: SavedTransform, path: str | os.PathL
         if not name.endswith(".json"):
             raise ConfigError(f"{out}: a TPS inverse is written as .json (tps.json) or .nii.gz (displacement field)")
         return atomic_write_text(out, json.dumps(inv.tps, indent=1) + "\n")
-    if inv.method == "fixed_point":
+    if inv.method in ("fixed_point", "stored"):
         raise ConfigError(f"{out}: a numerical inverse is a displacement field: use a .nii.gz name")
     try:
         fmt = transform_format(out)

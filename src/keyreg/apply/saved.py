@@ -45,6 +45,8 @@ class SavedTransform:
             directory): the default output grid.  Geometry-only :class:`Volume`.
         moving_grid: the moving image's grid when recorded (LTA src, ``tps.json``).
         tps: the ``tps.json`` document of a TPS (keypoint pairs, lambda, normalisation).
+        inverse_path: the stored inverse of a refined align directory (``inverse_warp.nii.gz``, a
+            displacement field on the moving grid), used by :func:`~keyreg.apply.invert_saved_transform`.
     """
 
     transform: Transform
@@ -53,6 +55,7 @@ class SavedTransform:
     fixed_grid: Volume | None = None
     moving_grid: Volume | None = None
     tps: dict[str, Any] | None = field(default=None, repr=False)
+    inverse_path: Path | None = None
 
     @property
     def is_linear(self) -> bool:
@@ -98,6 +101,8 @@ def _load_align_dir(d: Path) -> SavedTransform:
     for name in ("warped.nii.gz", "warp.nii.gz"):
         if st.fixed_grid is None and (d / name).is_file():
             st.fixed_grid = read_grid(d / name, name="fixed")
+    if (d / "inverse_warp.nii.gz").is_file():  # a refined align (keyreg.refine): its inverse, on the moving grid
+        st.inverse_path = d / "inverse_warp.nii.gz"
     return st
 
 

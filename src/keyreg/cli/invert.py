@@ -12,7 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                           "next to the input, in the input's format)")
     p.add_argument("--method", choices=["auto", "swap", "field"], default="auto",
                    help="TPS: swap (default) refits with fixed and moving keypoints swapped (approximate); field "
-                        "computes a numerical inverse displacement field. Fields are always inverted numerically")
+                        "computes a numerical inverse displacement field. Fields are inverted numerically, except "
+                        "a refined align directory (<align>+<stage>), whose stored inverse_warp.nii.gz is used "
+                        "unless --method field")
     p.add_argument("--fixed", help="the original fixed image (its grid), when the transform file does not record it")
     p.add_argument("--moving", help="the original moving image (its grid): where a numerical inverse is sampled")
     p.add_argument("--iterations", type=int, default=50, help="fixed-point iterations (default 50)")
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out} (exact inverse)")
         return 0
     how = {"swapped_keypoints": "approximate: TPS refitted with swapped keypoints",
-           "fixed_point": "numerical: fixed-point iteration"}[inv.method]
+           "fixed_point": "numerical: fixed-point iteration",
+           "stored": "the refinement's stored inverse, inverse_warp.nii.gz"}[inv.method]
     print(f"wrote {out} ({how}); residual |T(inverse(q)) - q| over {inv.points} points: "
           f"max {inv.residual_max_mm:.4g} mm, mean {inv.residual_mean_mm:.4g} mm")
     if inv.excluded:

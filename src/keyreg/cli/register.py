@@ -55,6 +55,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="intensity of warped voxels that fall outside the moving image (default: 0, or the "
                         "moving image's minimum when it is negative, e.g. -1024 for CT air)")
 
+    r = p.add_argument_group("dense refinement (README: Dense refinement)")
+    r.add_argument("--refine", nargs="+", default=[], metavar="STAGE",
+                   help="refine every align by dense instance optimisation on the images: affine (a 12-parameter "
+                        "correction) and/or deformable (that correction, then a diffeomorphic velocity field); "
+                        "each gives one more align <align>+<stage> (e.g. affine+deformable) in the tables and "
+                        "outputs. A refinement that lowers Dice (with segmentations) or the similarity (without) "
+                        "is rejected and its start kept (refine.json says why)")
+    r.add_argument("--fixed_mask", help="mask on the fixed grid (file, or directory with the fixed images' names): "
+                                        "only its non-zero voxels drive the refinement's similarity (skull, "
+                                        "electrodes, lesions left out)")
+    r.add_argument("--refine_similarity", default="mind", metavar="{mind,lncc}",
+                   help="mind (MIND-SSC descriptors, multi-modal; default) or lncc (local normalised "
+                        "cross-correlation, same contrast)")
+    r.add_argument("--refine_iterations", nargs="+", type=int, default=None, metavar="N",
+                   help="deformable Adam iterations per level, coarse to fine; the number of values is the number "
+                        "of levels (default 40 30 20: similarity grids of 12, 6 and 3 mm)")
+    r.add_argument("--refine_reg_weight", type=float, default=None,
+                   help="weight of the velocity field's smoothness (diffusion) penalty (default 1.0)")
+    r.add_argument("--refine_seconds", type=float, default=None,
+                   help="wall-clock budget of each refinement (one align, one stage), shared by its levels "
+                        "(default: none, every iteration runs)")
+
     o = p.add_argument_group("outputs")
     o.add_argument("--save_dir", default="./register_output", help="output directory (default ./register_output)")
     o.add_argument("--save_eval_to_disk", action="store_true",
@@ -63,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--skip_existing", action="store_true",
                    help="resume an interrupted batch: a pair whose directory pairs/<pair>/ is complete (its done.json, "
                         "written last, records the same inputs and options) is not redone; its metrics are reused")
+    o.add_argument("--no_progress", action="store_true",
+                   help="no progress bars (the refinement's bars are shown on terminals only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,12 +103,15 @@ def run(args: argparse.Namespace) -> int:
         args.weighted_kp_align == "power", label_interp=args.label_interp,
         field_stride=DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride,
         half_resolution=args.half_resolution, use_amp=args.use_amp, pad_value=args.pad_value,
-        exclude_keypoints=_exclusions(args.exclude_keypoints), robust=args.robust)
+        exclude_keypoints=_exclusions(args.exclude_keypoints), robust=args.robust, refine=tuple(args.refine),
+        refine_similarity=args.refine_similarity, refine_seconds=args.refine_seconds,
+        **{k: v for k, v in (("refine_iterations", args.refine_iterations),
+                             ("refine_reg_weight", args.refine_reg_weight)) if v is not None})
     res = register_batch(args.moving, args.fixed, moving_seg=args.moving_seg, fixed_seg=args.fixed_seg,
-                         all_pairs=args.all_pairs, model=args.load_path, device=args.device, backbone=args.backbone,
+                         fixed_mask=args.fixed_mask, all_pairs=args.all_pairs, model=args.load_path, device=args.device, backbone=args.backbone,
                          num_keypoints=args.num_keypoints, options=options, save_dir=args.save_dir,
                          metrics=args.list_of_metrics, save_eval_to_disk=args.save_eval_to_disk,
-                         visualize=args.visualize, skip_existing=args.skip_existing)
+                         visualize=args.visualize, skip_existing=args.skip_existing, progress=not args.no_progress)
     return report(res, Path(args.save_dir), args.save_eval_to_disk or args.visualize)
 
 

@@ -12,7 +12,8 @@ optimisation in the fixed image's physical space, with MIND-SSC (multi-modal) or
 
 from .optimize import AffineConfig, Budget, DeformableConfig, optimize_affine, optimize_velocity
 from .outputs import RefinedAlignment, refine_registration
-from .run import STAGES, RefinedTransform, RefineOptions, RefineResult, inverse_field, refine_transform
+from .run import (STAGES, RefinedTransform, RefineOptions, RefineResult, check_fixed_mask, inverse_field,
+                  refine_transform, refined_name)
 from .similarity import SIMILARITIES, lncc_loss, mind_loss, mind_ssc
 from .velocity import integrate_velocity, level_grid
 
@@ -26,6 +27,7 @@ __all__ = [
     "RefineResult",
     "RefinedAlignment",
     "RefinedTransform",
+    "check_fixed_mask",
     "integrate_velocity",
     "inverse_field",
     "level_grid",
@@ -36,4 +38,5 @@ __all__ = [
     "optimize_velocity",
     "refine_registration",
     "refine_transform",
+    "refined_name",
 ]

@@ -1,16 +1,22 @@
-"""Refine the alignments of a :class:`~keyreg.results.Registration` and write them like keyreg's aligns.
+"""Refined alignments of a :class:`~keyreg.results.Registration` and their files.
 
-``refine_registration(reg, "deformable")`` refines every keypoint alignment of ``reg`` (or the ones
-named) and returns one :class:`RefinedAlignment` per start, named ``<align>+<stage>`` (e.g.
-``affine+deformable``).  :meth:`RefinedAlignment.save` writes, into ``<pair>/<align>+<stage>/``:
+:func:`refine_registration` refines keypoint alignments of a registration and returns one
+:class:`RefinedAlignment` per start, named ``<align>+<stage>`` (e.g. ``affine+deformable``).  The
+pipeline's ``refine`` stage (:meth:`keyreg.pipeline.Registrar.refine`) calls it and adds them to the
+registration, whose ``warp``, ``measure`` and ``save`` stages then treat them like keypoint aligns.
+:meth:`RefinedAlignment.save` writes, into ``<pair>/<align>+<stage>/``:
 
 * ``warp.nii.gz``: the full displacement field ``T(p) - p`` on the fixed grid (ITK/ANTs, LPS), so
   ``keyreg apply x -t <pair>/<align>+<stage>``, ``antsApplyTransforms`` and SimpleITK read it;
-* ``inverse_warp.nii.gz``: ``T^-1`` on the MOVING grid (``exp(-v)`` for the deformable part);
-* ``transform_matrix.txt`` / ``transform.tfm``: when the result is linear (affine refinement of an
-  affine start);
-* ``warped.nii.gz``, ``warped_seg.nii.gz``; ``refine.json``: the report (losses, Dice before/after,
-  iterations, time, whether the safeguard kept the start) and the Jacobian statistics.
+* ``inverse_warp.nii.gz``: ``T^-1`` on the MOVING grid (``exp(-v)`` for the deformable part;
+  ``keyreg invert`` on the directory uses it, ``keyreg apply -t .../inverse_warp.nii.gz`` pulls
+  fixed-space images onto the moving grid);
+* ``transform_matrix.txt`` / ``transform.tfm`` / ``transform_0GenericAffine.mat`` / ``transform.lta``:
+  when the result is linear (affine refinement of a rigid or affine start, or a kept affine start);
+* ``warped.nii.gz``, ``warped_seg.nii.gz``, ``keypoints_aligned.csv`` / ``.mrk.json`` (the moving
+  keypoints through ``T^-1``), ``qc.png`` (``visualize``);
+* ``refine.json``: the report (losses, Dice before/after, iterations, time, whether the safeguard
+  kept the start), the Jacobian statistics of the full transform on the fixed grid, the metrics.
 """
 
 from __future__ import annotations
@@ -24,26 +30,37 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, OutputError
-from ..io import Volume, atomic_write_text, save_volume
+from ..io import Volume, atomic_write_text, load_volume, save_volume
 from ..metrics import jacobian_determinant
-from ..transforms import AffineTransform, DisplacementField, sample_field
-from ..warp import warp_image, warp_labels
-from .run import STAGES, RefinedTransform, RefineOptions, RefineResult, inverse_field, refine_transform
+from ..transforms import AffineTransform, DisplacementField, map_to_fixed, sample_field
+from .run import (STAGES, RefinedTransform, RefineOptions, RefineResult, check_fixed_mask, inverse_field,
+                  refine_transform, refined_name)
 
 __all__ = ["RefinedAlignment", "refine_registration"]
 
 
 @dataclass
 class RefinedAlignment:
-    """One refined alignment: ``name`` ``<start>+<stage>``, the :class:`RefineResult`, the images and
-    the warped moving image / segmentation on the fixed grid, and ``metrics`` (Jacobian statistics
-    of the full transform on the fixed grid, the refinement's report values)."""
+    """One refined alignment, shaped like :class:`~keyreg.results.AlignmentResult` for the pipeline's
+    warp, measure and save stages.
+
+    Attributes:
+        name: ``<start>+<stage>``.
+        start: the name of the keypoint alignment it started from.
+        result: the :class:`RefineResult` (transform, whether the safeguard kept the start, report).
+        fixed, moving: the two images (original grids).
+        start_result: the keypoint :class:`~keyreg.results.AlignmentResult` (its keypoints go into
+            ``keypoints_aligned`` and the QC figure), or ``None``.
+        warped, warped_seg: the moving image / segmentation on the fixed grid (the warp stage).
+        metrics: metric name -> value (the measure stage; plus :meth:`refine_metrics`).
+    """
 
     name: str
     start: str
     result: RefineResult
     fixed: Volume
     moving: Volume
+    start_result: Any = None
     warped: Volume | None = None
     warped_seg: Volume | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -51,22 +68,55 @@ class RefinedAlignment:
 
     @property
     def transform(self) -> Any:
+        """``moving_from_fixed``: a :class:`RefinedTransform`, or the start when the safeguard kept it."""
         return self.result.transform
 
-    def dense_transform(self) -> AffineTransform | DisplacementField:
-        """The transform on the fixed grid: a matrix when linear, else the full displacement field."""
+    @property
+    def kept_start(self) -> bool:
+        return self.result.kept_start
+
+    @property
+    def matrix(self) -> np.ndarray | None:
+        """``(4, 4)`` world RAS matrix fixed -> moving when the result is linear, else ``None``."""
         t = self.transform
         if isinstance(t, AffineTransform):
-            return t
-        if isinstance(t, RefinedTransform) and t.linear_matrix is not None:
-            return AffineTransform(torch.from_numpy(t.linear_matrix)[None])
+            return t.matrix[0].detach().cpu().double().numpy()
+        if isinstance(t, RefinedTransform):
+            return t.linear_matrix
+        return None
+
+    def dense_transform(self) -> AffineTransform | DisplacementField:
+        """The transform on the fixed grid: a matrix when linear, else the full displacement field
+        (every voxel; computed once, on the transform's device)."""
+        m = self.matrix
+        if m is not None:
+            return AffineTransform(torch.from_numpy(m)[None])
         if self._field is None:
-            self._field = sample_field(t, self.fixed.shape, self.fixed.affine, stride=1)
+            t = self.transform
+            dev = t.device if isinstance(t, RefinedTransform) else None
+            if isinstance(t, DisplacementField) and t.shape == tuple(self.fixed.shape):
+                self._field = t
+            else:
+                self._field = sample_field(t, self.fixed.shape, self.fixed.affine, stride=1, device=dev)
         return self._field
 
-    def save(self, directory: str | Path, *, write_images: bool = True) -> dict[str, Path]:
+    def refine_metrics(self) -> dict[str, float]:
+        """Values the refinement adds to its metric row: ``refine_kept_start`` (1 when the safeguard
+        kept the start, so its mean over pairs is the fraction kept) and ``refine_seconds``."""
+        return {"refine_kept_start": int(self.kept_start), "refine_seconds": float(self.result.report["seconds"])}
+
+    def inverse(self) -> DisplacementField:
+        """``T^-1`` on the moving grid (:func:`~keyreg.refine.run.inverse_field`; a kept start is
+        inverted like a refinement with no correction)."""
+        t = self.transform
+        if not isinstance(t, RefinedTransform):
+            t = RefinedTransform(t, np.eye(4))
+        return inverse_field(t.to("cpu"), self.moving)
+
+    def save(self, directory: str | Path, *, write_images: bool = True, visualize: bool = False) -> dict[str, Path]:
         """Write the files listed in the module docstring into ``directory``; returns name -> path."""
-        from ..formats import write_displacement_field, write_itk_affine, write_matrix_txt
+        from ..export import save_keypoints, save_linear
+        from ..formats import write_displacement_field
 
         d = Path(directory)
         try:
@@ -75,33 +125,50 @@ class RefinedAlignment:
             raise OutputError(f"{d}: cannot create output directory ({e.strerror or e})") from None
         out: dict[str, Path] = {}
         dense = self.dense_transform()
-        if isinstance(dense, AffineTransform):
-            m = dense.matrix[0].double().numpy()
-            out["matrix"] = Path(write_matrix_txt(d / "transform_matrix.txt", m))
-            out["itk"] = Path(write_itk_affine(d / "transform.tfm", m))
-            full = sample_field(dense, self.fixed.shape, self.fixed.affine, stride=1)
-        else:
-            full = dense
-        out["warp"] = Path(write_displacement_field(d / "warp.nii.gz", full.displacement[0].permute(1, 2, 3, 0).numpy(),
-                                                    self.fixed.affine, header=self.fixed.header))
-        t = self.transform
-        if isinstance(t, RefinedTransform):
-            inv = inverse_field(t, self.moving)
-            out["inverse_warp"] = Path(write_displacement_field(
-                d / "inverse_warp.nii.gz", inv.displacement[0].permute(1, 2, 3, 0).numpy(), self.moving.affine,
-                header=self.moving.header))
+        m = self.matrix
+        if m is not None:
+            out.update(save_linear(d, m, self.fixed, self.moving))
+        full = sample_field(dense, self.fixed.shape, self.fixed.affine, stride=1) \
+            if isinstance(dense, AffineTransform) else dense
+        out["warp"] = Path(write_displacement_field(
+            d / "warp.nii.gz", full.displacement[0].permute(1, 2, 3, 0).cpu().numpy(), self.fixed.affine,
+            header=self.fixed.header))
+        inv = self.inverse()
+        out["inverse_warp"] = Path(write_displacement_field(
+            d / "inverse_warp.nii.gz", inv.displacement[0].permute(1, 2, 3, 0).numpy(), self.moving.affine,
+            header=self.moving.header))
         if write_images and self.warped is not None:
             out["warped"] = save_volume(self.warped.data, self.fixed, d / "warped.nii.gz")
         if write_images and self.warped_seg is not None:
             out["warped_seg"] = save_volume(self.warped_seg.data, self.fixed, d / "warped_seg.nii.gz")
-        doc = {"name": self.name, "start": self.start, "metrics": self.metrics, "report": self.result.report}
+        aligned = None
+        sr = self.start_result
+        if sr is not None:
+            pts = torch.as_tensor(np.asarray(sr.moving_keypoints), dtype=torch.float64)[None]
+            aligned = map_to_fixed(dense.to("cpu"), pts)[0][0].numpy()
+            out.update(save_keypoints(d, "keypoints_aligned", aligned, sr.weights, sr.keypoint_names))
+        if visualize and self.warped is not None:
+            from ..viz import save_qc_figure
+
+            out["qc"] = Path(save_qc_figure(
+                d / "qc.png", self.fixed, self.moving, self.warped,
+                fixed_keypoints=None if sr is None else sr.fixed_keypoints,
+                moving_keypoints=None if sr is None else sr.moving_keypoints, aligned_keypoints=aligned,
+                title=f"{self.moving.name} -> {self.fixed.name}  [{self.name}]"))
+        doc = {"name": self.name, "start": self.start, "kept_start": self.kept_start,
+               "jacobian": _jacobian_stats(dense), "metrics": _plain(self.metrics), "report": self.result.report}
         out["report"] = atomic_write_text(d / "refine.json", json.dumps(doc, indent=1, default=float) + "\n")
         return out
 
 
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
 def _jacobian_stats(dense) -> dict[str, float]:
+    """``jdstd``, ``jdlessthan0`` (fraction of fixed voxels with det <= 0) and ``jdmin`` of the full transform."""
     if isinstance(dense, AffineTransform):
-        det = float(np.linalg.det(dense.matrix[0, :3, :3].double().numpy()))
+        det = float(np.linalg.det(dense.matrix[0, :3, :3].double().cpu().numpy()))
         return {"jdstd": 0.0, "jdlessthan0": float(det <= 0), "jdmin": det}
     det = jacobian_determinant(dense)
     return {"jdstd": float(det.std()), "jdlessthan0": float(np.mean(det <= 0)), "jdmin": float(det.min())}
@@ -109,48 +176,36 @@ def _jacobian_stats(dense) -> dict[str, float]:
 
 def refine_registration(reg: Any, stage: str = "deformable", *, aligns: list[str] | None = None,
                         options: RefineOptions | None = None, fixed_mask: Any = None,
-                        device: torch.device | str | None = None, warp: bool = True) -> dict[str, RefinedAlignment]:
-    """Refine alignments of a registration (:func:`keyreg.register` / ``Registrar.register``).
+                        device: torch.device | str | None = None) -> dict[str, RefinedAlignment]:
+    """Refine keypoint alignments of a registration (``Registrar.register`` / :func:`keyreg.register`).
+
+    The pipeline's ``refine`` stage (``RegistrationOptions(refine=...)``) calls this and adds the
+    results to the registration; called directly, the results are returned only (warp them with
+    ``Registrar.warp`` after adding them to ``reg.results``, or use :meth:`RefinedAlignment.dense_transform`).
 
     Args:
         reg: a :class:`~keyreg.results.Registration`.
         stage: ``"affine"`` or ``"deformable"``.
         aligns: names of the keypoint alignments to start from (default: all of them).
         options: :class:`RefineOptions` (similarity, iterations, regularisation, time budget, progress).
-        fixed_mask: optional fixed-grid mask (path, Volume, ...) limiting the similarity.
+        fixed_mask: fixed-grid mask (path, Volume, ...) limiting the similarity (default: ``reg.fixed_mask``).
         device: where to optimise (default CPU).
-        warp: resample the moving image and segmentation through the refined transforms.
 
     Returns:
         ``{"<align>+<stage>": RefinedAlignment}``.  The segmentations of ``reg``, when present, drive
         the safeguard (Dice may not drop by more than ``options.dice_tolerance``).
     """
-    from ..io import load_volume
-
     if stage not in STAGES:
         raise ConfigError(f"unknown refinement {stage!r}: use {' or '.join(STAGES)}")
-    names = list(reg.results) if aligns is None else [reg[a].name for a in aligns]
-    mask = None if fixed_mask is None else load_volume(fixed_mask, kind="labels")
+    names = [n for n in reg.results if "+" not in n] if aligns is None else [reg[a].name for a in aligns]
+    mask = getattr(reg, "fixed_mask", None) if fixed_mask is None else load_volume(fixed_mask, kind="labels")
+    if mask is not None:
+        check_fixed_mask(mask, reg.fixed)
     out: dict[str, RefinedAlignment] = {}
     for name in names:
         res = reg.results[name]
         rr = refine_transform(reg.fixed, reg.moving, res.transform, stage=stage, options=options,  # type: ignore[arg-type]
                               fixed_mask=mask, fixed_seg=reg.fixed_seg, moving_seg=reg.moving_seg, device=device)
-        ra = RefinedAlignment(f"{name}+{stage}", name, rr, reg.fixed, reg.moving)
-        dense = ra.dense_transform()
-        if warp:
-            src = reg.moving.tensor().float()
-            ra.warped = reg.fixed.with_data(
-                warp_image(src, reg.moving.affine, reg.fixed.shape, reg.fixed.affine, dense)[0, 0].numpy(),
-                name=f"{reg.moving.name}_{ra.name}")
-            if reg.moving_seg is not None:
-                seg = warp_labels(reg.moving_seg.tensor()[:, 0], reg.moving.affine, reg.fixed.shape,
-                                  reg.fixed.affine, dense)[0].numpy()
-                ra.warped_seg = reg.fixed.with_data(seg, kind="labels", name=f"{reg.moving.name}_{ra.name}_seg")
-        ra.metrics.update(_jacobian_stats(dense))
-        ra.metrics["kept_start"] = rr.kept_start
-        for k in ("dice_start", "dice_end", "similarity_start", "similarity_end", "seconds"):
-            if k in rr.report:
-                ra.metrics[f"refine_{k}"] = rr.report[k]
+        ra = RefinedAlignment(refined_name(name, stage), name, rr, reg.fixed, reg.moving, start_result=res)
         out[ra.name] = ra
     return out

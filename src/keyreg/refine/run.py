@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ConfigError, ImageContentError
 from ..geometry import apply_affine, as_affine_tensor
-from ..io import Volume
+from ..io import Volume, check_same_grid
 from ..metrics import dice_per_label, jacobian_determinant, mean_dice
 from ..transforms import (
     AffineTransform,
@@ -51,11 +51,17 @@ from .optimize import (
 from .similarity import lncc_loss, mind_loss, mind_ssc, robust_normalize
 from .velocity import integrate_velocity, level_grid
 
-__all__ = ["STAGES", "RefineOptions", "RefineResult", "RefinedTransform", "refine_transform"]
+__all__ = ["STAGES", "RefineOptions", "RefineResult", "RefinedTransform", "check_fixed_mask", "refine_transform",
+           "refined_name"]
 
 Stage = Literal["affine", "deformable"]
 #: The refinement stages (``--refine``).
 STAGES: tuple[str, ...] = ("affine", "deformable")
+
+
+def refined_name(align: str, stage: str) -> str:
+    """The name of the alignment refined from ``align`` by ``stage``: ``<align>+<stage>``."""
+    return f"{align}+{stage}"
 
 
 @dataclass
@@ -90,7 +96,7 @@ class RefineOptions:
         if not (self.spacing_mm > 0 and math.isfinite(self.spacing_mm)):
             raise ConfigError(f"refinement spacing must be > 0 mm, got {self.spacing_mm}")
         if self.seconds is not None and not self.seconds > 0:
-            raise ConfigError(f"--refine_seconds must be > 0, got {self.seconds}")
+            raise ConfigError(f"the refinement time budget must be > 0 seconds, got {self.seconds}")
 
 
 @dataclass
@@ -124,6 +130,17 @@ class RefinedTransform:
                                 None if self.phi_inverse is None else self.phi_inverse.to(device))
 
     @property
+    def device(self) -> torch.device:
+        """Where the transform's tensors live (the start's device)."""
+        if self.phi is not None:
+            return self.phi.displacement.device
+        for attr in ("matrix", "control_points", "displacement"):
+            t = getattr(self.start, attr, None)
+            if isinstance(t, torch.Tensor):
+                return t.device
+        return torch.device("cpu")
+
+    @property
     def linear_matrix(self) -> np.ndarray | None:
         """The whole transform as one ``(4, 4)`` matrix when it is linear (affine start, no ``phi``)."""
         if self.phi is None and isinstance(self.start, AffineTransform):
@@ -146,16 +163,22 @@ class RefineResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def check_fixed_mask(mask: Volume, fixed: Volume) -> None:
+    """A fixed mask must lie on the fixed image's grid and have a non-zero voxel.
+
+    Raises:
+        ImageContentError: another grid, or an empty mask.
+    """
+    check_same_grid(mask, fixed, "fixed mask")
+    if not bool((np.asarray(mask.data) != 0).any()):
+        raise ImageContentError(f"{mask.name}: the fixed mask is empty (no non-zero voxel)")
+
+
 def _mask_tensor(mask: Volume | None, fixed: Volume, device) -> torch.Tensor | None:
     if mask is None:
         return None
-    if mask.shape != fixed.shape or not np.allclose(mask.affine, fixed.affine, atol=1e-3):
-        raise ImageContentError(f"{mask.name}: fixed mask grid {mask.shape} does not match the fixed image grid "
-                                f"{fixed.shape} (shapes and affines must be equal)")
-    m = torch.as_tensor(np.asarray(mask.data) > 0, dtype=torch.float32, device=device)[None, None]
-    if float(m.sum()) == 0:
-        raise ImageContentError(f"{mask.name}: fixed mask is empty")
-    return m
+    check_fixed_mask(mask, fixed)
+    return torch.as_tensor(np.asarray(mask.data) != 0, dtype=torch.float32, device=device)[None, None]
 
 
 def _warp(moving: torch.Tensor, moving_affine: np.ndarray, fixed: Volume, transform) -> torch.Tensor:
