@@ -26,7 +26,8 @@ Results are cached per (row, pair, method) in ``<work>/results.json``, so ``--on
 
 Usage:
     python benchmarks/refine_vs_ants.py [--pairs 2] [--threads 2] [--work .bench/refine] \\
-        [--only data|ants|keyreg|table] [--append docs/benchmarks.md]
+        [--only data|ants|keyreg|table] [--model keyreg-anatomy] [--ants_from .bench/refine/results.json] \\
+        [--append docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -251,10 +252,20 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "refine")
     ap.add_argument("--only", choices=["data", "ants", "keyreg", "table"])
     ap.add_argument("--append", help="append the table to this markdown file")
+    ap.add_argument("--ants_from", type=Path,
+                    help="reuse the ANTs results of another work directory's results.json (same data and seed: "
+                         "ANTs does not depend on the keyreg model)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     jobs = make_data(args.work, min(args.pairs, 3), args.seed)
     results = Results(args.work / "results.json")
+    if args.ants_from:
+        other = json.loads(args.ants_from.read_text())
+        for job in jobs:
+            for m in ("ANTs SyN", "ANTs antsRegistrationSyNQuick[s]"):
+                key = f"{job['row']}|{job['pair']}|{m}"
+                if key in other and not results.has(job, m):
+                    results.put(job, m, other[key])
     if args.only in (None, "ants"):
         run_ants(jobs, results, args.threads, args.seed)
     desc = None
