@@ -185,3 +185,20 @@ def test_api_bad_refinement_options(pair, kw, match):
     kw = {k: (d / v if k == "fixed_mask" else v) for k, v in kw.items()}
     with pytest.raises(KeyregError, match=match):
         keyreg.register(d / "moving.nii.gz", d / "fixed.nii.gz", model=model, aligns=["affine"], device="cpu", **kw)
+
+
+def test_fixed_mask_directory_is_paired_by_the_fixed_images_names(tmp_path):
+    from keyreg.errors import ConfigError
+    from keyreg.pairing import build_pairs
+
+    for sub in ("mov", "fix", "mask"):
+        (tmp_path / sub).mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (tmp_path / "mov" / name).write_bytes(b"x")
+        (tmp_path / "fix" / name).write_bytes(b"x")
+    (tmp_path / "mask" / "a.nii.gz").write_bytes(b"x")
+    pairs, warnings = build_pairs(tmp_path / "mov", tmp_path / "fix", fixed_mask=tmp_path / "mask")
+    assert [p.fixed_mask for p in pairs] == [tmp_path / "mask" / "a.nii.gz", None]
+    assert any("no fixed mask" in w and "b.nii.gz" in w for w in warnings)
+    with pytest.raises(ConfigError, match="--fixed_mask must be a dir"):
+        build_pairs(tmp_path / "mov", tmp_path / "fix", fixed_mask=tmp_path / "mask" / "a.nii.gz")
