@@ -68,9 +68,16 @@ def test_an_interrupt_in_a_job_drops_the_queued_jobs_and_close_cancel_never_star
     assert ran == [] and [o.key for o in outcomes] == ["a"] and isinstance(outcomes[0].error, KeyboardInterrupt)
 
     gate.clear()
+    started = threading.Event()
+
+    def running_a():
+        started.set()
+        return gate.wait() and ran.append("a")
+
     w = BackgroundWriter(max_pending=3)
-    w.submit("a", lambda: gate.wait() and ran.append("a"))
+    w.submit("a", running_a)
     w.submit("b", lambda: ran.append("b"))
+    assert started.wait(30)  # "a" is running before the cancel: it finishes, "b" never starts
     closer = threading.Thread(target=lambda: w.close(cancel=True))
     closer.start()
     while not w._cancel:  # the cancel request is in before the running job ends
