@@ -132,6 +132,27 @@ def test_identical_images_rotation0_affine_dice_high_and_rot180_is_not_identity(
     assert max(values("none", 180.0)) < min(values("none", 0.0)) - 0.1
 
 
+def test_an_unexpected_error_in_one_task_is_recorded_and_the_evaluation_goes_on(twin_dirs, model, monkeypatch):
+    import keyreg.evaluate.protocol as protocol
+
+    real = protocol.perturb
+    calls = []
+
+    def flaky(*args, **kw):  # the second task hits a bug (not a KeyregError)
+        calls.append(1)
+        if len(calls) == 2:
+            raise ZeroDivisionError("float division by zero")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(protocol, "perturb", flaky)
+    images = images_from_directories(*twin_dirs)
+    pairs = make_pairs(images, ["cross_subject_same_modality"])
+    res = evaluate(images, pairs, model=model, aligns=["affine"], rotations=[0], progress=False)
+    assert len(calls) == 2 and len(res.failures) == 1
+    assert res.failures[0][1] == "internal error ZeroDivisionError: float division by zero"
+    assert {r["pair"] for r in res.rows} == {"a_to_b"}
+
+
 def test_seeded_reproducibility(label_dir, model):
     one = [label_dir / "subj0.nii.gz"]
     images, _ = images_from_label_maps(one, ["t1", "t2"], seed=3)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .distributed import distributed_env
-from .errors import ConfigError, KeyregError, OutputError
+from .errors import ConfigError, OutputError, failure_message
 from .io import atomic_dir, atomic_write_text
 from .pairing import Pair, build_pairs
 from .writer import BackgroundWriter
@@ -322,7 +322,7 @@ def run_batch(
                 elif not isinstance(o.error, Exception):  # an interrupt while writing stops the batch
                     raise o.error
                 else:
-                    msg = _failure_message(o.error)
+                    msg = failure_message(o.error)
                     failures.append((o.key, pairs[o.key].name, msg))
                     emit(f"{tag}FAILED {pairs[o.key].name}: {msg}")
 
@@ -345,7 +345,7 @@ def run_batch(
                 except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: record it, keep going
                     if single:
                         raise
-                    msg = _failure_message(e)
+                    msg = failure_message(e)
                     failures.append((index, pair.name, msg))
                     emit(f"{tag}FAILED {pair.name}: {msg}")
                     continue
@@ -406,13 +406,6 @@ def write_batch_report(save_dir: Path, rows: Sequence[dict], failures: Sequence[
     # nothing run-specific (paths, times) in the page: the same inputs give the same bytes
     return write_report(save_dir / "report.html", records, title="keyreg report",
                         summary=description + ".", threshold=CONFIDENCE_THRESHOLD)
-
-
-def _failure_message(e: BaseException) -> str:
-    """How a failed pair is reported: a keyreg error's message, else ``internal error <type>: <first line>``."""
-    if isinstance(e, KeyregError):
-        return str(e)
-    return f"internal error {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config: dict, write_pairs: bool,

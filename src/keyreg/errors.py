@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "OutputError",
+    "failure_message",
 ]
 
 
@@ -49,3 +50,11 @@ class ConfigError(KeyregError, ValueError):
 
 class OutputError(KeyregError, OSError):
     """An output file or directory cannot be written."""
+
+
+def failure_message(e: BaseException) -> str:
+    """How a failed item of a batch (a pair, an evaluation task) is reported: a keyreg error's
+    message, else ``internal error <type>: <first line>``."""
+    if isinstance(e, KeyregError):
+        return str(e)
+    return f"internal error {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

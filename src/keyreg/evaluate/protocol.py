@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, KeyregError
+from ..errors import ConfigError, failure_message
 from ..pairing import PAIR_KINDS
 from .datasets import EvalImage
 from .pairs import EvalPair
@@ -28,7 +28,7 @@ class EvaluationResult:
 
     Attributes:
         rows: one dict per (pair, perturbation, align, metric) with the keys of :data:`keyreg.evaluate.report.CSV_COLUMNS`.
-        failures: ``(task, message)`` for tasks that raised a :class:`KeyregError`.
+        failures: ``(task, message)`` for tasks that raised (any exception: :func:`keyreg.errors.failure_message`).
         timings: seconds per stage, summed over tasks.
         network_passes: images run through the network (one per image and perturbation).
         settings: what was evaluated (for the summary).
@@ -132,9 +132,9 @@ def evaluate(
                                      moving_key=(pair.moving, np.round(p, 9).tobytes()), warp=False)
             registrar.warp(reg, image=need_image, seg=True)
             results.update(registrar.measure(reg, metric_names))
-        except KeyregError as e:
-            failures.append((task, str(e)))
-            bar.write(f"FAILED {task}: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one bad task is recorded; the evaluation goes on
+            failures.append((task, failure_message(e)))
+            bar.write(f"FAILED {task}: {failure_message(e)}", file=sys.stderr)
             continue
         base = {"pair": pair_name, "kind": pair.kind, "moving": mov.name, "fixed": fix.name,
                 "moving_modality": mov.modality, "fixed_modality": fix.modality, "rotation_deg": angle,
