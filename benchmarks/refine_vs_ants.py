@@ -56,22 +56,12 @@ def brain_dice(warped_seg, fixed_seg) -> float:
     return mean_dice(brain_dice_per_label(warped_seg, fixed_seg))
 
 
-def _save(path: Path, data, affine) -> str:
-    import nibabel as nib
-    import numpy as np
-
-    img = nib.Nifti1Image(np.asarray(data), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
-
-
 def make_data(work: Path, npairs: int, seed: int) -> list[dict]:
     """Write the pairs' images and segmentations under ``work/data``; return the job list."""
     import numpy as np
 
     from keyreg.evaluate import draw_perturbation, images_from_label_maps, perturb
+    from keyreg.io import save_volume
 
     manifest = work / "data" / "pairs.json"
     if manifest.exists():
@@ -96,11 +86,10 @@ def make_data(work: Path, npairs: int, seed: int) -> list[dict]:
             m_img, m_seg, _ = perturb(mov.image, mov.seg, pert, "header")
             d = work / "data"
             job = {"row": row, "pair": pname,
-                   "fixed": _save(d / f"{sf}_{cf}.nii.gz", fix.image.data, fix.image.affine),
-                   "fixed_seg": _save(d / f"{sf}_seg.nii.gz", fix.seg.data.astype(np.int32), fix.seg.affine),
-                   "moving": _save(d / f"{row}_{pname}_moving.nii.gz", m_img.data, m_img.affine),
-                   "moving_seg": _save(d / f"{row}_{pname}_moving_seg.nii.gz", m_seg.data.astype(np.int32),
-                                       m_seg.affine)}
+                   "fixed": str(save_volume(fix.image.data, fix.image, d / f"{sf}_{cf}.nii.gz")),
+                   "fixed_seg": str(save_volume(fix.seg.data.astype(np.int32), fix.seg, d / f"{sf}_seg.nii.gz")),
+                   "moving": str(save_volume(m_img.data, m_img, d / f"{row}_{pname}_moving.nii.gz")),
+                   "moving_seg": str(save_volume(m_seg.data.astype(np.int32), m_seg, d / f"{row}_{pname}_moving_seg.nii.gz"))}
             jobs.append(job)
     manifest.write_text(json.dumps(jobs, indent=1))
     return jobs

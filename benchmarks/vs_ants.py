@@ -77,17 +77,6 @@ def ensure_venv(venv: Path) -> Path:
     return py
 
 
-def _save(path: Path, data, affine) -> str:
-    import nibabel as nib
-    import numpy as np
-
-    img = nib.Nifti1Image(np.asarray(data), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
-
-
 def _stats(vals):
     vals = [v for v in vals if math.isfinite(v)]
     if not vals:
@@ -126,6 +115,7 @@ def main() -> None:
     from keyreg.api import resolve_model
     from keyreg.errors import KeyregError
     from keyreg.evaluate import draw_perturbation, evaluate, images_from_label_maps, make_pairs, perturb
+    from keyreg.io import save_volume
     from keyreg.io import load_volume
     from keyreg.metrics import dice_per_label, mean_dice
 
@@ -175,14 +165,14 @@ def main() -> None:
             mov, fix = images[pair.moving], images[pair.fixed]
             fixed_path = tmp / f"fixed_{pi}.nii.gz"
             if not fixed_path.exists():
-                _save(fixed_path, fix.image.data, fix.image.affine)
+                save_volume(fix.image.data, fix.image, fixed_path)
             for angle in args.rotations:
                 pname = f"{mov.name}_to_{fix.name}"
                 pert = draw_perturbation(args.seed, pname, angle)
                 m_img, m_seg, _ = perturb(mov.image, mov.seg, pert, "header")
                 jid = f"p{pi}_r{angle:g}"
-                mpath = _save(tmp / f"{jid}_moving.nii.gz", m_img.data, m_img.affine)
-                spath = _save(tmp / f"{jid}_moving_seg.nii.gz", m_seg.data.astype(np.int32), m_seg.affine)
+                mpath = str(save_volume(m_img.data, m_img, tmp / f"{jid}_moving.nii.gz"))
+                spath = str(save_volume(m_seg.data.astype(np.int32), m_seg, tmp / f"{jid}_moving_seg.nii.gz"))
                 truth[jid] = (fix, angle)
                 if net is None:  # the before-registration Dice, computed here when keyreg did not run
                     from keyreg.measure import measure_before
