@@ -110,3 +110,12 @@ def tiny_model_files(tmp_path):
 
     weights, _ = save_model(tiny_model(), tmp_path / "tiny")
     return weights
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -33,12 +33,7 @@ SHAPE = (30, 30, 24)
 SPACING = (3.0, 3.0, 4.0)  # anisotropic on purpose
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, and fair on a shared CPU
 
 
 def _affine():

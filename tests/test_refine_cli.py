@@ -8,7 +8,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from conftest import blob_image, grid_affine, rotation, save_nifti, tiny_model
 from keyreg.cli import main
@@ -16,12 +15,7 @@ from keyreg.cli import main
 SHAPE = (22, 24, 20)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: deterministic, and fair on a shared CPU
 
 
 @pytest.fixture

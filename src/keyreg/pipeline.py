@@ -375,10 +375,8 @@ class Registrar:
                                   fit_weights=fit_weights)
             if self.identity_check:
                 pf, pm = fixed_kp.points.unsqueeze(0), moving_kp.points.unsqueeze(0)
-                tol = float(getattr(self.model.config, "aligned_tolerance_mm", 0.0)) if self._model_arg is not None \
-                    or self._net is not None else 0.0
                 fits = keep_identity_if_aligned(fits, pf, pm, None if w is None else w.unsqueeze(0),
-                                                tolerance_mm=tol, info=check)
+                                                tolerance_mm=self.aligned_tolerance_mm, info=check)
             return fits, w
 
     @property
@@ -408,6 +406,13 @@ class Registrar:
         added = {n: found[n] for n in (refined_name(a, s) for a in starts for s in self.options.refine)}
         reg.results.update(added)
         return added
+
+    @property
+    def aligned_tolerance_mm(self) -> float:
+        """The model's resolution for the already-aligned check (no model given: 0, the noise test alone)."""
+        if self._net is None and self._model_arg is None:
+            return 0.0
+        return float(self.model.config.aligned_tolerance_mm)
 
     def dense(self, res: AlignmentResult):
         """Stage 3: the transform as used for warping on the fixed grid (cached on the result)."""

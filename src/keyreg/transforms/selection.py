@@ -91,21 +91,24 @@ def keep_identity_if_aligned(fits: dict, pf: torch.Tensor, pm: torch.Tensor, w: 
     """
     eye = torch.eye(4, dtype=pf.dtype, device=pf.device)[None]
 
-    def suffices(matrix: torch.Tensor, kind: str) -> bool:
-        return bool(identity_suffices(pf, pm, matrix, NUM_PARAMS[kind], w)[0]) or \
-            float(keypoint_motion_mm(pf, matrix, w)[0]) <= tolerance_mm
+    def suffices(matrix: torch.Tensor, kind: str, motion: float) -> bool:
+        return motion <= tolerance_mm or bool(identity_suffices(pf, pm, matrix, NUM_PARAMS[kind], w)[0])
+
+    def motion_of(matrix: torch.Tensor) -> float:
+        return float(keypoint_motion_mm(pf, matrix, w)[0])
 
     affine = fits.get("affine")
     affine_m = affine.matrix if isinstance(affine, AffineTransform) else fit_affine(pf, pm, w)
-    aligned = suffices(affine_m, "affine")
+    affine_motion = motion_of(affine_m)
+    aligned = suffices(affine_m, "affine", affine_motion)
     if info is not None:
-        info["affine_motion_mm"] = float(keypoint_motion_mm(pf, affine_m, w)[0])
+        info["affine_motion_mm"] = affine_motion
         info["already_aligned"] = aligned
     out = {}
     for name, tr in fits.items():
         if isinstance(tr, AffineTransform):
             kind = "rigid" if name == "rigid" else "affine"
-            keep = suffices(tr.matrix, kind) if kind == "rigid" else aligned
+            keep = suffices(tr.matrix, kind, motion_of(tr.matrix)) if kind == "rigid" else aligned
             out[name] = AffineTransform(eye.clone()) if keep else tr
         elif aligned:  # identical keypoints give an exact identity spline (same centre and scale)
             out[name] = fit_tps(tr.control_points * tr.scale[:, None, None] + tr.center[:, None],
