@@ -290,3 +290,60 @@ def test_pipeline_uses_the_model_exclusions_and_keeps_an_aligned_pair(atlas, tmp
     torch.testing.assert_close(tps.map_points(probe), probe, atol=1e-9, rtol=0)
     every = keyreg.register(img, img, model=model, aligns=["affine"], exclude_keypoints=[])
     assert every.excluded_keypoints == []
+
+
+def test_orientation_search_override_reaches_the_network(atlas):
+    """``orientation_search`` of the options (CLI ``--orientation_search``, API ``orientation_search=``)
+    overrides the model's setting for every image: ``off`` is one pass per image, ``always`` the full
+    search; an unknown mode is a one-line ConfigError."""
+    from conftest import tiny_model
+
+    from keyreg.errors import ConfigError
+    from keyreg.io import Volume
+    from keyreg.keypoints import detect_keypoints
+    from keyreg.pipeline import Registrar, RegistrationOptions
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    model.config.regions, model.config.orientation_search = a, "auto"
+    img = Volume(_map(0).astype(np.float32) / 600, AFF, name="img")
+    moved = Volume(_map(2).astype(np.float32) / 600, AFF, name="moved")
+    passes = {}
+    for mode in ("off", "auto", "always"):
+        reg = Registrar(model, device="cpu", aligns=["affine"], orientation_search=mode)
+        reg.register(moved, img)
+        passes[mode] = reg.network_passes
+    assert passes["off"] == 2 and passes["auto"] >= 6 and passes["always"] >= 50
+    off = detect_keypoints(model, [img], search="off")[0]
+    plain = detect_image_keypoints(model, img, search=False)
+    torch.testing.assert_close(off.points, plain.points, atol=1e-9, rtol=0)
+    assert model.config.orientation_search == "auto"  # the model itself is not changed
+    with pytest.raises(ConfigError, match="unknown orientation search 'sometimes'"):
+        RegistrationOptions(orientation_search="sometimes")
+
+
+def test_register_cli_orientation_search_flag(atlas, tmp_path):
+    """``keyreg register --orientation_search off`` registers with one pass per image and records
+    the mode with the pair's options; an unknown mode is refused by the parser (exit 2)."""
+    import json
+
+    from conftest import save_nifti, tiny_model
+
+    from keyreg.cli import main
+    from keyreg.models import save_model
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    model.config.regions, model.config.orientation_search = a, "always"
+    weights, _ = save_model(model, tmp_path / "anat")
+    fixed = save_nifti(tmp_path / "fixed.nii.gz", _map(0).astype(np.float32) / 600, AFF)
+    moving = save_nifti(tmp_path / "moving.nii.gz", _map(2).astype(np.float32) / 600, AFF)
+    out = tmp_path / "out"
+    args = ["register", "--moving", str(moving), "--fixed", str(fixed), "--load_path", str(weights),
+            "--list_of_aligns", "affine", "--save_dir", str(out), "--no_progress", "--save_eval_to_disk"]
+    assert main([*args, "--orientation_search", "off"]) == 0
+    (done,) = out.rglob("done.json")
+    assert json.loads(done.read_text())["config"]["options"]["orientation_search"] == "off"
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--orientation_search", "sometimes"])
+    assert e.value.code == 2

@@ -63,6 +63,7 @@ def register(
     refine_iterations: Sequence[int] | None = None,
     refine_reg_weight: float | None = None,
     refine_seconds: float | None = None,
+    orientation_search: str | None = None,
     progress: bool = False,
 ) -> Registration:
     """Register ``moving`` to ``fixed`` with every transform type in ``aligns``, from one keypoint
@@ -91,6 +92,9 @@ def register(
         refine_iterations: deformable iterations per level, coarse to fine (default ``(40, 30, 20)``).
         refine_reg_weight: smoothness weight of the velocity field (default 1.0).
         refine_seconds: wall-clock budget of each refinement (default: none).
+        orientation_search: an anatomical model's orientation search, ``"always"`` (robust to any
+            orientation), ``"auto"`` (the image as it is first; the search only when that reading fails
+            its checks) or ``"off"``; ``None``: the model's setting.
         progress: progress bars of the refinement on stderr.
 
     Returns:
@@ -104,6 +108,6 @@ def register(
                           pad_value=pad_value,
                           exclude_keypoints=None if exclude_keypoints is None else tuple(exclude_keypoints),
                           refine=(refine,) if isinstance(refine, str) else tuple(refine),
-                          refine_similarity=refine_similarity, refine_seconds=refine_seconds, progress=progress,
-                          **extra)
+                          refine_similarity=refine_similarity, refine_seconds=refine_seconds,
+                          orientation_search=orientation_search, progress=progress, **extra)
     return registrar.register(moving, fixed, moving_seg=moving_seg, fixed_seg=fixed_seg, fixed_mask=fixed_mask)

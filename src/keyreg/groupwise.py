@@ -213,6 +213,7 @@ def groupwise(
     field_stride: int = DEFAULT_FIELD_STRIDE,
     device: str | torch.device | None = None,
     use_amp: bool = False,
+    orientation_search: str | None = None,
     progress: bool = True,
 ) -> GroupwiseResult:
     """Register a group of images to the mean of their keypoints (see the module docstring).
@@ -230,6 +231,7 @@ def groupwise(
             template position of its centre.
         label_interp: ``nearest`` or ``labelwise``.
         field_stride: sub-grid stride of the dense TPS field.
+        orientation_search: ``always``, ``auto`` or ``off`` for an anatomical model (``None``: the model's).
         progress: tqdm progress bars on stderr.
 
     Returns:
@@ -245,7 +247,7 @@ def groupwise(
 
     spec = parse_align(align)
     registrar = Registrar(model, device=device, aligns=(spec.name,), label_interp=label_interp,
-                          field_stride=field_stride, use_amp=use_amp)
+                          field_stride=field_stride, use_amp=use_amp, orientation_search=orientation_search)
     if len(images) < 2:
         raise ConfigError(f"groupwise registration needs at least 2 images, got {len(images)}")
     if segs is not None and len(segs) != len(images):

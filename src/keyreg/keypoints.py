@@ -71,6 +71,17 @@ class ImageKeypoints:
                        names=[self.names[i] for i in keep])
 
 
+SEARCH_MODES = ("always", "auto", "off")
+
+
+def check_search_mode(mode: str | None) -> str | None:
+    """An orientation-search override (``always``, ``auto``, ``off`` or ``None`` for the model's
+    setting); :class:`ConfigError` otherwise."""
+    if mode is not None and mode not in SEARCH_MODES:
+        raise ConfigError(f"unknown orientation search {mode!r}: use {', '.join(SEARCH_MODES)}")
+    return mode
+
+
 def detect_keypoints(
     model,
     volumes: Sequence[Volume],
@@ -78,6 +89,7 @@ def detect_keypoints(
     device: torch.device | str | None = None,
     use_amp: bool = False,
     batch_size: int = 1,
+    search: str | None = None,
 ) -> list[ImageKeypoints]:
     """Keypoints in world mm: one network pass per image (batched ``batch_size`` at a time), or, for
     anatomical models, the test-time orientation search (:mod:`keyreg.models.inference`).
@@ -85,6 +97,10 @@ def detect_keypoints(
     The default ``batch_size=1`` makes an image's keypoints independent of the images it is
     processed with: on CPU, convolutions over a batch of 2 differ from batch 1 in the last bits
     (of order 1e-5 mm), which would make a pair's result depend on batch order, resumption or sharding.
+
+    ``search`` overrides an anatomical model's orientation search (``ModelConfig.orientation_search``):
+    ``"always"``, ``"auto"`` or ``"off"`` (one pass on the image's own grid, no canonicalisation);
+    ``None`` follows the model.  Models without regions always run one pass.
 
     Raises:
         ImageContentError: the network gives non-finite keypoints for an image (e.g. intensities so
@@ -94,11 +110,12 @@ def detect_keypoints(
     pre = model.config.preprocessing
     names = model_keypoint_names(model)
     out: list[ImageKeypoints] = []
-    if getattr(model.config, "regions", None) is not None and model.config.orientation_search:
+    mode = model.config.orientation_search if search is None else check_search_mode(search)
+    if getattr(model.config, "regions", None) is not None and mode not in (False, "off"):
         from .models.inference import detect_image_keypoints
 
         for v in volumes:  # anatomical models: test-time orientation search, one image at a time
-            det = detect_image_keypoints(model, v, device=device, use_amp=use_amp)
+            det = detect_image_keypoints(model, v, device=device, use_amp=use_amp, search=mode)
             if not bool(torch.isfinite(det.points).all()) or not bool(torch.isfinite(det.mass).all()):
                 raise ImageContentError(
                     f"{v.name}: the model gives non-finite keypoints for this image (intensities "

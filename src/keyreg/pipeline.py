@@ -36,8 +36,8 @@ import torch
 
 from .errors import ConfigError, DegenerateFitError
 from .io import Volume, check_same_grid, load_volume
-from .keypoints import (ImageKeypoints, check_enough, detect_keypoints, select_keypoints, tps_frame,
-                        validate_patterns)
+from .keypoints import (ImageKeypoints, check_enough, check_search_mode, detect_keypoints, select_keypoints,
+                        tps_frame, validate_patterns)
 from .refine import STAGES, DeformableConfig, RefineOptions, check_fixed_mask, refined_name
 from .results import AlignmentResult, Registration, label_interp, pad_value_for, warp_volumes
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, check_field_stride,
@@ -159,6 +159,9 @@ class RegistrationOptions:
             number of levels).
         refine_reg_weight: weight of the velocity's diffusion energy.
         refine_seconds: wall-clock budget of each refinement (one align, one stage); ``None``: none.
+        orientation_search: an anatomical model's test-time orientation search: ``always``, ``auto``
+            (the image as it is first, the search only when that reading fails its checks) or ``off``;
+            ``None``: the model's setting (:mod:`keyreg.models.inference`).
     """
 
     aligns: tuple[str, ...] = ("affine", "tps_0")
@@ -176,8 +179,10 @@ class RegistrationOptions:
     refine_iterations: tuple[int, ...] = DeformableConfig.iterations
     refine_reg_weight: float = DeformableConfig.reg_weight
     refine_seconds: float | None = None
+    orientation_search: str | None = None
 
     def __post_init__(self) -> None:
+        check_search_mode(self.orientation_search)
         if isinstance(self.aligns, str):
             object.__setattr__(self, "aligns", (self.aligns,))
         object.__setattr__(self, "aligns", tuple(s.name for s in parse_aligns(list(self.aligns))))
@@ -322,7 +327,8 @@ class Registrar:
         if key is not None and key in self._cache:
             return self._cache[key]
         with self.timer("keypoints"):
-            kp = detect_keypoints(self.model, [volume], device=self.device, use_amp=self.options.use_amp)[0]
+            kp = detect_keypoints(self.model, [volume], device=self.device, use_amp=self.options.use_amp,
+                                  search=self.options.orientation_search)[0]
         self.network_passes += kp.passes
         if key is not None:
             self._cache[key] = kp

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_device_arguments
+from ._common import add_device_arguments, add_search_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the bundled default model)")
     m.add_argument("--weighted_kp_align", nargs="?", const="power", default=None, choices=["power", "none"],
                    help="weight keypoints by heatmap power in the fits (default: the model's setting)")
+    add_search_argument(m)
     add_device_arguments(m)
     m.add_argument("--list_of_aligns", nargs="+", default=["rigid", "affine", "tps_0"], metavar="ALIGN",
                    help="rigid, affine, tps_<lambda> (default: rigid affine tps_0)")
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                       axis=args.axis, translation=args.translation, scaling=args.scaling, seed=args.seed,
                       mode=args.perturb_mode, device=device, use_amp=args.use_amp, weighted=weighted,
                       label_interp=args.label_interp, field_stride=args.field_stride,
-                      progress=not args.quiet, log=log)
+                      orientation_search=args.orientation_search, progress=not args.quiet, log=log)
     if synth:
         result.settings["synthesizer"] = synth
     if not result.rows:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_device_arguments
+from ._common import add_device_arguments, add_search_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sub-grid stride of dense TPS fields (default: the library's, 2; 1 = exact at every voxel)")
     p.add_argument("--save_dir", default="./groupwise_output", help="output directory (default ./groupwise_output)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars (they are shown on terminals only)")
+    add_search_argument(p)
     add_device_arguments(p)
 
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                     tolerance=args.tolerance, max_iterations=args.max_iterations,
                     template_grid=args.template_grid, label_interp=args.label_interp,
                     field_stride=DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride, device=args.device, use_amp=args.use_amp,
-                    progress=not args.no_progress and sys.stderr.isatty())
+                    orientation_search=args.orientation_search, progress=not args.no_progress and sys.stderr.isatty())
     s = res.metrics["summary"]
     state = "converged" if s["converged"] else "did NOT converge"
     print(f"{len(images)} images, {len(res.fit.template_keypoints)} keypoints, {s['align']}: {state} after "

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_device_arguments
+from ._common import add_device_arguments, add_search_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--half_resolution", action="store_true", help="run the network at half its resolution")
     m.add_argument("--weighted_kp_align", nargs="?", const="power", default=None, choices=["power", "none"],
                    help="weight keypoints by heatmap power in the fits (default: the model's setting)")
+    add_search_argument(m)
     add_device_arguments(m)
 
     a = p.add_argument_group("registration")
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         half_resolution=args.half_resolution, use_amp=args.use_amp, pad_value=args.pad_value,
         exclude_keypoints=_exclusions(args.exclude_keypoints), robust=args.robust, refine=tuple(args.refine),
         refine_similarity=args.refine_similarity, refine_seconds=args.refine_seconds,
+        orientation_search=args.orientation_search,
         **{k: v for k, v in (("refine_iterations", args.refine_iterations),
                              ("refine_reg_weight", args.refine_reg_weight)) if v is not None})
     res = register_batch(args.moving, args.fixed, moving_seg=args.moving_seg, fixed_seg=args.fixed_seg,

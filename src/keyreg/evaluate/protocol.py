@@ -59,6 +59,7 @@ def evaluate(
     weighted: bool | None = None,
     label_interp: str = "nearest",
     field_stride: int | None = None,
+    orientation_search: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
@@ -71,6 +72,7 @@ def evaluate(
         rotations: angles in degrees; each (pair, angle) gets its own perturbation
             (:func:`draw_perturbation`).
         mode: ``"header"``, ``"resample"`` or ``"auto"`` (see the module docstring).
+        orientation_search: ``always``, ``auto`` or ``off`` for an anatomical model (``None``: the model's).
         progress: show a progress bar (tqdm, on stderr).
         log: called with one line per finished task (default: nothing).
 
@@ -86,7 +88,7 @@ def evaluate(
 
     options = RegistrationOptions(aligns=tuple(aligns), weighted=weighted, label_interp=label_interp,
                                   field_stride=DEFAULT_FIELD_STRIDE if field_stride is None else field_stride,
-                                  use_amp=use_amp)
+                                  use_amp=use_amp, orientation_search=orientation_search)
     align_names = list(options.aligns)
     metric_names = parse_metrics(list(metrics))
     if not rotations:
