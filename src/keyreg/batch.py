@@ -19,6 +19,7 @@ directories, the failure policy and the summary tables.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import hashlib
 import io
@@ -35,7 +36,7 @@ from typing import Any
 
 from .distributed import distributed_env
 from .errors import ConfigError, OutputError, failure_message
-from .io import atomic_dir, atomic_write_text
+from .io import atomic_write_text
 from .pairing import Pair, build_pairs
 from .writer import BackgroundWriter
 
@@ -309,22 +310,30 @@ def run_batch(
         thumbs: dict[str, bytes] = {}
         bar = tqdm(mine, desc=f"{tag}pairs", unit="pair", file=sys.stderr, dynamic_ncols=True,
                    disable=single or not progress)
-        # a batch writes each pair on a background thread while the next one is computed (at most one
-        # pair waits to be written); a single pair writes in line, so that its error is raised
+        # a batch writes on a background thread while it computes (at most one step - one align's files
+        # - waits to be written); a single pair writes in line, so that its error is raised
         writer = BackgroundWriter(max_pending=1) if write_pairs and not single else None
-        written: dict[int, list[dict]] = {}
+        deferred = _DeferredWrites(writer) if writer is not None else None
+        written: dict[int, list[dict]] = {}  # rows of computed pairs whose directory is not committed yet
+        failed: set[int] = set()
+
+        def fail(index: int, error: BaseException) -> None:
+            written.pop(index, None)
+            if index not in failed:
+                failed.add(index)
+                msg = failure_message(error)
+                failures.append((index, pairs[index].name, msg))
+                emit(f"{tag}FAILED {pairs[index].name}: {msg}")
 
         def collect(outcomes) -> None:
-            for o in outcomes:
-                rows = written.pop(o.key)
-                if o.error is None:
-                    results.append((o.key, rows))
-                elif not isinstance(o.error, Exception):  # an interrupt while writing stops the batch
+            for o in outcomes:  # keys (pair index, whether the step committed the pair directory)
+                index, last = o.key
+                if o.error is not None and not isinstance(o.error, Exception):  # an interrupt stops the batch
                     raise o.error
-                else:
-                    msg = failure_message(o.error)
-                    failures.append((o.key, pairs[o.key].name, msg))
-                    emit(f"{tag}FAILED {pairs[o.key].name}: {msg}")
+                if o.error is not None:
+                    fail(index, o.error)
+                elif last and index in written:
+                    results.append((index, written.pop(index)))
 
         try:
             for index in bar:
@@ -339,21 +348,21 @@ def run_batch(
                         out.skipped += 1
                         continue
                 start = time.perf_counter()
+                if deferred is not None:
+                    deferred.index = index
                 try:
-                    rows, per_align, job = _one_pair(registrar, pair, metric_names, pair_dir, config, write_pairs,
-                                                     save_eval_to_disk, visualize, thumbs, defer=writer is not None)
+                    rows, per_align = _one_pair(registrar, pair, metric_names, pair_dir, config, write_pairs,
+                                                save_eval_to_disk, visualize, thumbs, deferred=deferred)
                 except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: record it, keep going
                     if single:
                         raise
-                    msg = failure_message(e)
-                    failures.append((index, pair.name, msg))
-                    emit(f"{tag}FAILED {pair.name}: {msg}")
+                    fail(index, e)
                     continue
-                if job is None:
+                if writer is None or not write_pairs:
                     results.append((index, rows))
-                else:
+                elif index not in failed:
                     written[index] = rows
-                    writer.submit(index, job)  # blocks while the previous pair is still being written
+                if writer is not None:
                     collect(writer.finished())
                 summary = "  ".join(f"{a}: " + " ".join(f"{k}={v:.4f}" for k, v in vals.items()
                                                         if isinstance(v, float))
@@ -363,8 +372,9 @@ def run_batch(
             if writer is not None:
                 collect(writer.close())
         finally:
-            if writer is not None:  # interrupted: the pair being written ends (atomically), queued ones never start
-                writer.close(cancel=True)
+            if writer is not None:  # interrupted: the step being written ends, queued ones never start,
+                writer.close(cancel=True)  # and the pair directories they belonged to are discarded
+                deferred.abort_open()
         bar.close()
         out.seconds = dict(registrar.timer.seconds)
 
@@ -410,42 +420,104 @@ def write_batch_report(save_dir: Path, rows: Sequence[dict], failures: Sequence[
 
 def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config: dict, write_pairs: bool,
               write_images: bool, visualize: bool, thumbs: dict[str, bytes] | None = None, *,
-              defer: bool = False) -> tuple[list[dict], dict, Callable[[], None] | None]:
-    """Register and measure one pair; write its directory now, or (``defer``) return the job that
-    writes it (for a :class:`~keyreg.writer.BackgroundWriter`), else ``None``."""
+              deferred: "_DeferredWrites | None" = None) -> tuple[list[dict], dict]:
+    """Register, measure and (``write_pairs``) write one pair, streaming align by align
+    (:meth:`~keyreg.pipeline.Registrar.stream`): each align is warped, measured and written, and its
+    full-grid arrays dropped, before the next one, so that at most one align's arrays (plus one being
+    written) are held.
+
+    The pair directory is a :class:`~keyreg.writer.StagedDir`: everything goes to a temporary
+    directory renamed to ``pairs/<pair>`` at the end, ``done.json`` last, so an interrupted or failed
+    pair never looks complete.  Its steps run in line, or (``deferred``) on the batch's
+    :class:`~keyreg.writer.BackgroundWriter` while the next align or pair is computed.  On any error the directory is discarded and the error raised."""
+    from .export import save_pair_alignment, save_pair_keypoints, save_pair_residual_plot
+    from .writer import StagedDir
+
     both = pair.moving_seg is not None and pair.fixed_seg is not None
     reg = registrar.register(pair.moving, pair.fixed, moving_seg=pair.moving_seg if both else None,
                              fixed_seg=pair.fixed_seg if both else None, fixed_mask=pair.fixed_mask,
-                             moving_key=_key(pair.moving), fixed_key=_key(pair.fixed))
-    per_align = registrar.measure(reg, metrics)
+                             moving_key=_key(pair.moving), fixed_key=_key(pair.fixed), warp=False)
     conf = reg.confidence
-    rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **conf,
-             **({"already_aligned": reg.alignment_check["already_aligned"]} if reg.alignment_check else {}), **vals}
-            for align, vals in per_align.items()]
-    first = next(iter(reg), None)
-    png = None
-    if thumbs is not None and first is not None and first.warped is not None:
-        from .report import overlay_thumbnail
+    staged = StagedDir(pair_dir) if write_pairs else None
+    if staged is not None and deferred is not None:
+        deferred.dirs.append(staged)
+    files = write_images or visualize
 
-        png = thumbs[pair.name] = overlay_thumbnail(reg.fixed, first.warped)
-    if not write_pairs:
-        return rows, per_align, None
+    def step(fn: Callable[[Path], Any], last: bool = False) -> None:
+        def job() -> None:
+            try:
+                with registrar.timer("write"):
+                    staged.run(fn)
+                if last:
+                    staged.commit()
+            except BaseException:
+                staged.abort()
+                raise
 
-    def write() -> None:
-        # everything goes to a temporary directory renamed to pairs/<pair> at the end; done.json is
-        # written last, so an interrupted pair never looks complete
-        with atomic_dir(pair_dir) as tmp:
-            if write_images or visualize:
-                registrar.save(reg, tmp, write_images=write_images, visualize=visualize)
-                if png is not None:
-                    (tmp / "thumbnail.png").write_bytes(png)
-            atomic_write_text(tmp / "done.json", json.dumps(
-                {"config": json_clean(config), "rows": json_clean(rows)}, indent=1) + "\n")
+        if deferred is None:
+            job()
+        else:
+            deferred.submit(job, last)
 
-    if defer:
-        return rows, per_align, write
-    write()
-    return rows, per_align, None
+    png: list[bytes] = []
+
+    def each(res) -> None:
+        if thumbs is not None and not png and res.warped is not None and res is next(iter(reg)):
+            from .report import overlay_thumbnail
+
+            png.append(overlay_thumbnail(reg.fixed, res.warped))
+            thumbs[pair.name] = png[0]
+        if staged is not None and files:
+            res = copy.copy(res)  # the job keeps this align's arrays; the pipeline drops them from ``reg``
+            step(lambda tmp: save_pair_alignment(res, tmp, write_images=write_images, visualize=visualize))
+
+    try:
+        if staged is not None and files:
+            step(lambda tmp: save_pair_keypoints(reg, tmp))
+        per_align = registrar.stream(reg, metrics, each=each)
+        rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **conf,
+                 **({"already_aligned": reg.alignment_check["already_aligned"]} if reg.alignment_check else {}),
+                 **vals}
+                for align, vals in per_align.items()]
+        if staged is not None:
+            def finish(tmp: Path) -> None:
+                if visualize:
+                    save_pair_residual_plot(reg, tmp)
+                if files and png:
+                    (tmp / "thumbnail.png").write_bytes(png[0])
+                atomic_write_text(tmp / "done.json", json.dumps(
+                    {"config": json_clean(config), "rows": json_clean(rows)}, indent=1) + "\n")
+
+            step(finish, last=True)
+    except BaseException:
+        if staged is not None:
+            if deferred is None:
+                staged.abort()
+            else:  # after the steps already handed to the writer (or by abort_open if they never run)
+                deferred.submit(staged.abort, True)
+        raise
+    return rows, per_align
+
+
+class _DeferredWrites:
+    """The steps of pair directories (:class:`~keyreg.writer.StagedDir`) handed to a batch's
+    :class:`~keyreg.writer.BackgroundWriter`, keyed ``(pair index, last)``."""
+
+    def __init__(self, writer: BackgroundWriter) -> None:
+        self.writer = writer
+        self.index = -1
+        self.dirs: list[Any] = []
+
+    def submit(self, job: Callable[[], Any], last: bool) -> None:
+        """Queue one step of the current pair (blocks while the previous step is being written)."""
+        self.dirs = [d for d in self.dirs if not d.closed]
+        self.writer.submit((self.index, last), job)
+
+    def abort_open(self) -> None:
+        """Discard the pair directories whose last step never ran (call after the writer stopped)."""
+        for d in self.dirs:
+            d.abort()
+        self.dirs = []
 
 
 def _key(path: Path) -> tuple:

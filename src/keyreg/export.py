@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from .io import Volume
     from .results import AlignmentResult, Registration
 
-__all__ = ["save_alignment", "save_linear", "save_registration", "save_keypoints", "tps_to_dict"]
+__all__ = ["save_alignment", "save_linear", "save_registration", "save_keypoints", "tps_to_dict", "save_pair_keypoints",
+           "save_pair_alignment", "save_pair_residual_plot"]
 
 
 def save_keypoints(directory: Path, stem: str, points: np.ndarray,
@@ -127,21 +128,43 @@ def save_alignment(res: "AlignmentResult", directory: Path, *, write_images: boo
 
 def save_registration(reg: "Registration", directory: Path, *, write_images: bool = True,
                       visualize: bool = False) -> dict[str, Path]:
-    """Write the keypoints of both images and every alignment (one sub-directory per align)."""
+    """Write the keypoints of both images and every alignment (one sub-directory per align).
+
+    The same files as :func:`save_pair_keypoints`, then :func:`save_pair_alignment` for every
+    align, then (``visualize``) :func:`save_pair_residual_plot`: a pipeline that streams align by
+    align (:meth:`keyreg.pipeline.Registrar.stream`) calls those three itself."""
+    out = save_pair_keypoints(reg, directory)
+    for res in reg:
+        out.update(save_pair_alignment(res, directory, write_images=write_images, visualize=visualize))
+    if visualize:
+        out.update(save_pair_residual_plot(reg, directory))
+    return out
+
+
+def save_pair_keypoints(reg: "Registration", directory: Path) -> dict[str, Path]:
+    """The keypoints of both images (``keypoints_fixed`` / ``keypoints_moving``, CSV and Slicer)."""
     out: dict[str, Path] = {}
     out.update(save_keypoints(directory, "keypoints_fixed", reg.fixed_keypoints.numpy(), reg.weights,
                               reg.fixed_keypoints.names))
     out.update(save_keypoints(directory, "keypoints_moving", reg.moving_keypoints.numpy(), reg.weights,
                               reg.moving_keypoints.names))
-    for res in reg:  # keypoint aligns (save_alignment) and refined ones (keyreg.refine.RefinedAlignment.save)
-        files = res.save(directory / res.name, write_images=write_images, visualize=visualize)
-        out.update({f"{res.name}/{k}": v for k, v in files.items()})
-    if visualize:
-        from .qc import save_pair_residual_plot
-
-        plot = save_pair_residual_plot(directory, [res.name for res in reg],
-                                       title=f"{reg.moving.name} -> {reg.fixed.name}: keypoint residuals and "
-                                             "leave-one-out errors (mm)")
-        if plot is not None:
-            out["residual_plot"] = plot
     return out
+
+
+def save_pair_alignment(res, directory: Path, *, write_images: bool = True,
+                        visualize: bool = False) -> dict[str, Path]:
+    """One align's sub-directory of a pair directory; keys prefixed ``<align>/``.  A keypoint align
+    (:func:`save_alignment`) or a refined one (``keyreg.refine.RefinedAlignment.save``)."""
+    files = res.save(directory / res.name, write_images=write_images, visualize=visualize)
+    return {f"{res.name}/{k}": v for k, v in files.items()}
+
+
+def save_pair_residual_plot(reg: "Registration", directory: Path) -> dict[str, Path]:
+    """``residuals.png``: the keypoint residuals of every align (written with ``visualize``, after the
+    aligns' residual files)."""
+    from .qc import save_pair_residual_plot as plot_residuals
+
+    plot = plot_residuals(directory, [res.name for res in reg],
+                          title=f"{reg.moving.name} -> {reg.fixed.name}: keypoint residuals and "
+                                "leave-one-out errors (mm)")
+    return {} if plot is None else {"residual_plot": plot}

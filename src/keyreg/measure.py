@@ -55,8 +55,12 @@ def measure_alignment(metrics: Sequence[str], *, fixed: Volume, moving: Volume, 
     """Every metric of one alignment (``transform`` as used for warping on the fixed grid)."""
     from .metrics import compute_metrics
 
+    from .metrics import METRICS
+
     _check_inputs(metrics, warped is not None, warped_seg is not None and fixed_seg is not None)
-    fixed_n, warped_n = metric_intensities(fixed, moving, None if warped is None else warped.data)
+    fixed_n = warped_n = None
+    if any(METRICS[m] == "image" for m in metrics):  # full-grid normalised copies only when used
+        fixed_n, warped_n = metric_intensities(fixed, moving, None if warped is None else warped.data)
     return compute_metrics(
         metrics, warped_image=warped_n, fixed_image=fixed_n,
         warped_seg=None if warped_seg is None else warped_seg.data,

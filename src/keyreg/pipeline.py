@@ -26,7 +26,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, DegenerateFitError
-from .io import Volume, check_same_grid, load_volume
+from .io import Volume, check_same_grid, load_volume, load_volumes
 from .keypoints import (ImageKeypoints, check_enough, check_search_mode, detect_keypoints, select_keypoints,
                         tps_frame, validate_patterns)
 from .refine import STAGES, DeformableConfig, RefineOptions, check_fixed_mask, refined_name
@@ -44,7 +44,7 @@ from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinP
                          fit_transform, keep_identity_if_aligned, parse_aligns)
 
 __all__ = ["RegistrationOptions", "Registrar", "resolve_device", "resolve_model", "Timer", "fit_alignments",
-           "min_keypoints"]
+           "min_keypoints", "release_arrays"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -102,6 +102,16 @@ def resolve_model(model: Any, device: torch.device, *, half_resolution: bool = F
         net.config = dataclasses.replace(net.config,
                                          preprocessing=PreprocessConfig(pre.grid.half_resolution(), pre.intensity))
     return net
+
+
+def release_arrays(res: Any) -> None:
+    """Drop an alignment result's full-grid arrays (warped image and segmentation, cached dense
+    field); they are recomputed on demand (:meth:`Registrar.warp`, ``dense_transform``)."""
+    res.warped = None
+    res.warped_seg = None
+    release = getattr(res, "release_dense", None)
+    if release is not None:
+        release()
 
 
 class Timer:
@@ -425,11 +435,14 @@ class Registrar:
         with self.timer("dense_field"):
             return res.dense_transform()
 
-    def warp(self, reg: Registration, *, image: bool = True, seg: bool = True) -> None:
+    def warp(self, reg: Registration, *, image: bool = True, seg: bool = True,
+             aligns: Sequence[str] | None = None) -> None:
         """Stage 4: resample the moving image (``image``) and segmentation (``seg``, when given) onto
-        the fixed grid, for every alignment."""
+        the fixed grid, for every alignment (or those named in ``aligns``)."""
         pad = pad_value_for(reg.moving, self.options.pad_value) if image else 0.0
         for res in reg:
+            if aligns is not None and res.name not in aligns:
+                continue
             dense = self.dense(res)
             with self.timer("warp"):  # image and segmentation in one pass over the fixed grid
                 seg_in = reg.moving_seg if seg else None
@@ -444,10 +457,32 @@ class Registrar:
                     res.warped_seg = warped_seg
                     res.warped_seg.name = f"{reg.moving.name}_{res.name}_seg"
 
-    def measure(self, reg: Registration, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Stage 5: metrics for every alignment (also stored in each result's ``metrics``)."""
+    def measure(self, reg: Registration, metrics: Sequence[str],
+                aligns: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Stage 5: metrics for every alignment (or those named in ``aligns``; also stored in each
+        result's ``metrics``)."""
         with self.timer("metrics"):
-            return reg.evaluate(metrics)
+            return reg.evaluate(metrics, aligns=aligns)
+
+    def stream(self, reg: Registration, metrics: Sequence[str] = (), *, image: bool = True, seg: bool = True,
+               each: Callable[[Any], None] | None = None) -> dict[str, dict[str, Any]]:
+        """Stages 3-5 (and the caller's 6) align by align: the dense field, the warp, the metrics,
+        then ``each(result)`` (e.g. write its files), then the result's warped volumes and dense field
+        are dropped before the next align.  Peak memory holds one align's full-grid arrays instead
+        of every align's; the values are those of :meth:`warp` + :meth:`measure` over all aligns
+        (each align's computation does not depend on the others).
+
+        Returns:
+            align -> metrics (empty dicts without ``metrics``).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for res in reg:
+            self.warp(reg, image=image, seg=seg, aligns=[res.name])
+            out[res.name] = self.measure(reg, metrics, aligns=[res.name])[res.name] if metrics else {}
+            if each is not None:
+                each(res)
+            release_arrays(res)
+        return out
 
     def save(self, reg: Registration, directory: str | Path, *, write_images: bool = True,
              visualize: bool = False) -> dict[str, Path]:
@@ -460,10 +495,11 @@ class Registrar:
              fixed_seg: Any = None) -> tuple[Volume, Volume, Volume | None, Volume | None]:
         """Read and check the inputs: images, and segmentations on their images' grids."""
         with self.timer("load"):
-            fixed_v = load_volume(fixed, kind="image")
-            moving_v = load_volume(moving, kind="image")
-            fixed_s = None if fixed_seg is None else load_volume(fixed_seg, kind="labels")
-            moving_s = None if moving_seg is None else load_volume(moving_seg, kind="labels")
+            # read on threads (parallel gzip decompression); a bad input's error in this order
+            given = [(fixed, "image"), (moving, "image"), (fixed_seg, "labels"), (moving_seg, "labels")]
+            # segmentations in their smallest integer type (uint8 for most atlases: 1/8 of int64)
+            vols = iter(load_volumes([(src, kind) for src, kind in given if src is not None], compact_labels=True))
+            fixed_v, moving_v, fixed_s, moving_s = (None if src is None else next(vols) for src, _ in given)
         if fixed_s is not None:
             check_same_grid(fixed_s, fixed_v, "fixed segmentation")
         if moving_s is not None:

@@ -188,6 +188,10 @@ class AlignmentResult:
                                        stride=self.field_stride, device=dev, full_grid=True)
         return self._dense
 
+    def release_dense(self) -> None:
+        """Forget the cached dense field (it is recomputed, identically, on the next use)."""
+        self._dense = None
+
     def displacement(self) -> np.ndarray:
         """``(I, J, K, 3)`` displacement ``u = T(p) - p`` (RAS mm) on the full fixed grid."""
         dense = self.dense_transform()
@@ -325,14 +329,17 @@ class Registration:
     def __iter__(self) -> Iterator[AlignmentResult]:
         return iter(self.results.values())
 
-    def evaluate(self, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Compute metrics for every alignment (stored in each result's ``metrics``)."""
+    def evaluate(self, metrics: Sequence[str], aligns: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Compute metrics for every alignment, or those named in ``aligns`` (stored in each result's
+        ``metrics``)."""
         from .measure import measure_alignment
         from .metrics import parse_metrics
 
         names = parse_metrics(list(metrics))
         out = {}
         for res in self:
+            if aligns is not None and res.name not in aligns:
+                continue
             res.metrics = measure_alignment(
                 names, fixed=self.fixed, moving=self.moving, transform=res.dense_transform(), warped=res.warped,
                 warped_seg=res.warped_seg, fixed_seg=self.fixed_seg, moving_seg=self.moving_seg)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BackgroundWriter", "WriteOutcome"]
+__all__ = ["BackgroundWriter", "WriteOutcome", "StagedDir"]
 
 
 @dataclass
@@ -82,6 +82,7 @@ class BackgroundWriter:
                 out = WriteOutcome(key, value=job())
             except BaseException as e:  # noqa: BLE001 - handed to the submitting thread
                 out = WriteOutcome(key, error=e)
+            del job  # the job's data (a pair's arrays) is not kept while the thread waits for the next
             with self._lock:
                 self._done.append(out)
                 if out.error is not None and not isinstance(out.error, Exception):  # KeyboardInterrupt & co.
@@ -113,3 +114,68 @@ class BackgroundWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(cancel=exc_type is not None)
+
+
+class _Aborted(Exception):
+    """Thrown into an open :func:`~keyreg.io.atomic_dir` to discard it."""
+
+
+class StagedDir:
+    """An :func:`~keyreg.io.atomic_dir` written in several steps, e.g. one align at a time by
+    :meth:`keyreg.pipeline.Registrar.stream`, in line or as jobs of a :class:`BackgroundWriter`.
+
+    :meth:`run` calls ``step(tmp)`` with the temporary directory (created by the first step);
+    :meth:`commit` renames it to its final path; :meth:`abort` deletes it.  A step that raises deletes
+    the temporary directory (an ``OSError`` comes out as :class:`~keyreg.errors.OutputError`, as from
+    ``atomic_dir``) and every later step and the commit do nothing: the final path only ever holds a
+    complete directory.  The steps of one directory must run one after another (one thread at a
+    time), in the order they are meant to be written.
+    """
+
+    def __init__(self, path) -> None:
+        from pathlib import Path
+
+        self.path = Path(path)
+        self._cm: Any = None
+        self.failed = False
+        self.closed = False
+
+    def run(self, step: Callable[[Any], Any]) -> Any:
+        """``step(tmp)`` in the temporary directory (``None`` when an earlier step failed)."""
+        from .io import atomic_dir
+
+        if self.failed or self.closed:
+            return None
+        try:
+            if self._cm is None:
+                cm = atomic_dir(self.path)
+                self._tmp = cm.__enter__()
+                self._cm = cm
+            return step(self._tmp)
+        except BaseException as e:
+            self.failed = True
+            cm, self._cm = self._cm, None
+            if cm is not None:
+                cm.__exit__(type(e), e, e.__traceback__)  # deletes it; raises OSErrors as OutputError
+            raise
+
+    def commit(self) -> None:
+        """Give the temporary directory its final name (nothing after a failed step)."""
+        if self.failed or self.closed:
+            return
+        if self._cm is None:
+            self.run(lambda tmp: None)
+        self.closed = True
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Delete the temporary directory, if one was made; later steps do nothing."""
+        self.closed = True
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            try:
+                raise _Aborted
+            except _Aborted as e:
+                cm.__exit__(type(e), e, e.__traceback__)
