@@ -108,6 +108,31 @@ def test_parallel_gzip_is_standard_and_nibabel_identical(tmp_path):
         assert gzip.open(tmp_path / "new.nii.gz").read() == gzip.open(tmp_path / "ref.nii.gz").read()
 
 
+def test_parallel_gzip_stores_incompressible_blocks_and_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal(200_000).astype(np.float32).tobytes()  # ~90 %+ at level 1
+    flat = np.repeat(np.arange(50, dtype=np.uint8), 16_000).tobytes()  # ~0.5 %
+    data = noise + flat + noise[:123_457]
+    outs = {}
+    for ratio in (0.9, 1.0):
+        buf = io.BytesIO()
+        with ParallelGzipWriter(buf, block=65_536, workers=2, store_ratio=ratio) as w:
+            w.write(data)
+        outs[ratio] = buf.getvalue()
+        assert gzip.decompress(outs[ratio]) == data
+        (tmp_path / f"x{ratio}.gz").write_bytes(outs[ratio])
+        assert subprocess.run(["gzip", "-t", str(tmp_path / f"x{ratio}.gz")]).returncode == 0
+    # stored noise blocks: their raw size plus framing; the flat run is still deflated (but for the
+    # flat bytes of the two blocks that start with noise)
+    noise_bytes = len(noise) + 123_457
+    assert noise_bytes < len(outs[0.9]) < noise_bytes * 1.01 + 2 * 65_536 + 0.02 * len(flat)
+    assert len(outs[1.0]) < len(outs[0.9])  # every block compressed: a little smaller
+    buf = io.BytesIO()  # the same bytes give the same file
+    with ParallelGzipWriter(buf, block=65_536, workers=3) as w:
+        w.write(data)
+    assert buf.getvalue() == outs[0.9]
+
+
 def _brain_like_tps(n: int = 88, k: int = 28, seed: int = 0):
     """A TPS like a keyreg-anatomy fit, scaled down: keypoints ~20 mm apart in an ellipsoid of a 1 mm
     grid, moving = an affine of them + N(0, 1.5 mm) disagreement; with a blob label map."""

@@ -521,6 +521,10 @@ def save_volume(
 GZIP_LEVEL = 1
 #: Uncompressed bytes per independently compressed block of a ``.nii.gz`` file.
 GZIP_BLOCK = 4 << 20
+#: A block whose first 1/16 deflates to more than this fraction of its size is stored (deflate's
+#: uncompressed blocks) instead of compressed: float fields of fine-grained values (a TPS
+#: displacement field) deflate to ~93 % at ~30 MB/s of CPU, stored they cost nothing but a copy.
+GZIP_STORE_RATIO = 0.9
 
 
 class ParallelGzipWriter(io.RawIOBase):
@@ -531,15 +535,21 @@ class ParallelGzipWriter(io.RawIOBase):
     concatenate into one valid stream (the way ``pigz`` works); a final empty block, the CRC-32
     and the length close the member.  Any gzip reader (nibabel, ITK, FSL, ``gzip -d``) reads the
     file; only the first bytes of each block lose their back-references (sizes within ~1 %).
+
+    A block that hardly compresses (its first 1/16 deflates to more than ``store_ratio`` of its size,
+    :data:`GZIP_STORE_RATIO`) is written as stored deflate blocks: the same standard stream, a few
+    percent larger, for a twentieth of the CPU.  The choice depends on the bytes only (the same data
+    give the same file); ``store_ratio=1`` compresses every block.
     """
 
     def __init__(self, fileobj, *, level: int = GZIP_LEVEL, block: int = GZIP_BLOCK,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, store_ratio: float = GZIP_STORE_RATIO) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         super().__init__()
         self._f = fileobj
         self._level = level
+        self._store_ratio = store_ratio
         self._block = block
         self._buf = bytearray()
         self._crc = 0
@@ -550,7 +560,13 @@ class ParallelGzipWriter(io.RawIOBase):
         self._f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # gzip header: deflate, no name, mtime 0
 
     def _deflate(self, data: bytes) -> bytes:
-        c = zlib.compressobj(self._level, zlib.DEFLATED, -15, 9)
+        level = self._level
+        if level > 0 and self._store_ratio < 1 and len(data) >= 4096:
+            probe = memoryview(data)[: len(data) // 16]
+            c = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
+            if len(c.compress(probe)) + len(c.flush(zlib.Z_SYNC_FLUSH)) > self._store_ratio * len(probe):
+                level = 0  # incompressible: stored blocks
+        c = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
         return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
 
     def _submit(self, data: bytes) -> None:
