@@ -16,7 +16,9 @@ stage                 what                                                   mod
 ====================  =====================================================  ============================
 
 :meth:`Registrar.register` runs load -> keypoints -> fit -> refine -> dense -> warp; ``measure`` and ``save``
-are called on its :class:`~keyreg.results.Registration`.  ``keyreg register`` (through
+are called on its :class:`~keyreg.results.Registration`.  :meth:`Registrar.stream` runs dense -> warp ->
+measure -> (the caller's) save one align at a time and drops each align's full-grid arrays before the
+next (what ``keyreg register`` and ``keyreg evaluate`` do: one align's arrays in memory, not all).  ``keyreg register`` (through
 :mod:`keyreg.batch`), ``keyreg evaluate``, ``keyreg groupwise`` and :func:`keyreg.register` all use it.
 """
 

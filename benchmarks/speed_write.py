@@ -1,0 +1,54 @@
+"""CPU seconds and size of writing the 256^3 outputs of ``keyreg register`` (issue 13): a TPS
+displacement field (``warp.nii.gz``) and a warped image, with every gzip block compressed
+(``store_ratio=1``) and with incompressible blocks stored (the default, ``GZIP_STORE_RATIO``).
+
+The image is the fixed image of ``benchmarks/speed_1mm.py``'s pair (``.bench/speed_1mm/``); the field
+a smooth random displacement (up to ~10 mm) on its grid, like a TPS: fine-grained float32 values.
+
+    python benchmarks/speed_write.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    import keyreg.io as kio
+    from keyreg.formats import write_displacement_field
+    from speed_1mm import CACHE, build_pair
+
+    paths = build_pair(CACHE)
+    ref = kio.load_volume(paths["fixed"])
+    g = torch.Generator().manual_seed(0)
+    disp = torch.nn.functional.interpolate(torch.randn(1, 3, 9, 9, 9, generator=g) * 5, size=ref.shape,
+                                           mode="trilinear", align_corners=True)[0].permute(1, 2, 3, 0).numpy()
+    defaults = kio.ParallelGzipWriter.__init__.__kwdefaults__
+    print(f"grid {ref.shape}; threads for deflate: {min(8, os.cpu_count() or 1)}")
+    print("| file | store_ratio | CPU (s) | wall (s) | size (MiB) |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for ratio in (1.0, kio.GZIP_STORE_RATIO):
+            defaults["store_ratio"] = ratio
+            for name, write in (("warp.nii.gz (field)", lambda p: write_displacement_field(p, disp, ref.affine,
+                                                                                             header=ref.header)),
+                                ("warped.nii.gz (image)", lambda p: kio.save_volume(ref.data, ref, p))):
+                path = Path(tmp) / "out.nii.gz"
+                c, w = time.process_time(), time.perf_counter()
+                write(path)
+                print(f"| {name} | {ratio:g} | {time.process_time() - c:.2f} | {time.perf_counter() - w:.2f} | "
+                      f"{path.stat().st_size / 2**20:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
