@@ -185,3 +185,27 @@ def test_strided_field_is_within_its_stated_bound_of_the_exact_field(stride, p99
     b = warp_volumes(None, seg, seg, full)[1].data
     da, db = dice_per_label(a, labels), dice_per_label(b, labels)
     assert max(abs(da[k] - db[k]) for k in da) < dice
+
+
+def test_inputs_read_on_threads_equal_one_by_one_and_report_the_first_bad_one(tmp_path):
+    from keyreg.errors import ImageIOError
+    from keyreg.io import load_volume, load_volumes
+
+    rng = np.random.default_rng(3)
+    aff = np.diag([1.2, 1.0, 0.9, 1.0])
+    img = rng.standard_normal((12, 10, 9)).astype(np.float32)
+    nib.save(nib.Nifti1Image(img, aff), str(tmp_path / "img.nii.gz"))
+    for name, ids in (("small", [0, 3, 200]), ("fs", [0, 2, 2035]), ("big", [0, 41, 1_000_003])):
+        seg = rng.choice(ids, size=(12, 10, 9)).astype(np.int32)
+        nib.save(nib.Nifti1Image(seg, aff), str(tmp_path / f"{name}.nii.gz"))
+    sources = [(tmp_path / "img.nii.gz", "image"), *((tmp_path / f"{n}.nii.gz", "labels") for n in ("small", "fs", "big"))]
+    threaded = load_volumes(sources, compact_labels=True)
+    for (src, kind), v in zip(sources, threaded):
+        one = load_volume(src, kind=kind)  # int64 labels, the default
+        assert np.array_equal(v.data, one.data) and np.array_equal(v.affine, one.affine) and v.name == one.name
+    assert [v.data.dtype for v in threaded] == [np.float32, np.uint8, np.int16, np.int32]
+    assert load_volumes(sources)[1].data.dtype == np.int64
+    bad = [(tmp_path / "img.nii.gz", "image"), (tmp_path / "missing_1.nii.gz", "image"),
+           (tmp_path / "missing_2.nii.gz", "labels")]
+    with pytest.raises(ImageIOError, match="missing_1"):
+        load_volumes(bad)
