@@ -209,3 +209,20 @@ def test_inputs_read_on_threads_equal_one_by_one_and_report_the_first_bad_one(tm
            (tmp_path / "missing_2.nii.gz", "labels")]
     with pytest.raises(ImageIOError, match="missing_1"):
         load_volumes(bad)
+
+
+def test_parallel_gzip_file_does_not_depend_on_how_the_bytes_are_handed_in():
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 4, 400_000, dtype=np.uint8).tobytes() + rng.standard_normal(60_000).astype(np.float32).tobytes()
+    outs = []
+    for pattern in ([len(data)], [1, 65_535, 65_536, 70_000, 0, 10], [100_000] * 5, [65_536] * 3):
+        buf = io.BytesIO()
+        with ParallelGzipWriter(buf, block=65_536, workers=2) as w:
+            pos = 0
+            for k in pattern:
+                w.write(data[pos:pos + k])
+                pos += k
+            w.write(memoryview(data)[pos:])
+        outs.append(buf.getvalue())
+        assert gzip.decompress(outs[-1]) == data
+    assert all(o == outs[0] for o in outs)

@@ -580,11 +580,19 @@ class ParallelGzipWriter(io.RawIOBase):
             self._f.write(self._pending.pop(0).result())
 
     def write(self, data) -> int:
-        n = len(memoryview(data).cast("B"))
-        self._buf += memoryview(data).cast("B")
-        while len(self._buf) >= self._block:
-            self._submit(bytes(self._buf[: self._block]))
-            del self._buf[: self._block]
+        mv = memoryview(data).cast("B")
+        n, pos = len(mv), 0
+        if self._buf:  # complete the pending partial block first
+            pos = min(n, self._block - len(self._buf))
+            self._buf += mv[:pos]
+            if len(self._buf) < self._block:
+                return n
+            self._submit(bytes(self._buf))
+            self._buf = bytearray()
+        while n - pos >= self._block:  # whole blocks straight from the caller's buffer: one copy each
+            self._submit(bytes(mv[pos : pos + self._block]))
+            pos += self._block
+        self._buf += mv[pos:]
         return n
 
     def tell(self) -> int:
