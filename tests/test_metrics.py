@@ -117,3 +117,16 @@ def test_brain_dice_counts_only_freesurfer_brain_structures():
     out = compute_metrics(["braindice", "harddice"], warped_seg=warped, fixed_seg=fixed)
     assert out["braindice"] == 1.0 and out["braindice_per_label"] == {2: 1.0, 60: 1.0}
     assert out["harddice"] < 1.0 and mean_dice(out["harddice_per_label"]) == out["harddice"]
+
+
+def test_mse_and_ncc_chunked_equal_the_float64_formulas():
+    """mse and ncc run over float64 chunks (no full-size float64 copies); on a volume spanning
+    several chunks they equal the plain float64 formulas to rounding."""
+    from keyreg.metrics import _CHUNK
+
+    rng = np.random.default_rng(3)
+    a = rng.random((3, _CHUNK // 2 + 7), dtype=np.float32)  # 1.5 chunks, not a multiple of the chunk
+    b = (0.7 * a + 0.3 * rng.random(a.shape, dtype=np.float32)).astype(np.float32)
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    assert mse(a, b) == pytest.approx(float(np.mean((x - y) ** 2)), rel=1e-12)
+    assert ncc(a, b) == pytest.approx(float(np.corrcoef(x.ravel(), y.ravel())[0, 1]), rel=1e-12)

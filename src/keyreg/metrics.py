@@ -75,11 +75,19 @@ def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
         raise ShapeError(f"{what}: shapes {a.shape} and {b.shape} differ (both must be on the fixed grid)")
 
 
+#: elements per chunk of the image metrics (8 MiB of float64)
+_CHUNK = 1 << 20
+
+
 def mse(warped: np.ndarray, fixed: np.ndarray) -> float:
     """Mean squared intensity difference (images expected min-max normalised to [0, 1])."""
     _same_shape(warped, fixed, "mse")
-    d = warped.astype(np.float64) - fixed.astype(np.float64)
-    return float(np.mean(d * d))
+    a, b = np.ravel(warped), np.ravel(fixed)
+    total = 0.0
+    for s in range(0, a.size, _CHUNK):  # float64 in chunks: no full-size float64 temporaries
+        d = a[s:s + _CHUNK].astype(np.float64) - b[s:s + _CHUNK]
+        total += float(np.dot(d, d))
+    return total / max(a.size, 1)
 
 
 def ncc(warped: np.ndarray, fixed: np.ndarray) -> float:
@@ -88,12 +96,15 @@ def ncc(warped: np.ndarray, fixed: np.ndarray) -> float:
     A constant image has no defined correlation: returns ``nan``.
     """
     _same_shape(warped, fixed, "ncc")
-    a = warped.astype(np.float64).ravel()
-    b = fixed.astype(np.float64).ravel()
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = np.sqrt(np.dot(a, a) * np.dot(b, b))
-    return float(np.dot(a, b) / denom) if denom > 0 else float("nan")
+    a, b = np.ravel(warped), np.ravel(fixed)
+    ma, mb = float(a.mean(dtype=np.float64)), float(b.mean(dtype=np.float64))
+    saa = sbb = sab = 0.0
+    for s in range(0, a.size, _CHUNK):  # float64 in chunks: no full-size float64 temporaries
+        x = a[s:s + _CHUNK].astype(np.float64) - ma
+        y = b[s:s + _CHUNK].astype(np.float64) - mb
+        saa, sbb, sab = saa + float(np.dot(x, x)), sbb + float(np.dot(y, y)), sab + float(np.dot(x, y))
+    denom = np.sqrt(saa * sbb)
+    return float(sab / denom) if denom > 0 else float("nan")
 
 
 def _labels_in_either(a: np.ndarray, b: np.ndarray) -> list[int]:
