@@ -118,15 +118,16 @@ def parse_stages(stderr: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) s", m.group(1))}
 
 
-def keyreg_cmd(paths: dict[str, Path], save_dir: Path, full: bool) -> list[str]:
-    exe = [sys.executable, "-m", "keyreg.cli"]
+def keyreg_cmd(paths: dict[str, Path], save_dir: Path, full: bool, search: str | None = None) -> list[str]:
+    """The full or the affine-only command; ``search`` adds ``--orientation_search``."""
+    cmd = [sys.executable, "-m", "keyreg.cli", "register", "--moving", str(paths["moving"]), "--fixed",
+           str(paths["fixed"]), "--save_dir", str(save_dir), "--device", "cpu"]
     if full:
-        return exe + ["register", "--moving", str(paths["moving"]), "--fixed", str(paths["fixed"]),
-                      "--moving_seg", str(paths["moving_seg"]), "--fixed_seg", str(paths["fixed_seg"]),
-                      "--list_of_aligns", *FULL_ALIGNS, "--list_of_metrics", *FULL_METRICS,
-                      "--save_eval_to_disk", "--save_dir", str(save_dir), "--device", "cpu"]
-    return exe + ["register", "--moving", str(paths["moving"]), "--fixed", str(paths["fixed"]),
-                  "--list_of_aligns", "affine", "--save_dir", str(save_dir), "--device", "cpu"]
+        cmd += ["--moving_seg", str(paths["moving_seg"]), "--fixed_seg", str(paths["fixed_seg"]),
+                "--list_of_aligns", *FULL_ALIGNS, "--list_of_metrics", *FULL_METRICS, "--save_eval_to_disk"]
+    else:
+        cmd += ["--list_of_aligns", "affine"]
+    return cmd + (["--orientation_search", search] if search else [])
 
 
 ANTS_SCRIPT = """
@@ -162,6 +163,8 @@ def main() -> None:
     p.add_argument("--compare_src", type=Path, default=None,
                    help="also run the batch with the keyreg under this source tree (e.g. a worktree of an "
                         "older commit), alternating with this one, for a before/after in the same run")
+    p.add_argument("--orientation_search", nargs="+", choices=["default", "always", "auto"], default=["default"],
+                   help="run each command with each of these orientation search modes (default: the model's)")
     p.add_argument("--label", default="", help="a label for the table (e.g. before / after)")
     p.add_argument("--append", help="append the tables to this markdown file")
     args = p.parse_args()
@@ -185,10 +188,12 @@ def main() -> None:
         commands = [("full", True), ("affine", False)]
         if args.only:
             commands = [c for c in commands if c[0] == args.only]
+        modes = [None if m == "default" else m for m in args.orientation_search]
+        commands = [(key if mode is None else f"{key} ({mode})", full, mode) for key, full in commands for mode in modes]
         for rep in range(args.repeats if commands else 0):
-            for key, full in commands:
-                save = work / f"{key}_{rep}"
-                r = timed_process(keyreg_cmd(paths, save, full), env)
+            for key, full, mode in commands:
+                save = work / f"{key.split()[0]}_{rep}"
+                r = timed_process(keyreg_cmd(paths, save, full, mode), env)
                 r["stages"] = parse_stages(r["stderr"])
                 if full:
                     r["disk_mb"] = sum(f.stat().st_size for f in save.rglob("*") if f.is_file()) / 2**20
@@ -231,8 +236,11 @@ def main() -> None:
     lines.append("|---|---|---|---|---|---|")
     names = {"full": f"full: {' '.join(FULL_ALIGNS)}, {' '.join(FULL_METRICS)}, --save_eval_to_disk",
              "affine": "affine only, no saving"}
+    def label(key: str) -> str:
+        return names[key.split()[0]] + (f", --orientation_search {key.split('(')[1][:-1]}" if "(" in key else "")
+
     for key, runs in results.items():
-        lines.append(f"| {names[key]} | {median([r['wall'] for r in runs]):.1f} | "
+        lines.append(f"| {label(key)} | {median([r['wall'] for r in runs]):.1f} | "
                      f"{median([r['cpu'] for r in runs]):.1f} | {median([r['sys'] for r in runs]):.1f} | "
                      f"{median([r['rss_mb'] for r in runs]):.0f} | {fmt_runs(runs)} |")
     lines.append(f"| `keyreg --help` (process start + CLI imports) | {median([r['wall'] for r in help_runs]):.2f} | "
@@ -243,11 +251,12 @@ def main() -> None:
                      f"{ants['sys']:.1f} | {ants['rss_mb']:.0f} | {ants['stdout'].strip()} |")
     lines.append("")
     lines.append(f"Import of keyreg.api + metrics + export in a fresh process: {float(imp['stdout']):.2f} s.")
-    if "full" in results:
-        lines.append(f"Full command output on disk: {median([r['disk_mb'] for r in results['full']]):.0f} MiB.")
+    full_runs = [r for k, runs in results.items() if k.startswith("full") for r in runs]
+    if full_runs:
+        lines.append(f"Full command output on disk: {median([r['disk_mb'] for r in full_runs]):.0f} MiB.")
     lines.append("")
     if ants is not None:
-        ratios = [f"{names[k]}: {median([r['wall'] for r in runs]) / ants['wall']:.2f}" for k, runs in results.items()]
+        ratios = [f"{label(k)}: {median([r['wall'] for r in runs]) / ants['wall']:.2f}" for k, runs in results.items()]
         lines.append("Wall-time ratio keyreg / ANTs Affine (same run): " + "; ".join(ratios) + ".\n")
     for key, runs in results.items():
         stages = sorted({s for r in runs for s in r["stages"]}, key=lambda s: list(runs[0]["stages"]).index(s)
