@@ -19,15 +19,22 @@ segmentation > 0), and the wall time of the registration:
   ``antsRegistrationSyNQuick[s]`` (antspyx defaults).
 
 Wall times: keyreg's keypoint columns time detection + fit + warp; refinement columns add the
-refinement on top of the keypoint affine.  ANTs and torch both get ``--threads`` threads.
+refinement on top of the keypoint affine (the refinement alone is its own column).  ANTs and torch
+both get ``--threads`` threads.  Without ``--only``, each pair runs ANTs and then keyreg back to back,
+so that the two see the same load of a shared machine.
+
+The safeguard (``keyreg.refine``) decides from the images only (the refinement is not given the
+segmentations); a second table lists, per pair and refinement, the Dice of the start and of the
+refined candidate, whether the safeguard kept the start, and the Dice change of what is returned
+(the target: never below -0.01).
 
 Results are cached per (row, pair, method) in ``<work>/results.json``, so ``--only ants`` and
-``--only keyreg`` can run separately (e.g. ANTs in the background) and a final run prints the table.
+``--only keyreg`` can run separately (e.g. ANTs in the background) and a final run prints the tables.
 
 Usage:
     python benchmarks/refine_vs_ants.py [--pairs 2] [--threads 2] [--work .bench/refine] \\
-        [--only data|ants|keyreg|table] [--model keyreg-anatomy] [--ants_from .bench/refine/results.json] \\
-        [--append docs/benchmarks.md]
+        [--only data|ants|keyreg|table] [--rows a0 a90 b] [--model keyreg-anatomy] \\
+        [--ants_from .bench/refine/results.json] [--append docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -150,30 +157,39 @@ def run_ants(jobs: list[dict], results: Results, threads: int, seed: int) -> Non
                                                 "seconds": secs})
 
 
-def run_keyreg(jobs: list[dict], results: Results, threads: int, model: str | None, tps: str) -> str:
-    """keyreg keypoint affine / TPS and the two refinements; returns the model description."""
-    import numpy as np
-    import torch
+class KeyregRunner:
+    """keyreg keypoint affine / TPS and the two refinements of one pair at a time (the model loaded once)."""
 
-    import keyreg
-    from keyreg.api import resolve_model
-    from keyreg.io import load_volume
-    from keyreg.metrics import jacobian_determinant
-    from keyreg.refine import refine_transform
-    from keyreg.transforms import sample_field
-    from keyreg.warp import warp_labels
+    def __init__(self, results: Results, threads: int, model: str | None, tps: str) -> None:
+        import torch
 
-    torch.set_num_threads(threads)
-    net = resolve_model(model, torch.device("cpu"))
-    desc = f"{net.config.name} ({net.config.architecture.describe()})"
-    for job in jobs:
+        from keyreg.api import resolve_model
+
+        torch.set_num_threads(threads)
+        self.results, self.tps = results, tps
+        self.net = resolve_model(model, torch.device("cpu"))
+        self.desc = f"{self.net.config.name} ({self.net.config.architecture.describe()})"
+
+    def methods(self) -> list[str]:
+        return ["keyreg affine", f"keyreg {self.tps}", "keyreg affine + affine refinement",
+                "keyreg affine + deformable refinement"]
+
+    def __call__(self, job: dict) -> None:
+        import numpy as np
+
+        import keyreg
+        from keyreg.io import load_volume
+        from keyreg.metrics import jacobian_determinant
+        from keyreg.refine import refine_transform
+        from keyreg.transforms import sample_field
+        from keyreg.warp import warp_labels
+
+        results, tps = self.results, self.tps
         fseg = load_volume(job["fixed_seg"], kind="labels").data
-        todo = [m for m in ("keyreg affine", f"keyreg {tps}", "keyreg affine + affine refinement",
-                            "keyreg affine + deformable refinement") if not results.has(job, m)]
-        if not todo:
-            continue
+        if all(results.has(job, m) for m in self.methods()):
+            return
         t0 = time.perf_counter()
-        reg = keyreg.register(job["moving"], job["fixed"], model=net, aligns=["affine", tps],
+        reg = keyreg.register(job["moving"], job["fixed"], model=self.net, aligns=["affine", tps],
                               moving_seg=job["moving_seg"], fixed_seg=job["fixed_seg"], device="cpu")
         t_kp = time.perf_counter() - t0
         for align in ("affine", tps):
@@ -184,28 +200,40 @@ def run_keyreg(jobs: list[dict], results: Results, threads: int, model: str | No
                 nonpos = 100.0 * float(np.mean(jacobian_determinant(dense)[fseg > 0] <= 0))
             results.put(job, f"keyreg {align}", {"dice": brain_dice(res.warped_seg.data, fseg),
                                                  "nonpos_pct": nonpos, "seconds": t_kp})
+
+        def seg_dice(transform) -> float:
+            seg = warp_labels(reg.moving_seg.tensor()[:, 0], reg.moving.affine, reg.fixed.shape, reg.fixed.affine,
+                              transform)[0].numpy()
+            return brain_dice(seg, fseg)
+
+        start = reg["affine"].transform
+        d_start = seg_dice(start)
         for stage in ("affine", "deformable"):
             t1 = time.perf_counter()
-            out = refine_transform(reg.fixed, reg.moving, reg["affine"].transform, stage=stage,
-                                   fixed_seg=reg.fixed_seg, moving_seg=reg.moving_seg)
-            seg = warp_labels(reg.moving_seg.tensor()[:, 0], reg.moving.affine, reg.fixed.shape, reg.fixed.affine,
-                              out.transform)[0].numpy()
-            secs = time.perf_counter() - t1 + t_kp
+            # no segmentations: the safeguard decides from the images; Dice is measured here, untimed
+            out = refine_transform(reg.fixed, reg.moving, start, stage=stage)
+            t_ref = time.perf_counter() - t1
             nonpos = 0.0
             if getattr(out.transform, "phi", None) is not None:
                 dense = sample_field(out.transform, reg.fixed.shape, reg.fixed.affine)
                 nonpos = 100.0 * float(np.mean(jacobian_determinant(dense)[fseg > 0] <= 0))
+            rep = out.report
             results.put(job, f"keyreg affine + {stage} refinement",
-                        {"dice": brain_dice(seg, fseg), "nonpos_pct": nonpos, "seconds": secs,
-                         "kept_start": out.kept_start, "refine_seconds": out.report["seconds"]})
-    return desc
+                        {"dice": seg_dice(out.transform), "nonpos_pct": nonpos, "seconds": t_ref + t_kp,
+                         "kept_start": out.kept_start, "refine_seconds": t_ref, "dice_start": d_start,
+                         "dice_candidate": seg_dice(out.candidate), "reason": rep.get("reason", ""),
+                         "nmi": [rep["nmi_start"], rep["nmi_end"]],
+                         "dissimilarity": [rep["similarity_start"], rep["similarity_end"]],
+                         "iterations": rep.get("deformable", rep["affine"]).get("iterations_per_level",
+                                                                                rep["affine"]["iterations"])})
 
 
 def table(jobs: list[dict], results: Results, tps: str) -> str:
     methods = ["keyreg affine", f"keyreg {tps}", "keyreg affine + affine refinement",
                "keyreg affine + deformable refinement", "ANTs SyN", "ANTs antsRegistrationSyNQuick[s]"]
-    lines = ["| row | method | Dice (brain, 2–60) | non-positive Jacobian (% of fixed mask) | wall time (s) | pairs |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| row | method | Dice (brain, 2–60) | non-positive Jacobian (% of fixed mask) | wall time (s) | "
+             "refinement alone (s) | pairs |",
+             "|---|---|---|---|---|---|---|"]
     for row in ROWS:
         for m in methods:
             vals = [results.data.get(f"{row}|{j['pair']}|{m}") for j in jobs if j["row"] == row]
@@ -227,7 +255,31 @@ def table(jobs: list[dict], results: Results, tps: str) -> str:
             kept = sum(1 for v in ok if v.get("kept_start"))
             if kept:
                 note += f", start kept on {kept}"
-            lines.append(f"| {ROW_TITLES[row]} | {m} | {ms('dice')} | {ms('nonpos_pct')} | {ms('seconds')} | {note} |")
+            lines.append(f"| {ROW_TITLES[row]} | {m} | {ms('dice')} | {ms('nonpos_pct')} | {ms('seconds')} | "
+                         f"{ms('refine_seconds')} | {note} |")
+    return "\n".join(lines).replace("| n/a | 1", "|  | 1")
+
+
+def safeguard_table(jobs: list[dict], results: Results) -> str:
+    """Per pair and refinement: Dice of the start, of the candidate and of what is returned; the
+    safeguard's decision (from the images); the refinement's time against ANTs SyN's on the pair."""
+    lines = ["| row | pair | refinement | Dice start | Dice candidate | safeguard | Dice returned | change | "
+             "NMI start → candidate | refinement (s) | ANTs SyN (s) | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for job in jobs:
+        syn = results.data.get(f"{job['row']}|{job['pair']}|ANTs SyN", {})
+        for stage in ("affine", "deformable"):
+            v = results.data.get(f"{job['row']}|{job['pair']}|keyreg affine + {stage} refinement")
+            if not v or "dice_start" not in v:
+                continue
+            fired = "kept start" if v["kept_start"] else "accepted"
+            change = v["dice"] - v["dice_start"]
+            ratio = f"{v['refine_seconds'] / syn['seconds']:.2f}" if syn.get("seconds") else "n/a"
+            pair = job["pair"].split("_")
+            lines.append(f"| {ROW_TITLES[job['row']]} | {pair[3]}→{pair[7]} | {stage} | {v['dice_start']:.3f} | "
+                         f"{v['dice_candidate']:.3f} | {fired} | {v['dice']:.3f} | {change:+.3f} | "
+                         f"{v['nmi'][0]:.4f} → {v['nmi'][1]:.4f} | {v['refine_seconds']:.1f} | "
+                         f"{syn.get('seconds', float('nan')):.1f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -240,13 +292,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="keyreg model (default: the bundled default)")
     ap.add_argument("--work", type=Path, default=ROOT / ".bench" / "refine")
     ap.add_argument("--only", choices=["data", "ants", "keyreg", "table"])
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run (default: all)")
     ap.add_argument("--append", help="append the table to this markdown file")
     ap.add_argument("--ants_from", type=Path,
                     help="reuse the ANTs results of another work directory's results.json (same data and seed: "
                          "ANTs does not depend on the keyreg model)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    jobs = make_data(args.work, min(args.pairs, 3), args.seed)
+    jobs = [j for j in make_data(args.work, min(args.pairs, 3), args.seed) if j["row"] in args.rows]
     results = Results(args.work / "results.json")
     if args.ants_from:
         other = json.loads(args.ants_from.read_text())
@@ -255,14 +308,23 @@ def main() -> None:
                 key = f"{job['row']}|{job['pair']}|{m}"
                 if key in other and not results.has(job, m):
                     results.put(job, m, other[key])
-    if args.only in (None, "ants"):
-        run_ants(jobs, results, args.threads, args.seed)
     desc = None
-    if args.only in (None, "keyreg"):
-        desc = run_keyreg(jobs, results, args.threads, args.model, args.tps)
+    if args.only == "ants":
+        run_ants(jobs, results, args.threads, args.seed)
+    elif args.only == "keyreg":
+        runner = KeyregRunner(results, args.threads, args.model, args.tps)
+        desc = runner.desc
+        for job in jobs:
+            runner(job)
+    elif args.only is None:  # per pair, ANTs then keyreg: the same load for both
+        runner = KeyregRunner(results, args.threads, args.model, args.tps)
+        desc = runner.desc
+        for job in jobs:
+            run_ants([job], results, args.threads, args.seed)
+            runner(job)
     if args.only in ("data", "ants", "keyreg"):
         return
-    text = table(jobs, results, args.tps)
+    text = table(jobs, results, args.tps) + "\n\n" + safeguard_table(jobs, results)
     print(text)
     if args.append:
         import torch

@@ -123,6 +123,55 @@ def test_known_smooth_deformation_is_recovered(similarity, tolerance):
     assert vel.loss_end < vel.loss_start
 
 
+def test_adam_matches_torch_adam_with_a_linear_decay():
+    """The written-out Adam (no torch.optim import at run time) takes torch.optim.Adam's steps."""
+    from keyreg.refine.optimize import _Adam
+
+    target = torch.linspace(-2, 3, 12).reshape(3, 4)
+    sched = lambda k: 1.0 - 0.9 * min(k / 10, 1.0)  # noqa: E731
+    a = torch.zeros(3, 4, requires_grad=True)
+    b = torch.zeros(3, 4, requires_grad=True)
+    ours = _Adam([a], lr=0.3, schedule=sched)
+    ref = torch.optim.Adam([b], lr=0.3)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, sched)
+    for _ in range(15):
+        for p, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            ((p - target) ** 4).sum().backward()
+            opt.step()
+        ref_sched.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_levels_stop_early_once_converged():
+    """The convergence rule (windows of ``patience`` similarity values), and levels after the first
+    stopping early on an identity pair while the first level runs all its iterations."""
+    from keyreg.refine.optimize import _Stopping
+
+    def stops_at(values, patience=3, tolerance=1e-3):
+        rule = _Stopping(patience, tolerance)
+        return next((k + 1 for k, v in enumerate(values) if rule.converged(v)), None)
+
+    assert stops_at([1.0 - 0.01 * k for k in range(30)]) is None  # steady 1 %/step progress: runs on
+    assert stops_at([0.5] * 30) == 6  # flat: stops after two windows
+    assert stops_at([0.5, 0.48, 0.46, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45]) == 9  # converged after a fall
+    assert stops_at([0.5] * 30, patience=0) is None
+    assert stops_at([0.5, float("nan"), 0.5, 0.5, 0.5, 0.5]) == 6  # a NaN is never progress
+
+    # a known smooth deformation: the second level converges before its 20 iterations, the first runs all
+    aff = _affine()
+    img = torch.from_numpy(_image(aff))[None, None]
+    v_true = _smooth_velocity(SHAPE, aff, 4.0)
+    moving = warp_image(img, aff, SHAPE, aff, DisplacementField(integrate_velocity(-v_true, aff), aff))
+    full = optimize_velocity(img, moving, aff, DeformableConfig(spacing_mm=3.0, iterations=(20, 20), patience=0))
+    assert [len(h) for h in full.history] == [20, 20] and full.iterations == 40
+    early = optimize_velocity(img, moving, aff, DeformableConfig(spacing_mm=3.0, iterations=(20, 20), patience=4,
+                                                                tolerance=1e-3))
+    assert len(early.history[0]) == 20 and 8 <= len(early.history[1]) < 20
+    assert early.iterations == sum(len(h) for h in early.history)
+    assert early.loss_end < 0.7 * early.loss_start and early.loss_end < full.loss_end + 0.002
+
+
 def _refined(aff, seed_amp=3.0):
     start = np.eye(4)
     start[:3, :3] = rotation([0, 0, 1], 4.0)
@@ -173,17 +222,78 @@ def test_exported_field_agrees_with_simpleitk(tmp_path):
     assert np.abs(ours - ref)[inner].max() < 2e-3 * float(np.ptp(moving))
 
 
-def test_safeguard_keeps_the_start_and_reports():
+def test_nmi_and_safeguard_verdict():
+    from keyreg.refine import normalized_mutual_information, safeguard_verdict
+
+    a = torch.from_numpy(_image(_affine()))[None, None]
+    assert normalized_mutual_information(a, a) == pytest.approx(2.0)
+    assert normalized_mutual_information(a, 1.0 - a) == pytest.approx(2.0)  # any one-to-one intensity map
+    shifted = torch.roll(a, 4, dims=2)
+    assert 1.0 <= normalized_mutual_information(a, shifted) < normalized_mutual_information(a, a) - 0.05
+    noise = torch.rand(a.shape, generator=torch.Generator().manual_seed(0))
+    assert normalized_mutual_information(a, noise) < normalized_mutual_information(a, shifted)
+    mask = torch.zeros_like(a)
+    mask[..., :1, :1, :1] = 1
+    assert normalized_mutual_information(a, noise, mask) == 1.0  # a single voxel: nothing to measure
+    good, bad = {"dissimilarity": 0.2, "nmi": 1.3}, {"dissimilarity": 0.3, "nmi": 1.2}
+    assert safeguard_verdict(bad, good) == (False, "")
+    keep, why = safeguard_verdict(good, bad, similarity="mind")
+    assert keep and "mind dissimilarity" in why and "NMI" in why
+    # the independent measure alone vetoes; a tolerance lets a small NMI fall pass
+    keep, why = safeguard_verdict(good, {"dissimilarity": 0.1, "nmi": 1.29})
+    assert keep and why.startswith("NMI")
+    assert not safeguard_verdict(good, {"dissimilarity": 0.1, "nmi": 1.29}, nmi_tolerance=0.02)[0]
+    assert safeguard_verdict(good, {"dissimilarity": float("nan"), "nmi": 1.4})[0]
+
+
+def _failing_affine(monkeypatch, shift_mm=(6.0, -5.0, 4.0)):
+    """Make the affine refinement fail: it returns a large wrong translation instead of its optimum."""
+    import keyreg.refine.run as run_module
+    from keyreg.refine.optimize import AffineOutcome
+
+    def broken(*args, **kwargs):
+        m = np.eye(4)
+        m[:3, 3] = shift_mm
+        return AffineOutcome(m, 0.0, 0.0, 1, False)
+
+    monkeypatch.setattr(run_module, "optimize_affine", broken)
+
+
+@pytest.mark.parametrize("stage", ["affine", "deformable"])
+def test_safeguard_keeps_the_start_of_a_failed_refinement(monkeypatch, stage):
+    """A refinement made to fail (a wrong affine correction) is caught from the images alone: the
+    start is kept and the report says why, with the Dice change when segmentations are given."""
     aff = _affine()
     img = _image(aff)
     seg = (img > 0.4).astype(np.int16)
     start = AffineTransform(torch.eye(4, dtype=torch.float64)[None])
-    res = refine_transform(make_volume(img, aff), make_volume(img, aff), start, stage="affine",
-                           options=RefineOptions(similarity="lncc", dice_tolerance=-1.0),
+    _failing_affine(monkeypatch)
+    res = refine_transform(make_volume(img, aff), make_volume(img, aff), start, stage=stage,
+                           options=RefineOptions(similarity="mind", iterations=(2,)),
                            fixed_seg=make_volume(seg, aff, kind="labels"),
                            moving_seg=make_volume(seg, aff, kind="labels"))
     assert res.kept_start and res.transform is start
-    assert "Dice" in res.report["reason"] and res.report["dice_start"] == pytest.approx(1.0)
+    rep = res.report
+    assert rep["kept_start"] and "dissimilarity" in rep["reason"] and "NMI" in rep["reason"]
+    assert rep["nmi_end"] < rep["nmi_start"] and rep["similarity_end"] > rep["similarity_start"]
+    assert rep["dice_start"] == pytest.approx(1.0) and rep["dice_change"] < -0.01
+    assert rep["dice_drop_missed"] is False  # caught, so not missed
+
+
+def test_safeguard_without_segmentations_and_a_mask(monkeypatch):
+    """No segmentations: the images alone decide; the mask limits the measures; a good refinement
+    is accepted."""
+    pair = _shifted_pair()
+    start = AffineTransform(torch.eye(4, dtype=torch.float64)[None])
+    mask = make_volume((pair["fixed"].data > 0.1).astype(np.uint8), pair["fixed"].affine, kind="labels")
+    ok = refine_transform(pair["fixed"], pair["moving"], start, stage="affine", fixed_mask=mask,
+                          options=RefineOptions(similarity="lncc"))
+    assert not ok.kept_start and "dice_start" not in ok.report and "reason" not in ok.report
+    assert ok.report["nmi_end"] > ok.report["nmi_start"]
+    _failing_affine(monkeypatch, (-8.0, 6.0, 0.0))
+    bad = refine_transform(pair["fixed"], pair["moving"], start, stage="affine", fixed_mask=mask,
+                           options=RefineOptions(similarity="lncc"))
+    assert bad.kept_start and bad.transform is start and "lncc dissimilarity" in bad.report["reason"]
 
 
 def test_bad_options_and_mask():
@@ -196,6 +306,8 @@ def test_bad_options_and_mask():
         refine_transform(img, img, start, stage="bspline")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         refine_transform(img, img, start, options=RefineOptions(seconds=0))
+    with pytest.raises(ConfigError):
+        refine_transform(img, img, start, options=RefineOptions(nmi_tolerance=-0.1))
     bad_mask = make_volume(np.ones((5, 5, 5), np.uint8), np.eye(4), kind="labels")
     with pytest.raises(ImageContentError):
         refine_transform(img, img, start, fixed_mask=bad_mask)
@@ -242,7 +354,7 @@ def test_refine_stage_of_the_pipeline_outputs_and_apply(tmp_path):
     assert metrics["affine+deformable"]["refine_kept_start"] in (0, 1)
     assert "refine_kept_start" not in metrics["affine"]
     report = ra.result.report
-    assert report["dice_end"] >= report["dice_start"] - 0.01
+    assert report["dice_end"] >= report["dice_start"] - 0.01 and not report["dice_drop_missed"]
     assert metrics["affine+deformable"]["harddice"] >= metrics["affine"]["harddice"] - 0.01
     files = registrar.save(reg, tmp_path)
     d = tmp_path / "affine+deformable"
@@ -269,9 +381,10 @@ def test_refine_stage_of_the_pipeline_outputs_and_apply(tmp_path):
     assert set(direct) == {"affine+affine"} and "affine+affine" not in reg.results
 
 
-def test_refine_stage_keeps_a_linear_result_linear_and_a_rejected_start(tmp_path):
+def test_refine_stage_keeps_a_linear_result_linear_and_a_rejected_start(tmp_path, monkeypatch):
     """An affine refinement of an affine start is a matrix (written in every linear format, and
-    warp.nii.gz); a refinement the safeguard rejects keeps its start, and says so."""
+    warp.nii.gz); a refinement the safeguard rejects keeps its start, and says so; a Dice drop the
+    images cannot see is reported, not acted on."""
     import json
 
     from keyreg.pipeline import Registrar
@@ -285,17 +398,27 @@ def test_refine_stage_keeps_a_linear_result_linear_and_a_rejected_start(tmp_path
     registrar.save(reg, tmp_path)
     for name in ("transform_matrix.txt", "transform.tfm", "warp.nii.gz", "inverse_warp.nii.gz", "refine.json"):
         assert (tmp_path / "affine+affine" / name).is_file(), name
-    # segmentations that agree at the start while the images are 3 mm apart: following the images
-    # would cost Dice, so the safeguard keeps the start
+    # segmentations that agree at the start while the images are 3 mm apart: the refinement follows
+    # the images (they improve), Dice falls; the images decide, the drop is reported
     moved = make_volume(np.roll(pair["fixed"].data, 1, axis=0), pair["fixed"].affine, "moved")  # 3 mm voxels
     reg = registrar.register_keypoints(moved, pair["fixed"], pair["fixed_kp"], pair["fixed_kp"],
                                        moving_seg=pair["fixed_seg"], fixed_seg=pair["fixed_seg"])
+    followed = reg["affine+affine"]
+    assert not followed.kept_start and followed.result.report["dice_drop_missed"] is True
+    registrar.measure(reg, ["harddice"])
+    assert "not caught" in followed.metrics["refine_safeguard"]
+    # a refinement made to fail: the start is kept, in the metrics and refine.json
+    _failing_affine(monkeypatch)
+    reg = registrar.register_keypoints(pair["moving"], pair["fixed"], pair["fixed_kp"], pair["moving_kp"],
+                                       moving_seg=pair["moving_seg"], fixed_seg=pair["fixed_seg"])
     kept = reg["affine+affine"]
     assert kept.kept_start and kept.transform is reg["affine"].transform
     registrar.measure(reg, ["harddice"])
     assert kept.metrics["refine_kept_start"] == 1
+    assert kept.metrics["refine_safeguard"].startswith("start kept: ")
     assert kept.metrics["harddice"] == pytest.approx(reg["affine"].metrics["harddice"])
     registrar.save(reg, tmp_path / "kept")
     doc = json.loads((tmp_path / "kept" / "affine+affine" / "refine.json").read_text())
-    assert doc["kept_start"] is True and "Dice" in doc["report"]["reason"]
+    assert doc["kept_start"] is True and "NMI" in doc["report"]["reason"]
+    assert doc["metrics"]["refine_safeguard"].startswith("start kept: ")
     assert (tmp_path / "kept" / "affine+affine" / "inverse_warp.nii.gz").is_file()

@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refine every align by dense instance optimisation on the images: affine (a 12-parameter "
                         "correction) and/or deformable (that correction, then a diffeomorphic velocity field); "
                         "each gives one more align <align>+<stage> (e.g. affine+deformable) in the tables and "
-                        "outputs. A refinement that lowers Dice (with segmentations) or the similarity (without) "
-                        "is rejected and its start kept (refine.json says why)")
+                        "outputs. A refinement that worsens the optimised similarity or the mutual information on the "
+                        "fixed mask is rejected and its start kept (the console and refine.json say why)")
     r.add_argument("--fixed_mask", help="mask on the fixed grid (file, or directory with the fixed images' names): "
                                         "only its non-zero voxels drive the refinement's similarity (skull, "
                                         "electrodes, lesions left out)")
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "cross-correlation, same contrast)")
     r.add_argument("--refine_iterations", nargs="+", type=int, default=None, metavar="N",
                    help="deformable Adam iterations per level, coarse to fine; the number of values is the number "
-                        "of levels (default 40 30 20: similarity grids of 12, 6 and 3 mm)")
+                        "of levels (default 40 20 10: similarity grids of 12, 6 and 3 mm; levels after the first stop early once converged)")
     r.add_argument("--refine_reg_weight", type=float, default=None,
                    help="weight of the velocity field's smoothness (diffusion) penalty (default 1.0)")
     r.add_argument("--refine_seconds", type=float, default=None,
@@ -137,6 +137,11 @@ def report(res, save_dir: Path, per_pair: bool) -> int:
         n_pairs = len({r["pair"] for r in res.rows})
         print(f"\nconfidence below {CONFIDENCE_THRESHOLD:g}, flagged check: {len(flagged)} of {n_pairs} pair(s)"
               + (": " + ", ".join(flagged[:20]) + (" ..." if len(flagged) > 20 else "") if flagged else ""))
+    notes = [r for r in res.rows if r.get("refine_safeguard")]
+    if notes:  # the refinement safeguard: a kept start (or a Dice drop it missed) is never silent
+        print(f"\nrefinement safeguard: {len(notes)} note(s)", file=sys.stderr)
+        for r in notes[:50]:
+            print(f"  {r['pair']} {r['align']}: {r['refine_safeguard']}", file=sys.stderr)
     if res.tables:
         print(f"\nmetrics written to {res.tables[0]} and {res.tables[1]}")
     if res.report:

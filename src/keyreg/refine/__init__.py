@@ -5,16 +5,16 @@ optimisation in the fixed image's physical space, with MIND-SSC (multi-modal) or
 * :mod:`.velocity`: level grids, scaling and squaring, composition, regularisation.
 * :mod:`.optimize`: the coarse-to-fine Adam loops.
 * :mod:`.run`: :func:`refine_transform` (start transform + images -> refined transform + report),
-  the safeguard and the inverse.
+  the safeguard (:func:`~.run.safeguard_verdict`, from the images only) and the inverse.
 * :mod:`.outputs`: :func:`refine_registration` (a Registration's aligns -> ``<align>+<stage>``) and
   their files (``warp.nii.gz``, ``inverse_warp.nii.gz``, ``refine.json``).
 """
 
 from .optimize import AffineConfig, Budget, DeformableConfig, optimize_affine, optimize_velocity
-from .outputs import RefinedAlignment, refine_registration
+from .outputs import RefinedAlignment, refine_registration, safeguard_note
 from .run import (STAGES, RefinedTransform, RefineOptions, RefineResult, check_fixed_mask, inverse_field,
-                  refine_transform, refined_name)
-from .similarity import SIMILARITIES, lncc_loss, mind_loss, mind_ssc
+                  refine_transform, refined_name, safeguard_verdict)
+from .similarity import SIMILARITIES, lncc_loss, mind_loss, mind_ssc, normalized_mutual_information
 from .velocity import integrate_velocity, level_grid
 
 __all__ = [
@@ -34,9 +34,12 @@ __all__ = [
     "lncc_loss",
     "mind_loss",
     "mind_ssc",
+    "normalized_mutual_information",
     "optimize_affine",
     "optimize_velocity",
     "refine_registration",
     "refine_transform",
     "refined_name",
+    "safeguard_note",
+    "safeguard_verdict",
 ]

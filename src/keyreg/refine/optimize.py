@@ -86,16 +86,23 @@ class DeformableConfig:
         control_factor: the velocity grid is this many times coarser than the similarity grid.
         lr: Adam step in mm per iteration at the finest level (coarser levels scale it by their spacing).
         squarings: scaling-and-squaring steps.
+        patience, tolerance: a level after the first stops early once the mean similarity of its
+            last ``patience`` steps is not below that of the ``patience`` steps before by more than
+            ``tolerance`` (relative; ``patience`` 0: run every iteration).  The first (coarsest,
+            cheapest) level always runs its iterations: its similarity rises for a few steps after the
+            start before it falls.
     """
 
     similarity: str = "mind"
     spacing_mm: float = 3.0
-    iterations: tuple[int, ...] = (40, 30, 20)
+    iterations: tuple[int, ...] = (40, 20, 10)
     reg_weight: float = 1.0
     smooth_mm: float = 4.0
     control_factor: int = 2
     lr: float = 0.5
     squarings: int = DEFAULT_SQUARINGS
+    patience: int = 4
+    tolerance: float = 1e-3
 
 
 @dataclass
@@ -125,7 +132,8 @@ class AffineOutcome:
 @dataclass
 class VelocityOutcome:
     """``velocity``: ``(1, 3, I, J, K)`` mm on the control grid ``affine`` (``C = exp(v)``); similarity at
-    the finest level before and after (without the regulariser); iterations run; budget cut."""
+    the finest level before and after (without the regulariser); iterations run; budget cut; the
+    similarity after each step, per level (``history``)."""
 
     velocity: torch.Tensor
     affine: np.ndarray
@@ -134,6 +142,7 @@ class VelocityOutcome:
     iterations: int
     stopped: bool
     squarings: int = DEFAULT_SQUARINGS
+    history: list[list[float]] = field(default_factory=list)
 
 
 def _check_similarity(name: str) -> None:
@@ -197,6 +206,11 @@ class _Progress:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(1)
 
+    def skip(self, n: int) -> None:
+        """Advance over ``n`` steps that a level will not run (it converged)."""
+        if self.bar is not None and n > 0:
+            self.bar.update(n)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -224,27 +238,87 @@ def _plan(fixed: torch.Tensor, affine: np.ndarray, spacing_mm: float, iterations
     return spacings, _level_deadlines(budget, costs), _Progress(sum(iterations), desc, budget.progress)
 
 
-def _adam_level(step: Callable[[], tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler, iterations: int, deadline: float, bar: _Progress,
-                on_step: Callable[[int, float], None] | None = None) -> tuple[int, bool]:
-    """Up to ``iterations`` Adam steps of one level, stopping at ``deadline`` (``time.perf_counter``).
+class _Adam:
+    """Adam (Kingma & Ba; the defaults of ``torch.optim.Adam``: betas 0.9/0.999, eps 1e-8) with the
+    step ``lr * schedule(k)`` at its ``k``-th step (from 0).
+
+    Written out rather than ``torch.optim.Adam``, whose first use imports ``torch._dynamo`` (seconds
+    of CPU on every process, more than a small refinement takes)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, schedule: Callable[[int], float] = lambda k: 1.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.lr, self.schedule, self.betas, self.eps = list(params), lr, schedule, betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.k = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        t = self.k + 1
+        step_size = self.lr * self.schedule(self.k) / (1 - b1 ** t)
+        root_c2 = math.sqrt(1 - b2 ** t)
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, v.sqrt().div_(root_c2).add_(self.eps), value=-step_size)
+        self.k += 1
+
+
+@dataclass
+class _Stopping:
+    """Convergence test of one level on the similarity after each step: stop once the mean of the
+    last ``patience`` values is not below the mean of the ``patience`` before by more than
+    ``tolerance`` (relative).  ``patience`` 0: never stop early."""
+
+    patience: int = 0
+    tolerance: float = 0.0
+    values: list[float] = field(default_factory=list)
+
+    def converged(self, value: float) -> bool:
+        self.values.append(value)
+        w = self.patience
+        if w <= 0 or len(self.values) < 2 * w:
+            return False
+        before = sum(self.values[-2 * w:-w]) / w
+        now = sum(self.values[-w:]) / w
+        return not now < before - self.tolerance * abs(before)
+
+
+def _adam_level(step: Callable[[], tuple[torch.Tensor, torch.Tensor]], opt: _Adam, iterations: int,
+                deadline: float, bar: _Progress, on_step: Callable[[int, float], None] | None = None,
+                stopping: _Stopping | None = None, history: list[float] | None = None) -> tuple[int, bool]:
+    """Up to ``iterations`` Adam steps of one level, stopping at ``deadline`` (``time.perf_counter``)
+    or when ``stopping`` says the similarity has converged.
 
     ``step()`` returns ``(objective, shown)``: the objective is minimised; ``shown`` (e.g. the
-    similarity without the regulariser) goes to the bar and to ``on_step(k, value)`` (``k`` counts the
-    level's steps from 1).  Returns the steps run and whether the deadline cut the level short.
+    similarity without the regulariser) goes to the bar, to ``history`` and to ``on_step(k, value)``
+    (``k`` counts the level's steps from 1).  Returns the steps run and whether the deadline cut the
+    level short.
     """
     for k in range(iterations):
         if time.perf_counter() > deadline:
             return k, True
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         objective, shown = step()
         objective.backward()
         opt.step()
-        sched.step()
         value = float(shown.detach())
         bar.update(value)
+        if history is not None:
+            history.append(value)
         if on_step is not None:
             on_step(k + 1, value)
+        if stopping is not None and stopping.converged(value):
+            bar.skip(iterations - k - 1)
+            return k + 1, False
     return iterations, False
 
 
@@ -280,9 +354,8 @@ def optimize_affine(
     dev, dt = fixed.device, fixed.dtype
     lin = torch.zeros(3, 3, device=dev, dtype=dt, requires_grad=True)
     trans = torch.zeros(3, device=dev, dtype=dt, requires_grad=True)
-    opt = torch.optim.Adam([lin, trans], lr=cfg.lr)
     total_iters = max(sum(cfg.iterations), 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - 0.9 * min(k / total_iters, 1.0))
+    opt = _Adam([lin, trans], lr=cfg.lr, schedule=lambda k: 1.0 - 0.9 * min(k / total_iters, 1.0))
     spacings, deadlines, bar = _plan(fixed, a, cfg.spacing_mm, cfg.iterations, budget, "affine refinement")
     done, stopped = 0, False
     c_t = torch.as_tensor(center, device=dev, dtype=dt)
@@ -333,7 +406,7 @@ def optimize_affine(
             loss = loss_fn(warp(feat.moving, world, vfw), target, weight)
             return loss, loss
 
-        n_done, cut = _adam_level(step, opt, sched, iters, deadlines[li], bar)
+        n_done, cut = _adam_level(step, opt, iters, deadlines[li], bar)
         done += n_done
         stopped = stopped or (cut and (last or budget.left() <= 0))
         if last:
@@ -384,6 +457,7 @@ def optimize_velocity(
     done, stopped = 0, False
     loss_start = loss_end = float("nan")
     caff = a
+    history: list[list[float]] = []
     for li, (spacing, iters) in enumerate(zip(spacings, cfg.iterations)):
         shape, laff, feat = _level_data(fixed, moving, mask, a, spacing, cfg.similarity)
         cshape, caff = level_grid(fixed.shape[2:], a, spacing * cfg.control_factor)
@@ -392,11 +466,10 @@ def optimize_velocity(
         else:
             v = F.interpolate(v.detach(), size=cshape, mode="trilinear", align_corners=True)
         v = v.detach().requires_grad_(True)
-        opt = torch.optim.Adam([v], lr=cfg.lr * spacing / finest)
         # the step decays linearly to a tenth over the level: Adam's steps do not shrink with the
         # gradient, so a constant step would leave the field jittering around the optimum
         n_it = max(iters, 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, n=n_it: 1.0 - 0.9 * min(k / n, 1.0))
+        opt = _Adam([v], lr=cfg.lr * spacing / finest, schedule=lambda k, n=n_it: 1.0 - 0.9 * min(k / n, 1.0))
         sigma = gaussian_sigma_voxels(cfg.smooth_mm, caff)
         ident = identity_grid(shape, dev, dt)
         last = li == len(spacings) - 1
@@ -418,7 +491,10 @@ def optimize_velocity(
             return sim + cfg.reg_weight * diffusion_energy(vs, caff), sim
 
         report = None if callback is None else (lambda k, value, base=done: callback(base + k, value))
-        n_done, cut = _adam_level(step, opt, sched, iters, deadlines[li], bar, report)
+        level_history: list[float] = []
+        n_done, cut = _adam_level(step, opt, iters, deadlines[li], bar, report,
+                                  _Stopping(cfg.patience if li > 0 else 0, cfg.tolerance), level_history)
+        history.append(level_history)
         done += n_done
         stopped = stopped or (cut and (last or budget.left() <= 0))
         if last:
@@ -428,4 +504,4 @@ def optimize_velocity(
     assert v is not None
     with torch.no_grad():
         vs = gaussian_blur(v.detach(), gaussian_sigma_voxels(cfg.smooth_mm, caff))
-    return VelocityOutcome(vs, caff, loss_start, loss_end, done, stopped, cfg.squarings)
+    return VelocityOutcome(vs, caff, loss_start, loss_end, done, stopped, cfg.squarings, history)

@@ -36,7 +36,7 @@ from ..transforms import AffineTransform, DisplacementField, map_to_fixed, sampl
 from .run import (STAGES, RefinedTransform, RefineOptions, RefineResult, check_fixed_mask, inverse_field,
                   refine_transform, refined_name)
 
-__all__ = ["RefinedAlignment", "refine_registration"]
+__all__ = ["RefinedAlignment", "refine_registration", "safeguard_note"]
 
 
 @dataclass
@@ -100,10 +100,17 @@ class RefinedAlignment:
                 self._field = sample_field(t, self.fixed.shape, self.fixed.affine, stride=1, device=dev)
         return self._field
 
-    def refine_metrics(self) -> dict[str, float]:
+    def refine_metrics(self) -> dict[str, Any]:
         """Values the refinement adds to its metric row: ``refine_kept_start`` (1 when the safeguard
-        kept the start, so its mean over pairs is the fraction kept) and ``refine_seconds``."""
-        return {"refine_kept_start": int(self.kept_start), "refine_seconds": float(self.result.report["seconds"])}
+        kept the start, so its mean over pairs is the fraction kept), ``refine_seconds``, and
+        ``refine_safeguard`` (text, only when there is something to say: why the start was kept, or a
+        Dice drop the image measures did not catch; the console prints it)."""
+        report = self.result.report
+        out: dict[str, Any] = {"refine_kept_start": int(self.kept_start), "refine_seconds": float(report["seconds"])}
+        note = safeguard_note(report)
+        if note:
+            out["refine_safeguard"] = note
+        return out
 
     def inverse(self) -> DisplacementField:
         """``T^-1`` on the moving grid (:func:`~keyreg.refine.run.inverse_field`; a kept start is
@@ -161,6 +168,16 @@ class RefinedAlignment:
         return out
 
 
+def safeguard_note(report: dict[str, Any]) -> str:
+    """One line on what the safeguard did, from a refinement report (``""``: nothing to say)."""
+    if report.get("kept_start"):
+        return f"start kept: {report.get('reason', '')}"
+    if report.get("dice_drop_missed"):
+        return (f"Dice fell {report['dice_start']:.4f} -> {report['dice_end']:.4f} although the image "
+                f"measures improved (not caught)")
+    return ""
+
+
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
@@ -192,8 +209,8 @@ def refine_registration(reg: Any, stage: str = "deformable", *, aligns: list[str
         device: where to optimise (default CPU).
 
     Returns:
-        ``{"<align>+<stage>": RefinedAlignment}``.  The segmentations of ``reg``, when present, drive
-        the safeguard (Dice may not drop by more than ``options.dice_tolerance``).
+        ``{"<align>+<stage>": RefinedAlignment}``.  The safeguard decides from the images; the
+        segmentations of ``reg``, when present, add the Dice before and after to the report.
     """
     if stage not in STAGES:
         raise ConfigError(f"unknown refinement {stage!r}: use {' or '.join(STAGES)}")

@@ -8,10 +8,16 @@ the fixed space found by instance optimisation (:mod:`keyreg.refine.optimize`):
 * ``stage="deformable"``: ``C = A o exp(v)``: the affine refinement first, then a diffeomorphic
   stationary velocity field.
 
-Safeguard: the refined transform must not be worse than its start.  With both segmentations, the
-mean Dice of the moving segmentation warped by ``T`` may not fall more than ``dice_tolerance`` below
-the start's; without them, the similarity itself (on the finest level) may not get worse.  If it
-would, the start is kept and the report says so.
+Safeguard: the refined transform must not be worse than its start, judged from the images alone
+(segmentations are not available at inference): on the fixed mask (or the whole fixed grid),
+
+* the optimised dissimilarity (MIND-SSC or LNCC, on the finest level's grid) may not get worse, and
+* the normalised mutual information of the fixed and the warped moving image (full fixed grid,
+  32 bins), a measure independent of the optimised one, may not fall by more than ``nmi_tolerance``.
+
+If either fails, the start is kept and the report says why (:func:`safeguard_verdict`).  Given both
+segmentations, the report adds the Dice of the start and of the refinement and flags a drop of more
+than ``dice_tolerance`` that the images did not catch (``dice_drop_missed``); they never decide.
 
 The inverse ``T^-1 = exp(-v) o A^-1 o S^-1`` (``S^-1`` exact for affine starts, numerical for a TPS).
 """
@@ -48,11 +54,11 @@ from .optimize import (
     optimize_affine,
     optimize_velocity,
 )
-from .similarity import lncc_loss, mind_loss, mind_ssc, robust_normalize
+from .similarity import lncc_loss, mind_loss, mind_ssc, normalized_mutual_information, robust_normalize
 from .velocity import integrate_velocity, level_grid
 
 __all__ = ["STAGES", "RefineOptions", "RefineResult", "RefinedTransform", "check_fixed_mask", "refine_transform",
-           "refined_name"]
+           "refined_name", "safeguard_verdict"]
 
 Stage = Literal["affine", "deformable"]
 #: The refinement stages (``--refine``).
@@ -74,7 +80,10 @@ class RefineOptions:
         reg_weight: weight of the velocity's diffusion energy.
         spacing_mm: finest similarity grid spacing of the deformable stage.
         seconds: wall-clock budget of the whole refinement (``None``: run every iteration).
-        dice_tolerance: the safeguard's Dice margin (with segmentations).
+        nmi_tolerance: the safeguard keeps the start when the normalised mutual information falls by
+            more than this (0: any fall).
+        dice_tolerance: with segmentations, a Dice drop larger than this is reported
+            (``dice_drop_missed``); segmentations never decide.
         progress: show a progress bar (stderr).
     """
 
@@ -83,6 +92,7 @@ class RefineOptions:
     reg_weight: float = DeformableConfig.reg_weight
     spacing_mm: float = DeformableConfig.spacing_mm
     seconds: float | None = None
+    nmi_tolerance: float = 0.0
     dice_tolerance: float = 0.01
     progress: bool = False
 
@@ -97,6 +107,8 @@ class RefineOptions:
             raise ConfigError(f"refinement spacing must be > 0 mm, got {self.spacing_mm}")
         if self.seconds is not None and not self.seconds > 0:
             raise ConfigError(f"the refinement time budget must be > 0 seconds, got {self.seconds}")
+        if not (self.nmi_tolerance >= 0 and math.isfinite(self.nmi_tolerance)):
+            raise ConfigError(f"the safeguard's NMI tolerance must be >= 0, got {self.nmi_tolerance}")
 
 
 @dataclass
@@ -156,11 +168,13 @@ class RefineResult:
         transform: ``T`` (a :class:`RefinedTransform`; the same object as the start when kept).
         kept_start: the safeguard rejected the refinement.
         report: losses, Dice before/after, iterations, seconds, the reason when the start was kept.
+        candidate: the refined transform itself, also when the safeguard rejected it.
     """
 
     transform: Any
     kept_start: bool
     report: dict[str, Any] = field(default_factory=dict)
+    candidate: Any = None
 
 
 def check_fixed_mask(mask: Volume, fixed: Volume) -> None:
@@ -185,15 +199,51 @@ def _warp(moving: torch.Tensor, moving_affine: np.ndarray, fixed: Volume, transf
     return warp_image(moving, moving_affine, fixed.shape, fixed.affine, transform)
 
 
-def _similarity(fixed_t, warped_t, mask, fixed_affine, spacing, name) -> float:
-    shape, _ = level_grid(fixed_t.shape[2:], fixed_affine, spacing)
-    f = downsample(fixed_t, fixed_affine, shape)
-    w = downsample(warped_t, fixed_affine, shape)
-    k = None if mask is None else downsample(mask, fixed_affine, shape, blur=False)
-    with torch.no_grad():
-        if name == "mind":
-            return float(mind_loss(mind_ssc(w), mind_ssc(f), k))
-        return float(lncc_loss(w, f, k))
+class _Measures:
+    """What the safeguard compares, for any warped moving image: the optimised dissimilarity on the
+    finest level's grid (the fixed side computed once) and the NMI on the full fixed grid."""
+
+    def __init__(self, fixed_t: torch.Tensor, mask: torch.Tensor | None, fixed_affine: np.ndarray, spacing: float,
+                 name: str) -> None:
+        self.fixed_t, self.mask, self.affine, self.name = fixed_t, mask, fixed_affine, name
+        self.shape, _ = level_grid(fixed_t.shape[2:], fixed_affine, spacing)
+        self.level_mask = None if mask is None else downsample(mask, fixed_affine, self.shape, blur=False)
+        f = downsample(fixed_t, fixed_affine, self.shape)
+        with torch.no_grad():
+            self.fixed_level = mind_ssc(f) if name == "mind" else f
+
+    def __call__(self, warped_t: torch.Tensor) -> dict[str, float]:
+        w = downsample(warped_t, self.affine, self.shape)
+        with torch.no_grad():
+            if self.name == "mind":
+                d = float(mind_loss(mind_ssc(w), self.fixed_level, self.level_mask))
+            else:
+                d = float(lncc_loss(w, self.fixed_level, self.level_mask))
+        return {"dissimilarity": d, "nmi": normalized_mutual_information(self.fixed_t, warped_t, self.mask)}
+
+
+def safeguard_verdict(start: dict[str, float], end: dict[str, float], *, similarity: str = "mind",
+                      nmi_tolerance: float = 0.0) -> tuple[bool, str]:
+    """Whether to keep the start, from image measures only, and why.
+
+    Args:
+        start, end: ``{"dissimilarity": d, "nmi": n}`` of the start and of the refinement (the
+            optimised dissimilarity, lower is better; the normalised mutual information, higher is better).
+        similarity: the optimised similarity's name (for the reason).
+        nmi_tolerance: the largest NMI fall accepted.
+
+    Returns:
+        ``(keep_start, reason)``; ``reason`` is ``""`` when the refinement is accepted.  A measure that
+        is not finite after the refinement rejects it.
+    """
+    reasons = []
+    d0, d1 = start["dissimilarity"], end["dissimilarity"]
+    if not d1 <= d0:  # NaN rejects
+        reasons.append(f"{similarity} dissimilarity {d1:.5f} > start {d0:.5f}")
+    n0, n1 = start["nmi"], end["nmi"]
+    if not n1 >= n0 - nmi_tolerance:
+        reasons.append(f"NMI {n1:.5f} < start {n0:.5f}" + (f" - {nmi_tolerance:g}" if nmi_tolerance else ""))
+    return bool(reasons), "; ".join(reasons)
 
 
 def _dice(moving_seg: Volume, fixed_seg: Volume, fixed: Volume, transform, device) -> float:
@@ -263,7 +313,8 @@ def refine_transform(
         stage: ``"affine"`` or ``"deformable"`` (affine refinement, then a diffeomorphic field).
         options: similarity, iterations, regularisation, time budget, progress.
         fixed_mask: optional fixed-grid mask (non-zero = used) limiting the similarity.
-        fixed_seg, moving_seg: optional segmentations: the safeguard then compares Dice.
+        fixed_seg, moving_seg: optional segmentations: the report then gives the Dice of the start and of
+            the refinement (they do not decide anything).
         device: where to optimise (default: CPU).
 
     Returns:
@@ -304,26 +355,27 @@ def refine_transform(
         det = jacobian_determinant(phi.to("cpu"))
         report["deformable"] = {"iterations": vel.iterations, "loss_start": vel.loss_start, "loss_end": vel.loss_end,
                                 "stopped_by_budget": vel.stopped, "control_grid": list(vel.velocity.shape[2:]),
+                                "iterations_per_level": [len(h) for h in vel.history],
+                                "similarity_history": [[round(x, 6) for x in h] for h in vel.history],
                                 "levels": len(cfg.iterations), "reg_weight": cfg.reg_weight,
                                 "jacobian_min": float(det.min()), "jacobian_nonpositive_fraction": float(np.mean(det <= 0))}
 
-    # safeguard: compare with the start
+    # safeguard: the images decide (the optimised dissimilarity and the NMI, on the mask); the
+    # segmentations, when given, are only reported
     finest = _levels(max(opts.spacing_mm, float(min(fixed.spacing))), 1)[0]
     warped_final = _warp(moving_t, moving.affine, fixed, refined)
-    sim_start = _similarity(fixed_t, warped_start, mask, fixed.affine, finest, opts.similarity)
-    sim_end = _similarity(fixed_t, warped_final, mask, fixed.affine, finest, opts.similarity)
-    report["similarity_start"], report["similarity_end"] = sim_start, sim_end
-    kept, reason = False, ""
-    if fixed_seg is not None and moving_seg is not None:
-        d0 = _dice(moving_seg, fixed_seg, fixed, start, dev)
-        d1 = _dice(moving_seg, fixed_seg, fixed, refined, dev)
-        report["dice_start"], report["dice_end"] = d0, d1
-        if d1 < d0 - opts.dice_tolerance:
-            kept, reason = True, f"Dice {d1:.4f} < start {d0:.4f} - {opts.dice_tolerance:g}"
-    elif not sim_end <= sim_start:
-        kept, reason = True, f"{opts.similarity} dissimilarity {sim_end:.5f} > start {sim_start:.5f}"
+    measure = _Measures(fixed_t, mask, fixed.affine, finest, opts.similarity)
+    before, after = measure(warped_start), measure(warped_final)
+    report["similarity_start"], report["similarity_end"] = before["dissimilarity"], after["dissimilarity"]
+    report["nmi_start"], report["nmi_end"] = before["nmi"], after["nmi"]
+    kept, reason = safeguard_verdict(before, after, similarity=opts.similarity, nmi_tolerance=opts.nmi_tolerance)
     report["kept_start"] = kept
     if kept:
         report["reason"] = reason
+    if fixed_seg is not None and moving_seg is not None:
+        d0 = _dice(moving_seg, fixed_seg, fixed, start, dev)
+        d1 = _dice(moving_seg, fixed_seg, fixed, refined, dev)
+        report["dice_start"], report["dice_end"], report["dice_change"] = d0, d1, d1 - d0
+        report["dice_drop_missed"] = bool(not kept and d1 < d0 - opts.dice_tolerance)
     report["seconds"] = time.perf_counter() - t0
-    return RefineResult(original if kept else refined, kept, report)
+    return RefineResult(original if kept else refined, kept, report, refined)

@@ -12,6 +12,9 @@ an optional ``(B, 1, I, J, K)`` mask (weights in [0, 1]).
   difference.
 * LNCC: local normalised cross-correlation in a cubic window (same-contrast images); the loss is
   ``1 - mean(cc)``.
+* NMI: normalised mutual information ``(H(A) + H(B)) / H(A, B)`` of a joint histogram (Studholme et
+  al. 1999); not differentiable: the refinement's safeguard uses it as a measure independent of the
+  optimised one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "lncc_loss",
     "mind_loss",
     "mind_ssc",
+    "normalized_mutual_information",
     "robust_normalize",
 ]
 
@@ -165,9 +169,44 @@ def robust_normalize(image: torch.Tensor, mask: torch.Tensor | None = None, *,
     """Map the ``low``/``high`` quantiles of the (masked, non-zero) intensities to 0/1, clipped."""
     vals = image[(mask > 0) if mask is not None else torch.ones_like(image, dtype=torch.bool)]
     vals = vals[vals != 0] if (vals != 0).any() else vals
-    if vals.numel() > 1_000_000:
-        vals = vals[torch.linspace(0, vals.numel() - 1, 1_000_000, device=vals.device).long()]
+    if vals.numel() > 200_000:  # evenly strided: a 10 % sample of a 128^3 image gives the quantiles
+        vals = vals[torch.linspace(0, vals.numel() - 1, 200_000, device=vals.device).long()]
     lo, hi = torch.quantile(vals.float(), torch.tensor([low, high], device=vals.device)).tolist()
     if hi <= lo:
         hi = lo + 1.0
     return ((image - lo) / (hi - lo)).clamp(0, 1)
+
+
+def normalized_mutual_information(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, *,
+                                  bins: int = 32) -> float:
+    """Normalised mutual information ``(H(A) + H(B)) / H(A, B)`` of two images on one grid.
+
+    Args:
+        a, b: ``(..., I, J, K)`` intensities normalised to [0, 1] (values outside are clipped into the
+            first / last bin), any matching shapes.
+        mask: optional tensor of the same spatial shape: only voxels where it is ``> 0`` count.
+        bins: histogram bins per image.
+
+    Returns:
+        A value in ``[1, 2]``: 1 for independent images, 2 for images that determine each other
+        (1.0 when fewer than two voxels are counted or both images are constant).
+    """
+    qa = (a.detach().reshape(-1).float().clamp(0, 1) * bins).long().clamp_max(bins - 1)
+    qb = (b.detach().reshape(-1).float().clamp(0, 1) * bins).long().clamp_max(bins - 1)
+    if mask is not None:
+        keep = mask.detach().reshape(-1) > 0
+        qa, qb = qa[keep], qb[keep]
+    if qa.numel() < 2:
+        return 1.0
+    joint = torch.bincount(qa * bins + qb, minlength=bins * bins).double()
+    joint = joint / joint.sum()
+
+    def entropy(p: torch.Tensor) -> float:
+        p = p[p > 0]
+        return float(-(p * p.log()).sum())
+
+    h_ab = entropy(joint)
+    if h_ab <= 0:
+        return 1.0
+    j = joint.reshape(bins, bins)
+    return (entropy(j.sum(1)) + entropy(j.sum(0))) / h_ab
