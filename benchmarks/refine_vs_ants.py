@@ -133,7 +133,7 @@ def run_ants(jobs: list[dict], results: Results, threads: int, seed: int) -> Non
             if results.has(job, f"ANTs {method}"):
                 continue
             fixed, moving = ants.image_read(job["fixed"]), ants.image_read(job["moving"])
-            fseg = ants.image_read(job["fixed_seg"]).numpy()
+            fseg = np.rint(ants.image_read(job["fixed_seg"]).numpy()).astype(np.int32)
             mseg = ants.image_read(job["moving_seg"])
             kw = {}
             if method == "SyN":
@@ -148,6 +148,7 @@ def run_ants(jobs: list[dict], results: Results, threads: int, seed: int) -> Non
                 results.put(job, f"ANTs {method}", {"error": f"{type(e).__name__}: {e}"[:200]})
                 continue
             warped = ants.apply_transforms(fixed, mseg, reg["fwdtransforms"], interpolator="genericLabel").numpy()
+            warped = np.rint(warped).astype(np.int32)  # label values, stored as float by ANTs
             warp = next((t for t in reg["fwdtransforms"] if t.endswith(".nii.gz")), None)
             nonpos = float("nan")
             if warp is not None:
@@ -215,7 +216,7 @@ class KeyregRunner:
             t_ref = time.perf_counter() - t1
             nonpos = 0.0
             if getattr(out.transform, "phi", None) is not None:
-                dense = sample_field(out.transform, reg.fixed.shape, reg.fixed.affine)
+                dense = sample_field(out.transform, reg.fixed.shape, reg.fixed.affine, stride=1)
                 nonpos = 100.0 * float(np.mean(jacobian_determinant(dense)[fseg > 0] <= 0))
             rep = out.report
             results.put(job, f"keyreg affine + {stage} refinement",
@@ -255,9 +256,10 @@ def table(jobs: list[dict], results: Results, tps: str) -> str:
             kept = sum(1 for v in ok if v.get("kept_start"))
             if kept:
                 note += f", start kept on {kept}"
+            alone = ms("refine_seconds")
             lines.append(f"| {ROW_TITLES[row]} | {m} | {ms('dice')} | {ms('nonpos_pct')} | {ms('seconds')} | "
-                         f"{ms('refine_seconds')} | {note} |")
-    return "\n".join(lines).replace("| n/a | 1", "|  | 1")
+                         f"{'–' if alone == 'n/a' else alone} | {note} |")
+    return "\n".join(lines)
 
 
 def safeguard_table(jobs: list[dict], results: Results) -> str:
@@ -276,7 +278,7 @@ def safeguard_table(jobs: list[dict], results: Results) -> str:
             change = v["dice"] - v["dice_start"]
             ratio = f"{v['refine_seconds'] / syn['seconds']:.2f}" if syn.get("seconds") else "n/a"
             pair = job["pair"].split("_")
-            lines.append(f"| {ROW_TITLES[job['row']]} | {pair[3]}→{pair[7]} | {stage} | {v['dice_start']:.3f} | "
+            lines.append(f"| {ROW_TITLES[job['row']]} | {pair[3]}→{pair[8]} | {stage} | {v['dice_start']:.3f} | "
                          f"{v['dice_candidate']:.3f} | {fired} | {v['dice']:.3f} | {change:+.3f} | "
                          f"{v['nmi'][0]:.4f} → {v['nmi'][1]:.4f} | {v['refine_seconds']:.1f} | "
                          f"{syn.get('seconds', float('nan')):.1f} | {ratio} |")

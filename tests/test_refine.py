@@ -247,14 +247,15 @@ def test_nmi_and_safeguard_verdict():
 
 
 def _failing_affine(monkeypatch, shift_mm=(6.0, -5.0, 4.0)):
-    """Make the affine refinement fail: it returns a large wrong translation instead of its optimum."""
+    """Make the affine refinement fail: it returns a large wrong translation instead of its optimum
+    (the affine stage is judged on its optimiser's own loss and on the NMI, the deformable one on dense measures)."""
     import keyreg.refine.run as run_module
     from keyreg.refine.optimize import AffineOutcome
 
     def broken(*args, **kwargs):
         m = np.eye(4)
         m[:3, 3] = shift_mm
-        return AffineOutcome(m, 0.0, 0.0, 1, False)
+        return AffineOutcome(m, 0.10, 0.12, 1, False)  # and says its loss rose
 
     monkeypatch.setattr(run_module, "optimize_affine", broken)
 

@@ -156,7 +156,7 @@ def test_a_failed_refinement_keeps_its_start_on_the_console_and_in_refine_json(p
     def broken(*args, **kwargs):
         m = np.eye(4)
         m[:3, 3] = (7.0, -6.0, 5.0)
-        return AffineOutcome(m, 0.0, 0.0, 1, False)
+        return AffineOutcome(m, 0.10, 0.12, 1, False)  # and says its loss rose
 
     monkeypatch.setattr(run_module, "optimize_affine", broken)
     d, model = pair

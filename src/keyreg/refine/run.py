@@ -11,8 +11,9 @@ the fixed space found by instance optimisation (:mod:`keyreg.refine.optimize`):
 Safeguard: the refined transform must not be worse than its start, judged from the images alone
 (segmentations are not available at inference): on the fixed mask (or the whole fixed grid),
 
-* the optimised dissimilarity (MIND-SSC or LNCC, on the grid of the stage's finest level: 4 mm for
-  the affine stage, ``spacing_mm`` for the deformable one) may not get worse, and
+* the optimised dissimilarity may not get worse: for the affine stage, as the optimiser measured it
+  (its finest level, its sample points); for the deformable stage, MIND-SSC or LNCC on the grid of
+  ``spacing_mm`` (dense, on the mask), and
 * the normalised mutual information of the fixed and the warped moving image (full fixed grid,
   32 bins), a measure independent of the optimised one, may not fall by more than ``nmi_tolerance``
   (0.002).
@@ -204,24 +205,28 @@ def _warp(moving: torch.Tensor, moving_affine: np.ndarray, fixed: Volume, transf
 
 class _Measures:
     """What the safeguard compares, for any warped moving image: the optimised dissimilarity on the
-    finest level's grid (the fixed side computed once) and the NMI on the full fixed grid."""
+    finest level's grid (the fixed side computed once; ``spacing`` ``None``: not computed) and the NMI
+    on the full fixed grid."""
 
-    def __init__(self, fixed_t: torch.Tensor, mask: torch.Tensor | None, fixed_affine: np.ndarray, spacing: float,
-                 name: str) -> None:
-        self.fixed_t, self.mask, self.affine, self.name = fixed_t, mask, fixed_affine, name
-        self.shape, _ = level_grid(fixed_t.shape[2:], fixed_affine, spacing)
-        self.level_mask = None if mask is None else downsample(mask, fixed_affine, self.shape, blur=False)
-        f = downsample(fixed_t, fixed_affine, self.shape)
-        with torch.no_grad():
-            self.fixed_level = mind_ssc(f) if name == "mind" else f
+    def __init__(self, fixed_t: torch.Tensor, mask: torch.Tensor | None, fixed_affine: np.ndarray,
+                 spacing: float | None, name: str) -> None:
+        self.fixed_t, self.mask, self.affine, self.name, self.spacing = fixed_t, mask, fixed_affine, name, spacing
+        if spacing is not None:
+            self.shape, _ = level_grid(fixed_t.shape[2:], fixed_affine, spacing)
+            self.level_mask = None if mask is None else downsample(mask, fixed_affine, self.shape, blur=False)
+            f = downsample(fixed_t, fixed_affine, self.shape)
+            with torch.no_grad():
+                self.fixed_level = mind_ssc(f) if name == "mind" else f
 
     def __call__(self, warped_t: torch.Tensor) -> dict[str, float]:
-        w = downsample(warped_t, self.affine, self.shape)
-        with torch.no_grad():
-            if self.name == "mind":
-                d = float(mind_loss(mind_ssc(w), self.fixed_level, self.level_mask))
-            else:
-                d = float(lncc_loss(w, self.fixed_level, self.level_mask))
+        d = float("nan")
+        if self.spacing is not None:
+            w = downsample(warped_t, self.affine, self.shape)
+            with torch.no_grad():
+                if self.name == "mind":
+                    d = float(mind_loss(mind_ssc(w), self.fixed_level, self.level_mask))
+                else:
+                    d = float(lncc_loss(w, self.fixed_level, self.level_mask))
         return {"dissimilarity": d, "nmi": normalized_mutual_information(self.fixed_t, warped_t, self.mask)}
 
 
@@ -365,12 +370,14 @@ def refine_transform(
 
     # safeguard: the images decide (the optimised dissimilarity and the NMI, on the mask); the
     # segmentations, when given, are only reported
-    # the dissimilarity on the grid the stage optimised last (affine: its 4 mm level; deformable: the finest)
-    spacing = AffineConfig.spacing_mm if stage == "affine" else opts.spacing_mm
-    finest = _levels(max(spacing, float(min(fixed.spacing))), 1)[0]
+    # the dissimilarity: for the affine stage, the optimiser's own (its finest level, its points); for
+    # the deformable stage, on the finest level's grid (dense)
+    finest = None if stage == "affine" else _levels(max(opts.spacing_mm, float(min(fixed.spacing))), 1)[0]
     warped_final = _warp(moving_t, moving.affine, fixed, refined)
     measure = _Measures(fixed_t, mask, fixed.affine, finest, opts.similarity)
     before, after = measure(warped_start), measure(warped_final)
+    if stage == "affine":
+        before["dissimilarity"], after["dissimilarity"] = aff.loss_start, aff.loss_end
     report["similarity_start"], report["similarity_end"] = before["dissimilarity"], after["dissimilarity"]
     report["nmi_start"], report["nmi_end"] = before["nmi"], after["nmi"]
     kept, reason = safeguard_verdict(before, after, similarity=opts.similarity, nmi_tolerance=opts.nmi_tolerance)
