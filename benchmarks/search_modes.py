@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from model_validation import SHARED, seed_of, synth
 
-from keyreg.geometry import fov_center
+from keyreg.demo import rotation_angle
+from keyreg.geometry import fov_center, rotation_about
 from keyreg.io import Volume
 from keyreg.models import load_model
 from keyreg.models.inference import cube_rotations, detect_image_keypoints
@@ -46,16 +47,8 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 
 def tilt(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
-    """A rotation ``(3, 3)`` by a uniform angle in ``[0, max_degrees]`` about a random axis (Rodrigues)."""
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    a = np.radians(rng.uniform(0, max_degrees))
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
-
-
-def angle_of(rot: np.ndarray) -> float:
-    return float(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1))))
+    """A rotation ``(3, 3)`` by a uniform angle in ``[0, max_degrees]`` about a random axis."""
+    return rotation_about(rng.normal(size=3), rng.uniform(0, max_degrees))
 
 
 def main(argv=None) -> int:
@@ -130,7 +123,7 @@ def run(model, atlas, bank, args, rows: list[dict]) -> None:
                 pert[:3, 3] = center - rot @ center
                 vol = Volume(img, pert @ aff, name=f"{m}{c}r{n}")
                 truth = atlas.centroids(seg, pert @ aff)[0]
-                row = {"map": m, "contrast": c, "n": n, "angle": angle_of(rot)}
+                row = {"map": m, "contrast": c, "n": n, "angle": rotation_angle(rot)}
                 for mode in args.modes:
                     t0 = time.perf_counter()
                     det = detect_image_keypoints(model, vol, search=mode)

@@ -655,14 +655,16 @@ def write_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
         img.to_file_map({"image": nib.FileHolder(fileobj=gz)})
 
 
-def _integer_dtype(data: np.ndarray) -> type:
-    """The smallest of uint8, int16, int32, int64 that holds every value (label ids are never
-    truncated; small types keep label files small and fast to compress)."""
-    if data.size == 0:
-        return np.int32
-    lo, hi = int(data.min()), int(data.max())
+def smallest_integer_dtype(lo: int, hi: int) -> type:
+    """The smallest of uint8, int16, int32, int64 that holds every integer in ``[lo, hi]`` (label ids
+    are never truncated; small types keep label maps small in memory and fast to compress)."""
     for t in (np.uint8, np.int16, np.int32):
         info = np.iinfo(t)
         if info.min <= lo and hi <= info.max:
             return t
     return np.int64
+
+
+def _integer_dtype(data: np.ndarray) -> type:
+    """:func:`smallest_integer_dtype` of an array's values (int32 for an empty array)."""
+    return np.int32 if data.size == 0 else smallest_integer_dtype(int(data.min()), int(data.max()))

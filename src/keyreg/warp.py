@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .geometry import apply_affine, as_affine_tensor, voxel_to_grid_sample
+from .io import smallest_integer_dtype
 from .transforms.field import DisplacementField, SpatialTransform
 from .transforms.linear import AffineTransform
 
@@ -350,12 +351,8 @@ def label_dtype(labels: torch.Tensor) -> torch.dtype:
     """The smallest of uint8, int16, int32, int64 holding every id of ``labels`` and 0."""
     if labels.numel() == 0:
         return torch.int64
-    lo, hi = min(int(labels.min()), 0), max(int(labels.max()), 0)
-    for t in (torch.uint8, torch.int16, torch.int32):
-        info = torch.iinfo(t)
-        if info.min <= lo and hi <= info.max:
-            return t
-    return torch.int64
+    dtype = smallest_integer_dtype(min(int(labels.min()), 0), max(int(labels.max()), 0))
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
 class _NearestLabels:
