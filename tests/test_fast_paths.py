@@ -133,6 +133,26 @@ def test_parallel_gzip_stores_incompressible_blocks_and_round_trips(tmp_path):
     assert buf.getvalue() == outs[0.9]
 
 
+def test_parallel_gzip_uses_isal_when_installed_and_both_deflates_agree(tmp_path):
+    import keyreg.io as kio
+
+    pytest.importorskip("isal")
+    assert kio._DEFLATE.__name__ == "isal.isal_zlib"  # a dependency: the fast path is the default
+    rng = np.random.default_rng(2)
+    img = np.cumsum(rng.standard_normal((40, 50, 60)), axis=0).astype(np.float32).round(1)
+    data = img.tobytes() + bytes(300_000) + rng.integers(0, 255, 200_000, dtype=np.uint8).tobytes()
+    outs = {}
+    for fast in (True, False):
+        buf = io.BytesIO()
+        with ParallelGzipWriter(buf, block=65_536, workers=2, fast=fast) as w:
+            w.write(data)
+        outs[fast] = buf.getvalue()
+        assert gzip.decompress(outs[fast]) == data
+        (tmp_path / f"x{fast}.gz").write_bytes(outs[fast])
+        assert subprocess.run(["gzip", "-t", str(tmp_path / f"x{fast}.gz")]).returncode == 0
+    assert outs[True] != outs[False]  # ISA-L wrote the compressed blocks, not zlib
+
+
 def _brain_like_tps(n: int = 88, k: int = 28, seed: int = 0):
     """A TPS like a keyreg-anatomy fit, scaled down: keypoints ~20 mm apart in an ellipsoid of a 1 mm
     grid, moving = an affine of them + N(0, 1.5 mm) disagreement; with a blob label map."""

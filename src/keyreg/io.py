@@ -527,11 +527,27 @@ GZIP_BLOCK = 4 << 20
 GZIP_STORE_RATIO = 0.9
 
 
+def _fast_deflate():
+    """ISA-L's deflate (``isal.isal_zlib``, zlib's interface) when installed, else ``zlib``.
+
+    At level 1 ISA-L deflates a 1 mm brain image ~6x faster than zlib (~220 vs ~33 MB/s of CPU here)
+    to a slightly smaller stream; both write standard deflate, so the files read the same everywhere.
+    """
+    try:
+        from isal import isal_zlib
+    except ImportError:  # an exotic platform without ISA-L wheels: zlib, same format, slower
+        return zlib
+    return isal_zlib
+
+
+_DEFLATE = _fast_deflate()
+
+
 class ParallelGzipWriter(io.RawIOBase):
     """A write-only file object producing one standard gzip member, compressed in parallel.
 
     The byte stream is cut into blocks of :data:`GZIP_BLOCK` bytes, each deflated on its own by a
-    thread pool (zlib releases the GIL) and ended with a sync flush, so the raw deflate streams
+    thread pool (zlib and ISA-L release the GIL) and ended with a sync flush, so the raw deflate streams
     concatenate into one valid stream (the way ``pigz`` works); a final empty block, the CRC-32
     and the length close the member.  Any gzip reader (nibabel, ITK, FSL, ``gzip -d``) reads the
     file; only the first bytes of each block lose their back-references (sizes within ~1 %).
@@ -540,15 +556,20 @@ class ParallelGzipWriter(io.RawIOBase):
     :data:`GZIP_STORE_RATIO`) is written as stored deflate blocks: the same standard stream, a few
     percent larger, for a twentieth of the CPU.  The choice depends on the bytes only (the same data
     give the same file); ``store_ratio=1`` compresses every block.
+
+    Blocks are deflated by ISA-L when it is installed (``fast``, :func:`_fast_deflate`), else by zlib:
+    different compressed bytes, the same decompressed bytes.
     """
 
     def __init__(self, fileobj, *, level: int = GZIP_LEVEL, block: int = GZIP_BLOCK,
-                 workers: int | None = None, store_ratio: float = GZIP_STORE_RATIO) -> None:
+                 workers: int | None = None, store_ratio: float = GZIP_STORE_RATIO,
+                 fast: bool = True) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         super().__init__()
         self._f = fileobj
         self._level = level
+        self._lib = _DEFLATE if fast else zlib
         self._store_ratio = store_ratio
         self._block = block
         self._buf = bytearray()
@@ -559,15 +580,21 @@ class ParallelGzipWriter(io.RawIOBase):
         self._pool = ThreadPoolExecutor(self._workers) if self._workers > 1 else None
         self._f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # gzip header: deflate, no name, mtime 0
 
+    def _compressor(self, level: int):
+        """A raw-deflate compressor: ISA-L for levels 1-3 when installed (:func:`_fast_deflate`),
+        zlib otherwise (level 0 is zlib's stored blocks: ISA-L's level 0 is a fast compression)."""
+        lib = self._lib if 1 <= level <= 3 else zlib
+        return lib.compressobj(level, lib.DEFLATED, -15, 9), lib.Z_SYNC_FLUSH
+
     def _deflate(self, data: bytes) -> bytes:
         level = self._level
         if level > 0 and self._store_ratio < 1 and len(data) >= 4096:
             probe = memoryview(data)[: len(data) // 16]
-            c = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
-            if len(c.compress(probe)) + len(c.flush(zlib.Z_SYNC_FLUSH)) > self._store_ratio * len(probe):
+            c, sync = self._compressor(level)
+            if len(c.compress(probe)) + len(c.flush(sync)) > self._store_ratio * len(probe):
                 level = 0  # incompressible: stored blocks
-        c = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
-        return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+        c, sync = self._compressor(level)
+        return c.compress(data) + c.flush(sync)
 
     def _submit(self, data: bytes) -> None:
         self._crc = zlib.crc32(data, self._crc)
