@@ -225,6 +225,52 @@ def _group_by_label(seg: np.ndarray, flat: np.ndarray) -> dict[int, np.ndarray]:
     return {int(lab): flat[s0:s1] for lab, s0, s1 in zip(ids.tolist(), starts.tolist(), bounds)}
 
 
+class _SurfaceLookup:
+    """The surface voxels of a label map as a padded label image, for neighbour look-ups.
+
+    ``labels`` holds a voxel's label where the voxel is on its label's surface and 0 elsewhere, padded
+    by one voxel of 0 on every side, so the 26 neighbours of any voxel are valid flat indices.
+    """
+
+    def __init__(self, seg: np.ndarray, edge: np.ndarray) -> None:
+        self.labels = np.pad(np.where(edge, seg, np.zeros((), seg.dtype)), 1).ravel()
+        self.padded_shape = tuple(n + 2 for n in seg.shape)
+
+
+def _stencil_offsets(spacing: np.ndarray, strides: Sequence[int]) -> list[tuple[int, float]]:
+    """The 26 neighbour offsets (as padded flat-index steps) no longer than twice the smallest spacing,
+    with their lengths (mm), shortest first.  Any voxel outside the 3 x 3 x 3 cube is at least that far,
+    so the first of these offsets that reaches a target voxel gives the exact nearest distance."""
+    limit = 2.0 * float(spacing.min())
+    out = []
+    for o in np.ndindex(3, 3, 3):
+        step = np.asarray(o) - 1
+        if not step.any():
+            continue
+        length = float(np.linalg.norm(step * spacing))
+        if length <= limit:
+            out.append((int(np.dot(step, strides)), length))
+    return sorted(out, key=lambda t: t[1])
+
+
+def _nearest_nearby(flat: np.ndarray, label: int, shape: Sequence[int], target: _SurfaceLookup,
+                    offsets: list[tuple[int, float]]) -> np.ndarray:
+    """Distance (mm) from each voxel ``flat`` (flat indices of the unpadded grid) to the nearest voxel
+    of ``label``'s surface in ``target``, where one is among its neighbours (:func:`_stencil_offsets`);
+    NaN where none is."""
+    idx = np.unravel_index(flat, tuple(shape))
+    padded = np.ravel_multi_index(tuple(i + 1 for i in idx), target.padded_shape)
+    dist = np.full(len(flat), np.nan)
+    todo = np.arange(len(flat))
+    for step, length in offsets:
+        hit = target.labels[padded[todo] + step] == label
+        dist[todo[hit]] = length
+        todo = todo[~hit]
+        if not todo.size:
+            break
+    return dist
+
+
 def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
                           spacing: Sequence[float]) -> dict[int, float]:
     """95th-percentile symmetric Hausdorff distance (mm) between label surfaces.
@@ -233,10 +279,11 @@ def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
     of the other, in both directions, are pooled and their 95th percentile returned. Distances use
     the voxel ``spacing`` (mm).
 
-    The surfaces of all labels are found in one pass per map; a voxel on the label's surface in
-    both maps is at distance 0 both ways, and the others find their nearest surface voxel with a
-    KD-tree (``scipy.spatial.cKDTree``): the same Euclidean distances as distance transforms of the
-    surfaces, without a pass over the grid per label.
+    The surfaces of all labels are found in one pass per map.  A voxel on the label's surface in both
+    maps is at distance 0 both ways; one with such a voxel among its close neighbours takes the
+    distance of the nearest of them (:func:`_stencil_offsets`: exact); the others find their nearest
+    surface voxel with a KD-tree (``scipy.spatial.cKDTree``).  The same Euclidean distances as
+    distance transforms of the surfaces, without a pass over the grid per label.
     """
     from scipy.spatial import cKDTree
 
@@ -248,9 +295,18 @@ def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
     surf_a = _group_by_label(a, np.flatnonzero(edge_a))
     surf_b = _group_by_label(b, np.flatnonzero(edge_b))
     shared_flat = shared.ravel()
+    look_a, look_b = _SurfaceLookup(a, edge_a), _SurfaceLookup(b, edge_b)
+    offsets = _stencil_offsets(spacing, [int(x) for x in np.cumprod([1, *look_a.padded_shape[::-1]])[:3][::-1]])
 
     def points(flat: np.ndarray) -> np.ndarray:
         return np.stack(np.unravel_index(flat, a.shape), axis=1) * spacing
+
+    def distances(query: np.ndarray, lab: int, target: _SurfaceLookup, target_flat: np.ndarray) -> np.ndarray:
+        d = _nearest_nearby(query, lab, a.shape, target, offsets)
+        far = np.isnan(d)
+        if far.any():
+            d[far] = cKDTree(points(target_flat)).query(points(query[far]), k=1, workers=-1)[0]
+        return d
 
     out = {}
     for lab in sorted(set(surf_a) | set(surf_b)):
@@ -261,8 +317,8 @@ def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
             continue
         fa, fb = surf_a[lab], surf_b[lab]
         sa, sb = shared_flat[fa], shared_flat[fb]
-        d_ab = cKDTree(points(fb)).query(points(fa[~sa]), k=1, workers=-1)[0] if (~sa).any() else np.zeros(0)
-        d_ba = cKDTree(points(fa)).query(points(fb[~sb]), k=1, workers=-1)[0] if (~sb).any() else np.zeros(0)
+        d_ab = distances(fa[~sa], lab, look_b, fb)
+        d_ba = distances(fb[~sb], lab, look_a, fa)
         zeros = np.zeros(int(sa.sum()) + int(sb.sum()))
         out[lab] = float(np.percentile(np.concatenate([zeros, d_ab, d_ba]), 95))
     return out
