@@ -108,20 +108,25 @@ def test_parallel_gzip_is_standard_and_nibabel_identical(tmp_path):
         assert gzip.open(tmp_path / "new.nii.gz").read() == gzip.open(tmp_path / "ref.nii.gz").read()
 
 
+def _gzip_checked(data: bytes, path, **options) -> bytes:
+    """``data`` through a 2-worker ParallelGzipWriter with ``options``; the output decompresses to
+    ``data`` and passes ``gzip -t``."""
+    buf = io.BytesIO()
+    with ParallelGzipWriter(buf, block=65_536, workers=2, **options) as w:
+        w.write(data)
+    out = buf.getvalue()
+    assert gzip.decompress(out) == data
+    path.write_bytes(out)
+    assert subprocess.run(["gzip", "-t", str(path)]).returncode == 0
+    return out
+
+
 def test_parallel_gzip_stores_incompressible_blocks_and_round_trips(tmp_path):
     rng = np.random.default_rng(1)
     noise = rng.standard_normal(200_000).astype(np.float32).tobytes()  # ~90 %+ at level 1
     flat = np.repeat(np.arange(50, dtype=np.uint8), 16_000).tobytes()  # ~0.5 %
     data = noise + flat + noise[:123_457]
-    outs = {}
-    for ratio in (0.9, 1.0):
-        buf = io.BytesIO()
-        with ParallelGzipWriter(buf, block=65_536, workers=2, store_ratio=ratio) as w:
-            w.write(data)
-        outs[ratio] = buf.getvalue()
-        assert gzip.decompress(outs[ratio]) == data
-        (tmp_path / f"x{ratio}.gz").write_bytes(outs[ratio])
-        assert subprocess.run(["gzip", "-t", str(tmp_path / f"x{ratio}.gz")]).returncode == 0
+    outs = {ratio: _gzip_checked(data, tmp_path / f"x{ratio}.gz", store_ratio=ratio) for ratio in (0.9, 1.0)}
     # stored noise blocks: their raw size plus framing; the flat run is still deflated (but for the
     # flat bytes of the two blocks that start with noise)
     noise_bytes = len(noise) + 123_457
@@ -141,15 +146,7 @@ def test_parallel_gzip_uses_isal_when_installed_and_both_deflates_agree(tmp_path
     rng = np.random.default_rng(2)
     img = np.cumsum(rng.standard_normal((40, 50, 60)), axis=0).astype(np.float32).round(1)
     data = img.tobytes() + bytes(300_000) + rng.integers(0, 255, 200_000, dtype=np.uint8).tobytes()
-    outs = {}
-    for fast in (True, False):
-        buf = io.BytesIO()
-        with ParallelGzipWriter(buf, block=65_536, workers=2, fast=fast) as w:
-            w.write(data)
-        outs[fast] = buf.getvalue()
-        assert gzip.decompress(outs[fast]) == data
-        (tmp_path / f"x{fast}.gz").write_bytes(outs[fast])
-        assert subprocess.run(["gzip", "-t", str(tmp_path / f"x{fast}.gz")]).returncode == 0
+    outs = {fast: _gzip_checked(data, tmp_path / f"x{fast}.gz", fast=fast) for fast in (True, False)}
     assert outs[True] != outs[False]  # ISA-L wrote the compressed blocks, not zlib
 
 
