@@ -115,6 +115,22 @@ def test_stop_at_shortens_a_run_of_the_same_schedule(label_maps, tmp_path):
         _cfg(label_maps, tmp_path / "c", steps=4, stop_at=5).validate()
 
 
+def test_max_minutes_stops_cleanly_and_resumes_the_same_schedule(label_maps, tmp_path):
+    # a budget of 0 minutes ends the run after its first step, with a checkpoint and the model there; resuming
+    # without a budget finishes the 3-step cosine schedule exactly as a straight run does
+    train(_cfg(label_maps, tmp_path / "a", steps=3, lr_schedule="cosine"), progress=False)
+    train(_cfg(label_maps, tmp_path / "b", steps=3, lr_schedule="cosine", max_minutes=0), progress=False)
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    assert (tmp_path / "b" / "model.safetensors").exists()
+    train(_cfg(label_maps, tmp_path / "b", steps=3, lr_schedule="cosine"), resume=True, progress=False)
+    a = load_model(tmp_path / "a" / "model.safetensors").state_dict()
+    b = load_model(tmp_path / "b" / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="--max_minutes"):
+            _cfg(label_maps, tmp_path / "c", max_minutes=bad).validate()
+
+
 def test_cli_train_and_pretrain(label_maps, tmp_path, capsys):
     common = ["--label_maps", *label_maps[:2], "--num_keypoints", "8", "--num_levels", "2", "--num_truncated", "1",
               "--f_maps", "4", "--grid_shape", "16", "--voxel_size", "3", "--steps", "1", "--batch_size", "1", "--no_progress",

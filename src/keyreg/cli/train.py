@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
     t.add_argument("--stop_at", type=int, default=None,
                    help="stop after this step; the learning-rate schedule still spans --steps (a shortened run "
                         "of a longer schedule, resumable)")
+    t.add_argument("--max_minutes", type=float, default=None,
+                   help="stop after the step that ends past this many minutes of wall time, saving a checkpoint "
+                        "and the model (resumable with --resume: the schedule still spans --steps)")
     t.add_argument("--batch_size", type=int, default=None, help="pairs per step and process")
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None)

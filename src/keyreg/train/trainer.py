@@ -78,6 +78,7 @@ class TrainConfig:
     # optimisation
     steps: int = 1000
     stop_at: int | None = None               # stop after this step (the LR schedule still spans ``steps``)
+    max_minutes: float | None = None         # stop after the first step that ends past this wall time (resumable)
     batch_size: int = 2
     lr: float = 3e-4
     lr_schedule: str = "constant"            # constant | cosine (to 5% of lr at the last step)
@@ -108,6 +109,9 @@ class TrainConfig:
             raise ConfigError("--steps and --batch_size must be >= 1")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ConfigError(f"--stop_at must be in [1, --steps={self.steps}], got {self.stop_at}")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float))
+                                                 and math.isfinite(self.max_minutes) and self.max_minutes >= 0):
+            raise ConfigError(f"--max_minutes must be a finite number >= 0, got {self.max_minutes!r}")
         for name, lo, hi in (("lr", 0.0, None), ("max_rotation", 0.0, 180.0), ("max_displacement", 0.0, None),
                              ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None)):
             v = getattr(self, name)
@@ -463,8 +467,20 @@ class Trainer:
         self.step = int(state["step"])
 
     # -- loop ---------------------------------------------------------------------------------------------
+    def _out_of_time(self, t0: float) -> bool:
+        """Whether ``cfg.max_minutes`` of wall time have passed since ``t0``; under DDP rank 0's clock
+        decides for every process (all stop at the same step)."""
+        if self.cfg.max_minutes is None:
+            return False
+        late = torch.tensor([float(time.perf_counter() - t0 > 60.0 * self.cfg.max_minutes)], device=self.device)
+        if self.world > 1:
+            dist.broadcast(late, src=0)
+        return bool(late.item())
+
     def fit(self, *, progress: bool = True) -> dict[str, Any]:
-        """Train until ``cfg.steps`` (or ``cfg.stop_at``); returns the last logs and validation scores."""
+        """Train until ``cfg.steps`` (or ``cfg.stop_at``, or the first step that ends after ``cfg.max_minutes``
+        of wall time: a checkpoint and the model are saved there, and ``--resume`` continues the same
+        schedule); returns the last logs and validation scores."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -498,6 +514,10 @@ class Trainer:
                           ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
             if writer:
                 writer.write(self.step, logs, val)
+            if self._out_of_time(t0):
+                end = self.step
+                bar.write(f"stopping at step {self.step}: --max_minutes {cfg.max_minutes:g} reached "
+                          f"(--resume continues)")
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == end):
                 self.save_checkpoint()
         bar.close()
