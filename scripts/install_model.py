@@ -1,8 +1,8 @@
 """Install a trained anatomical model into the package as a bundled model and make it the default.
 
-    python scripts/calibrate_aligned.py runs/anat/stage4/model.safetensors --write
-    python scripts/install_model.py runs/anat/stage4/model.safetensors --steps 900+550+2500+2400 --wall "..." \
-        --images 25400
+    python scripts/calibrate_aligned.py runs/anat/stage5/model.safetensors --write
+    python scripts/install_model.py runs/anat/stage5/model.safetensors --steps 900+550+2500+2400+3000 \
+        --wall "..." --images 37400
 
 Writes src/keyreg/pretrained/<name>.safetensors + .json (no pickles) and src/keyreg/pretrained/DEFAULT.
 """
@@ -23,13 +23,16 @@ def main() -> int:
     p.add_argument("--images", type=int, required=True, help="training images seen")
     p.add_argument("--wall", required=True, help="wall time and machine, free text")
     p.add_argument("--regions_stats", help="JSON with the regions' consistency statistics")
+    p.add_argument("--orientation_search", choices=["always", "auto"], default="auto",
+                   help="the model's orientation search (auto: the full search only when the upright pass "
+                        "does not fit the template; benchmarks/search_modes.py)")
     args = p.parse_args()
     m = load_model(args.model)
     c = m.config
     if c.regions is None:
         raise SystemExit("not an anatomical model (no regions in its config)")
     c.name = args.name
-    c.orientation_search = "always"
+    c.orientation_search = args.orientation_search
     c.fit_exclude = c.fit_exclude or ("Extracerebral-*",)
     if not c.aligned_tolerance_mm:
         print("note: no aligned_tolerance_mm in the config (scripts/calibrate_aligned.py --write sets it)")
@@ -37,7 +40,7 @@ def main() -> int:
                      "any orientation (search), any MRI contrast")
     c.training = {
         "data": "../shared/data/labelmaps training_seg_01..12 (synthetic contrasts); validation 13..15",
-        "command": "scripts/train_default.sh ../shared/data/labelmaps 2500 runs/anat 2400",
+        "command": "scripts/train_default.sh ../shared/data/labelmaps 2500 runs/anat 2400 3000",
         "steps": args.steps, "images_seen": args.images, "wall_time": args.wall,
         "batch": "2 pairs (4 images) per step", "model_card": "docs/models.md",
     }
