@@ -17,4 +17,4 @@ def add_search_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) ->
                    help="test-time orientation search of an anatomical model: always (the image is looked at "
                         "in the 24 rotations of the cube; robust to any orientation), auto (the image as it is "
                         "first, the search only when that reading fails its checks; fast on upright images) "
-                        "or off (default: the model's setting, always for keyreg-anatomy)")
+                        "or off (default: the model's setting, auto for keyreg-anatomy)")
