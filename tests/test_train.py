@@ -100,17 +100,22 @@ def test_resume_continues_exactly(label_maps, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_stop_at_shortens_a_run_of_the_same_schedule(label_maps, tmp_path):
-    # a cosine schedule over 4 steps, stopped at 2 and resumed, is the straight 4-step run; --stop_at is checked
-    straight = _cfg(label_maps, tmp_path / "a", steps=4, lr_schedule="cosine")
-    train(straight, progress=False)
-    train(_cfg(label_maps, tmp_path / "b", steps=4, stop_at=2, lr_schedule="cosine"), progress=False)
-    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+def _stop_then_resume_equals_straight(label_maps, tmp_path, steps: int, stopped_at: int, **stop) -> None:
+    """A cosine run of ``steps`` ended early by ``stop`` (at ``stopped_at``, with a checkpoint and the model
+    saved there), then resumed, ends with exactly the weights of the straight run."""
+    train(_cfg(label_maps, tmp_path / "a", steps=steps, lr_schedule="cosine"), progress=False)
+    train(_cfg(label_maps, tmp_path / "b", steps=steps, lr_schedule="cosine", **stop), progress=False)
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:07d}"
     assert (tmp_path / "b" / "model.safetensors").exists()
-    train(_cfg(label_maps, tmp_path / "b", steps=4, lr_schedule="cosine"), resume=True, progress=False)
+    train(_cfg(label_maps, tmp_path / "b", steps=steps, lr_schedule="cosine"), resume=True, progress=False)
     a = load_model(tmp_path / "a" / "model.safetensors").state_dict()
     b = load_model(tmp_path / "b" / "model.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_at_shortens_a_run_of_the_same_schedule(label_maps, tmp_path):
+    # a cosine schedule over 4 steps, stopped at 2 and resumed, is the straight 4-step run; --stop_at is checked
+    _stop_then_resume_equals_straight(label_maps, tmp_path, 4, 2, stop_at=2)
     with pytest.raises(ConfigError, match="--stop_at"):
         _cfg(label_maps, tmp_path / "c", steps=4, stop_at=5).validate()
 
@@ -118,14 +123,7 @@ def test_stop_at_shortens_a_run_of_the_same_schedule(label_maps, tmp_path):
 def test_max_minutes_stops_cleanly_and_resumes_the_same_schedule(label_maps, tmp_path):
     # a budget of 0 minutes ends the run after its first step, with a checkpoint and the model there; resuming
     # without a budget finishes the 3-step cosine schedule exactly as a straight run does
-    train(_cfg(label_maps, tmp_path / "a", steps=3, lr_schedule="cosine"), progress=False)
-    train(_cfg(label_maps, tmp_path / "b", steps=3, lr_schedule="cosine", max_minutes=0), progress=False)
-    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_0000001"
-    assert (tmp_path / "b" / "model.safetensors").exists()
-    train(_cfg(label_maps, tmp_path / "b", steps=3, lr_schedule="cosine"), resume=True, progress=False)
-    a = load_model(tmp_path / "a" / "model.safetensors").state_dict()
-    b = load_model(tmp_path / "b" / "model.safetensors").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _stop_then_resume_equals_straight(label_maps, tmp_path, 3, 1, max_minutes=0)
     for bad in (-1.0, float("nan")):
         with pytest.raises(ConfigError, match="--max_minutes"):
             _cfg(label_maps, tmp_path / "c", max_minutes=bad).validate()
