@@ -53,9 +53,7 @@ def measure_alignment(metrics: Sequence[str], *, fixed: Volume, moving: Volume, 
                       warped: Volume | None, warped_seg: Volume | None, fixed_seg: Volume | None,
                       moving_seg: Volume | None) -> dict[str, Any]:
     """Every metric of one alignment (``transform`` as used for warping on the fixed grid)."""
-    from .metrics import compute_metrics
-
-    from .metrics import METRICS
+    from .metrics import METRICS, compute_metrics
 
     _check_inputs(metrics, warped is not None, warped_seg is not None and fixed_seg is not None)
     fixed_n = warped_n = None

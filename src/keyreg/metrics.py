@@ -296,7 +296,8 @@ def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
     surf_b = _group_by_label(b, np.flatnonzero(edge_b))
     shared_flat = shared.ravel()
     look_a, look_b = _SurfaceLookup(a, edge_a), _SurfaceLookup(b, edge_b)
-    offsets = _stencil_offsets(spacing, [int(x) for x in np.cumprod([1, *look_a.padded_shape[::-1]])[:3][::-1]])
+    _, p1, p2 = look_a.padded_shape
+    offsets = _stencil_offsets(spacing, (p1 * p2, p2, 1))  # C-order strides of the padded grid
 
     def points(flat: np.ndarray) -> np.ndarray:
         return np.stack(np.unravel_index(flat, a.shape), axis=1) * spacing

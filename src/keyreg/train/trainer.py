@@ -472,10 +472,12 @@ class Trainer:
         decides for every process (all stop at the same step)."""
         if self.cfg.max_minutes is None:
             return False
-        late = torch.tensor([float(time.perf_counter() - t0 > 60.0 * self.cfg.max_minutes)], device=self.device)
-        if self.world > 1:
-            dist.broadcast(late, src=0)
-        return bool(late.item())
+        late = time.perf_counter() - t0 > 60.0 * self.cfg.max_minutes
+        if self.world > 1:  # one small broadcast per step, only under DDP (a single process never syncs here)
+            flag = torch.tensor([float(late)], device=self.device)
+            dist.broadcast(flag, src=0)
+            late = bool(flag.item())
+        return late
 
     def fit(self, *, progress: bool = True) -> dict[str, Any]:
         """Train until ``cfg.steps`` (or ``cfg.stop_at``, or the first step that ends after ``cfg.max_minutes``
