@@ -68,6 +68,58 @@ def test_similarities_basic():
     assert float(lncc_loss(a, -a)) > same + 0.5
 
 
+def test_mind_on_the_mask_points_equals_the_dense_masked_loss():
+    """With a mask, MIND is compared only at the mask's voxels (features sampled there); the value
+    and its gradient equal the dense, mask-weighted loss on the whole grid."""
+    from keyreg.refine.optimize import _Features
+    from keyreg.refine.velocity import identity_grid, sample_displaced
+
+    aff = _affine()
+    img = torch.from_numpy(_image(aff))[None, None].float()
+    moved = torch.roll(img, 2, dims=3)
+    mask = (gaussian_blur(img, 1.0) > 0.3).float() * 0.5 + (img > 0.6).float() * 0.5  # weights in {0, .5, 1}
+    assert 0 < float((mask > 0).float().mean()) < 0.9
+    ident = identity_grid(SHAPE)
+    u0 = 1.5 * _smooth_velocity(SHAPE, aff, 1.0)
+    grads = []
+    for points in (True, False):
+        feat = _Features("mind", img, moved, mask)
+        assert feat.points is not None
+        if not points:
+            feat.points = None  # the dense path, same mask
+        u = u0.clone().requires_grad_(True)
+        loss = feat.warped_loss(u, aff, ident)
+        loss.backward()
+        grads.append((float(loss.detach()), u.grad))
+    (sparse, g_sparse), (dense, g_dense) = grads
+    assert sparse == pytest.approx(dense, rel=1e-5)
+    assert torch.allclose(g_sparse, g_dense, atol=1e-7 * float(g_dense.abs().max()) + 1e-12, rtol=1e-4)
+    dense_direct = mind_loss(sample_displaced(mind_ssc(moved), u0, aff, ident=ident), mind_ssc(img), mask)
+    assert sparse == pytest.approx(float(dense_direct), rel=1e-5)
+
+
+def test_the_similarity_counts_the_fixed_foreground_without_a_mask():
+    """Without a fixed mask the refinement measures its similarity on the fixed image's foreground
+    (isolated noise voxels of the background do not count); a given mask is used as it is."""
+    from keyreg.refine.similarity import foreground_mask
+
+    img = torch.zeros(1, 1, 20, 20, 20)
+    img[..., 5:15, 5:15, 5:15] = 1.0
+    img[..., 17, 3, 10] = 0.25  # one bright noise voxel in the background
+    fg = foreground_mask(img)
+    assert float(fg[..., 10, 10, 10]) == 1.0 and float(fg[..., 17, 3, 10]) == 0.0 and float(fg[..., 0, 18, 0]) == 0.0
+    assert float(fg[..., 4, 10, 10]) == 1.0  # the blur keeps the head's edge
+    pair = _shifted_pair()
+    start = AffineTransform(torch.eye(4, dtype=torch.float64)[None])
+    opts = RefineOptions(similarity="lncc")
+    auto = refine_transform(pair["fixed"], pair["moving"], start, stage="affine", options=opts)
+    assert auto.report["region"] == "fixed foreground"
+    mask = make_volume(np.ones(SHAPE, np.uint8), pair["fixed"].affine, kind="labels")
+    given = refine_transform(pair["fixed"], pair["moving"], start, stage="affine", options=opts, fixed_mask=mask)
+    assert given.report["region"] == "fixed mask"
+    assert given.report["nmi_start"] != auto.report["nmi_start"]  # the measures count other voxels
+
+
 def test_velocity_inverse_composes_to_identity():
     """exp(v) o exp(-v) = id within 0.1 mm for a smooth field of up to 5 mm (interior voxels)."""
     aff = _affine()

@@ -162,20 +162,49 @@ def downsample(x: torch.Tensor, affine: np.ndarray, shape: Sequence[int], *, blu
 
 
 class _Features:
-    """The fixed and moving features of one level: MIND descriptors or the intensities (LNCC)."""
+    """The fixed and moving features of one level (MIND descriptors, or the intensities for LNCC) and
+    where the similarity counts (``mask``).  With MIND and a mask, only the mask's voxels are compared:
+    the moving features are sampled at those points (flat voxel indices ``points``, mask values
+    ``weights``) instead of warping the whole grid; the value equals the dense masked mean."""
 
     def __init__(self, similarity: str, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None):
         self.similarity = similarity
         self.mask = mask
+        self.points: torch.Tensor | None = None
         if similarity == "mind":
             self.fixed, self.moving = mind_ssc(fixed), mind_ssc(moving)
+            if mask is not None:
+                w = mask.reshape(-1)
+                self.points = torch.nonzero(w > 0).squeeze(1)
+                self.weights = w[self.points]
+                self.fixed_points = self._at_points(self.fixed)
         else:
             self.fixed, self.moving = fixed, moving
 
+    def _at_points(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], -1)[:, :, self.points]
+
+    def _point_loss(self, warped: torch.Tensor) -> torch.Tensor:
+        d = ((warped - self.fixed_points) ** 2).mean(dim=1)
+        return (d * self.weights).sum() / (self.weights.sum().clamp_min(1e-6) * d.shape[0])
+
     def loss(self, warped: torch.Tensor) -> torch.Tensor:
+        """Dissimilarity of moving features already on the level grid (``(1, C, I, J, K)``)."""
+        if self.points is not None:
+            return self._point_loss(self._at_points(warped))
         if self.similarity == "mind":
             return mind_loss(warped, self.fixed, self.mask)
         return lncc_loss(warped, self.fixed, self.mask)
+
+    def warped_loss(self, u: torch.Tensor, affine: np.ndarray, ident: torch.Tensor) -> torch.Tensor:
+        """Dissimilarity of the moving features warped by ``u`` (``(1, 3, I, J, K)`` mm on the level
+        grid ``affine``; ``ident`` its :func:`identity_grid`)."""
+        if self.points is None:
+            return self.loss(sample_displaced(self.moving, u, affine, padding="border", ident=ident))
+        u_p = self._at_points(u)[..., None, None]
+        id_p = ident.reshape(1, -1, 3)[:, self.points, None, None]
+        warped = sample_displaced(self.moving, u_p, affine, padding="border", ident=id_p, grid_shape=u.shape[2:])
+        return self._point_loss(warped[..., 0, 0])
 
 
 def _levels(base: float, count: int) -> list[float]:
@@ -480,8 +509,7 @@ def optimize_velocity(
             u = integrate_velocity(vs, caff, squarings=cfg.squarings)
             if tuple(u.shape[2:]) != tuple(shape):
                 u = F.interpolate(u, size=tuple(shape), mode="trilinear", align_corners=True)
-            warped = sample_displaced(feat.moving, u, laff, padding="border", ident=ident)
-            return feat.loss(warped), vs
+            return feat.warped_loss(u, laff, ident), vs
 
         if last:
             with torch.no_grad():

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 __all__ = [
     "SIMILARITIES",
     "SimilarityName",
+    "FOREGROUND_LEVEL",
     "box_mean",
+    "foreground_mask",
     "gaussian_blur",
     "lncc_loss",
     "mind_loss",
@@ -175,6 +177,19 @@ def robust_normalize(image: torch.Tensor, mask: torch.Tensor | None = None, *,
     if hi <= lo:
         hi = lo + 1.0
     return ((image - lo) / (hi - lo)).clamp(0, 1)
+
+
+#: normalised intensity (:func:`robust_normalize`) above which a voxel is foreground
+FOREGROUND_LEVEL = 0.02
+
+
+def foreground_mask(image: torch.Tensor, level: float = FOREGROUND_LEVEL) -> torch.Tensor:
+    """``(B, 1, I, J, K)`` float mask (1 = foreground) of a robust-normalised image: its voxels above
+    ``level`` after a Gaussian blur of one voxel (so that isolated noise voxels of the background do
+    not count).  The refinement measures its similarity there when no fixed mask is given: background
+    noise has structure of its own that pulls MIND and LNCC (docs/benchmarks.md: Dice 0.48 -> 0.59 on
+    a T1 -> T2 pair of the refinement benchmark)."""
+    return (gaussian_blur(image, 1.0) > level).to(image.dtype)
 
 
 def normalized_mutual_information(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, *,

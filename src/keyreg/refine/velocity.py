@@ -76,9 +76,11 @@ def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> tor
     return torch.stack([gk, gj, gi], dim=-1)[None]
 
 
-def _sampling_grid(u: torch.Tensor, affine, ident: torch.Tensor | None = None) -> torch.Tensor:
-    """``grid_sample`` coordinates of ``p + u(p)`` for every voxel ``p`` of ``u``'s grid."""
-    shape = u.shape[2:]
+def _sampling_grid(u: torch.Tensor, affine, ident: torch.Tensor | None = None,
+                   grid_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """``grid_sample`` coordinates of ``p + u(p)`` for every voxel ``p`` of ``u``'s grid (or, with
+    ``grid_shape``, for the points whose coordinates are ``ident``: ``u`` ``(B, 3, N, 1, 1)``)."""
+    shape = u.shape[2:] if grid_shape is None else tuple(grid_shape)
     m = _voxel_from_mm(affine, u.device, u.dtype)  # voxel offset = M @ mm offset
     du = torch.einsum("va,bapqr->bpqrv", m, u)  # (B, I, J, K, 3) voxel offsets (i, j, k)
     scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in shape], device=u.device, dtype=u.dtype)
@@ -89,10 +91,13 @@ def _sampling_grid(u: torch.Tensor, affine, ident: torch.Tensor | None = None) -
 
 
 def sample_displaced(x: torch.Tensor, u: torch.Tensor, affine, *, padding: str = "border",
-                     ident: torch.Tensor | None = None) -> torch.Tensor:
+                     ident: torch.Tensor | None = None, grid_shape: Sequence[int] | None = None) -> torch.Tensor:
     """``x(p + u(p))`` for every voxel ``p``: ``x`` ``(B, C, I, J, K)`` and ``u`` ``(B, 3, I, J, K)`` mm
-    on the same grid (``affine``); trilinear; ``padding`` ``"border"`` or ``"zeros"`` outside."""
-    grid = _sampling_grid(u, affine, ident)
+    on the same grid (``affine``); trilinear; ``padding`` ``"border"`` or ``"zeros"`` outside.
+
+    A subset of ``N`` voxels: ``u`` ``(B, 3, N, 1, 1)``, ``ident`` their ``(1, N, 1, 1, 3)`` rows of
+    :func:`identity_grid` and ``grid_shape`` the grid's ``(I, J, K)``; the result is ``(B, C, N, 1, 1)``."""
+    grid = _sampling_grid(u, affine, ident, grid_shape)
     if x.shape[0] != grid.shape[0]:
         x = x.expand(grid.shape[0], *x.shape[1:])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=True)
