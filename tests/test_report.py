@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from keyreg.io import Volume
-from keyreg.report import PairRecord, overlay_thumbnail, render_report, save_residual_plot, thumbnail_data_uri
+from keyreg.report import (PairRecord, overlay_thumbnail, png_bytes, render_report, save_residual_plot,
+                           thumbnail_data_uri)
 
 
 def _volume(shift: int = 0) -> Volume:
@@ -114,3 +115,21 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(np.unique(flat, axis=0)) > 50
     magenta = (flat[:, 0] > 150) & (flat[:, 2] > 150) & (flat[:, 1] < 100)
     assert magenta.sum() > 20
+
+
+def test_png_bytes_decode_to_the_image_and_thumbnails_use_them():
+    """The PNG writer (no matplotlib) gives a file that an independent reader (matplotlib/Pillow)
+    decodes to the rounded 8-bit image; an overlay thumbnail is such a PNG, at most ``height`` rows."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    rgb = np.random.default_rng(3).random((7, 11, 3))
+    rgb[0, 0] = (-0.5, 1.5, 0.5)  # clipped
+    back = plt.imread(io.BytesIO(png_bytes(rgb)), format="png")
+    expected = np.clip(np.rint(rgb * 255), 0, 255) / 255
+    assert back.shape == (7, 11, 3) and np.abs(back - expected).max() < 1e-6
+    thumb = plt.imread(io.BytesIO(overlay_thumbnail(_volume(), _volume(3), height=10)), format="png")
+    assert thumb.shape[2] == 3 and thumb.shape[0] <= 10 and thumb.max() > 0.5
+    with pytest.raises(ValueError, match="H, W, 3"):
+        png_bytes(np.zeros((4, 4)))

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 
 from .io import Volume, atomic_path, atomic_write_text
 
-__all__ = ["PairRecord", "render_report", "write_report", "overlay_thumbnail", "save_residual_plot",
+__all__ = ["PairRecord", "render_report", "write_report", "overlay_thumbnail", "png_bytes", "save_residual_plot",
            "thumbnail_data_uri"]
 
 
@@ -225,7 +226,6 @@ def overlay_thumbnail(fixed: Volume, warped: Volume, height: int = 96) -> bytes:
     """PNG bytes of the middle axial slice: fixed (green) and warped (magenta), grey where they agree."""
     from .viz import _display_range, canonical_view
 
-    plt = _mpl()
     f, _ = canonical_view(fixed)
     w, _ = canonical_view(warped)
     k = f.shape[2] // 2
@@ -236,10 +236,25 @@ def overlay_thumbnail(fixed: Volume, warped: Volume, height: int = 96) -> bytes:
         sl.append(np.clip((s - lo) / (hi - lo), 0, 1))
     rgb = np.stack([sl[1], sl[0], sl[1]], axis=-1)
     step = max(1, int(math.ceil(rgb.shape[0] / height)))
-    rgb = rgb[::step, ::step]
-    buf = io.BytesIO()
-    plt.imsave(buf, rgb, format="png")
-    return buf.getvalue()
+    return png_bytes(rgb[::step, ::step])
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an ``(H, W, 3)`` image with values in [0, 1] (8 bits per channel, rounded).
+
+    Written directly (zlib): a thumbnail in every report must not cost matplotlib's import (~1 s)."""
+    px = np.clip(np.rint(np.asarray(rgb, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if px.ndim != 3 or px.shape[2] != 3:
+        raise ValueError(f"png_bytes needs an (H, W, 3) image, got {px.shape}")
+    h, w = px.shape[:2]
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), px.reshape(h, 3 * w)], axis=1)  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+            + chunk(b"IEND", b""))
 
 
 def thumbnail_data_uri(png: bytes) -> str:
