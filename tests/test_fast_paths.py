@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from keyreg.io import ParallelGzipWriter, write_nifti
+from keyreg.io import ParallelGzipWriter, Volume, write_nifti
 from keyreg.metrics import dice_per_label, hausdorff95_per_label, jacobian_determinant
 from keyreg.transforms import DisplacementField
 
@@ -243,3 +243,73 @@ def test_parallel_gzip_file_does_not_depend_on_how_the_bytes_are_handed_in():
         outs.append(buf.getvalue())
         assert gzip.decompress(outs[-1]) == data
     assert all(o == outs[0] for o in outs)
+
+
+@pytest.mark.parametrize("sigma", [0.45, 0.8, 1.7])
+def test_gaussian_prefilter_equals_scipy_nearest(sigma):
+    """The anti-aliasing filter (shifted copies, no scipy import at inference) is scipy's
+    ``gaussian_filter1d(mode="nearest", truncate=3)`` along every axis."""
+    from keyreg.preprocess import _gaussian_filter1d
+
+    x = torch.from_numpy(np.random.default_rng(1).random((1, 1, 19, 14, 11)) * 50)
+    for dim in (2, 3, 4):
+        ref = ndimage.gaussian_filter1d(x.numpy(), sigma, axis=dim, mode="nearest", truncate=3.0)
+        assert np.abs(_gaussian_filter1d(x, sigma, dim).numpy() - ref).max() < 1e-12
+
+
+def test_network_source_normalises_after_filtering_as_before():
+    """Min-max applied to the pooled, blurred volume equals min-max first (it is affine in the
+    intensities); with percentile clipping (not linear) the image is normalised first."""
+    from keyreg.preprocess import (GridSpec, IntensitySpec, PreprocessConfig, _antialias, _box_pool,
+                                   network_grid_affine, network_source, normalize_intensity)
+
+    rng = np.random.default_rng(2)
+    vol = Volume((rng.random((40, 36, 30)) * 900 + 100).astype(np.float32), np.diag([1.0, 1.0, 1.2, 1.0]))
+    for clip in (None, (1.0, 99.0)):
+        cfg = PreprocessConfig(grid=GridSpec(mode="ras", shape=(10, 9, 8), voxel_size=(4.0, 4.0, 4.0)),
+                               intensity=IntensitySpec(clip_percentiles=clip))
+        grid = network_grid_affine(vol.affine, vol.shape, cfg.grid)
+        got, _ = network_source(vol, cfg, grid)
+        factors = np.sqrt(((np.linalg.inv(vol.affine) @ grid)[:3, :3] ** 2).sum(axis=1))
+        pooled, ifp, var = _box_pool(normalize_intensity(vol.tensor(), cfg.intensity), factors)
+        step = np.diag(ifp)[:3]
+        ref = _antialias(pooled, factors / step, np.sqrt(var) / step)
+        assert float((got - ref).abs().max()) < 1e-5
+
+
+def test_box_pool_equals_avg_pool3d():
+    """Block means by strided sums equal ``avg_pool3d`` (blocks of 2 and 3, a padded tail)."""
+    import torch.nn.functional as F
+
+    from keyreg.preprocess import _box_pool
+
+    x = torch.from_numpy(np.random.default_rng(4).random((1, 1, 12, 13, 9)))
+    for factors in ((4.0, 4.0, 4.0), (6.5, 2.2, 4.1), (1.0, 4.0, 1.0)):
+        got, ifp, _ = _box_pool(x, np.array(factors))
+        s = tuple(int(v) for v in np.diag(ifp)[:3])
+        pad = [0, -x.shape[4] % s[2], 0, -x.shape[3] % s[1], 0, -x.shape[2] % s[0]]
+        ref = F.avg_pool3d(F.pad(x, pad, mode="replicate"), s)
+        assert got.shape == ref.shape and float((got - ref).abs().max()) < 1e-12
+
+
+def test_image_metrics_normalise_chunk_by_chunk_as_full_copies():
+    """mse / ncc of lazily min-max-normalised images (:class:`MinMaxScaled`, no full-size copy) equal
+    those of the full normalised float32 copies the measure stage used to make."""
+    import keyreg.metrics as M
+    from keyreg.metrics import MinMaxScaled, mse, ncc
+
+    rng = np.random.default_rng(5)
+    fixed = (rng.random((37, 29, 23)) * 700 - 50).astype(np.float32)
+    warped = (rng.random((37, 29, 23)) * 300 + 20).astype(np.float32)
+    lo, hi = fixed.min(), fixed.max()
+    f_full = (fixed - lo) / (hi - lo)
+    w_full = (warped - np.float32(10.0)) / np.float32(400.0)
+    f_lazy = MinMaxScaled(fixed, lo, np.float32(hi - lo))
+    w_lazy = MinMaxScaled(warped, np.float32(10.0), np.float32(400.0))
+    chunk = M._CHUNK
+    try:
+        M._CHUNK = 1000  # several chunks on a small volume
+        assert mse(w_lazy, f_lazy) == mse(w_full, f_full)
+        assert ncc(w_lazy, f_lazy) == pytest.approx(ncc(w_full, f_full), abs=1e-12)
+    finally:
+        M._CHUNK = chunk

@@ -169,7 +169,16 @@ def _box_pool(volume: torch.Tensor, factors: np.ndarray) -> tuple[torch.Tensor, 
         n = volume.shape[2 + axis]
         pad += [0, int(-n % s[axis])]
     x = F.pad(volume, pad, mode="replicate") if any(pad) else volume
-    pooled = F.avg_pool3d(x, kernel_size=tuple(int(v) for v in s))
+    pooled = x  # block means as strided sums along each axis: ~2x faster than avg_pool3d on CPU
+    for axis in range(3):
+        k = int(s[axis])
+        if k > 1:
+            parts = [pooled[(slice(None),) * (2 + axis) + (slice(o, None, k),)] for o in range(k)]
+            acc = parts[0] + parts[1]
+            for part in parts[2:]:
+                acc.add_(part)
+            pooled = acc
+    pooled = pooled.mul_(1.0 / float(np.prod(s)))
     img_from_pooled[:3, :3] = np.diag(s)
     img_from_pooled[:3, 3] = (s - 1) / 2
     return pooled, img_from_pooled, (s.astype(float) ** 2 - 1) / 12
@@ -183,23 +192,24 @@ def _antialias(volume: torch.Tensor, factors: np.ndarray, sigma0: np.ndarray | N
         sig = np.sqrt(np.maximum(sig ** 2 - np.asarray(sigma0) ** 2, 0.0))
     blur = [(axis, float(sg)) for axis, (f, sg) in enumerate(zip(factors, sig)) if f > 1.25 and sg > 0.3]
     out = volume
-    if volume.device.type == "cpu":  # scipy's separable filter is much faster than conv3d on CPU
-        from scipy import ndimage
-
-        arr = volume.detach().numpy()
-        for axis, sigma in blur:
-            arr = ndimage.gaussian_filter1d(arr, sigma, axis=2 + axis, mode="nearest", truncate=3.0)
-        return torch.from_numpy(np.ascontiguousarray(arr))
     for axis, sigma in blur:
-        radius = int(np.ceil(3 * sigma))
-        x = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
-        k = torch.exp(-0.5 * (x / sigma) ** 2)
-        view = [1, 1, 1, 1, 1]
-        view[2 + axis] = -1
-        k = (k / k.sum()).view(view)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), k)
+        out = _gaussian_filter1d(out, sigma, 2 + axis)
+    return out
+
+
+def _gaussian_filter1d(x: torch.Tensor, sigma: float, dim: int, truncate: float = 3.0) -> torch.Tensor:
+    """Gaussian filter of ``x`` along ``dim``: scipy's ``gaussian_filter1d(mode="nearest", truncate=3)``
+    (radius ``int(truncate * sigma + 0.5)``, normalised taps, the edge voxel repeated), as a sum of
+    shifted copies: a few passes over the volume on any device, without importing scipy.ndimage."""
+    r = int(truncate * sigma + 0.5)
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (t / sigma) ** 2)
+    w /= w.sum()
+    n = x.shape[dim]
+    padded = x.index_select(dim, torch.arange(-r, n + r, device=x.device).clamp_(0, n - 1))
+    out = padded.narrow(dim, 0, n) * float(w[0])
+    for i in range(1, 2 * r + 1):
+        out.add_(padded.narrow(dim, i, n), alpha=float(w[i]))
     return out
 
 
@@ -214,14 +224,22 @@ def network_source(volume: Volume, config: PreprocessConfig, world_from_net: np.
     Returns:
         ``(source, world_from_source)``: ``(1, 1, I', J', K')`` float32 and its ``(4, 4)`` affine.
     """
-    src = normalize_intensity(volume.tensor(device), config.intensity)
+    spec = config.intensity
+    # plain min-max is affine in the intensities, so it commutes with the (linear) pooling and
+    # blurring: it is applied to the smaller, filtered volume (the range is the full image's)
+    late = spec.clip_percentiles is None
+    src = volume.tensor(device).float() if late else normalize_intensity(volume.tensor(device), spec)
     img_from_net = np.linalg.inv(volume.affine) @ world_from_net
     # down-sampling factor along each image axis: how many image voxels one network step spans
     factors = np.sqrt((img_from_net[:3, :3] ** 2).sum(axis=1))
     pooled, img_from_pooled, box_var = _box_pool(src, factors)
     step = np.diag(img_from_pooled)[:3]
     sigma0 = np.sqrt(box_var) / step  # the box's blur, in pooled voxels
-    return _antialias(pooled, factors / step, sigma0), volume.affine @ img_from_pooled
+    out = _antialias(pooled, factors / step, sigma0)
+    if late:
+        lo, hi = torch.aminmax(src)
+        out = (out - lo) / (hi - lo).clamp_min(1e-12)
+    return out, volume.affine @ img_from_pooled
 
 
 def sample_network_input(source: torch.Tensor, source_affine: np.ndarray, world_from_net: np.ndarray,
