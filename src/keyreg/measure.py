@@ -14,6 +14,7 @@ import torch
 
 from .errors import ConfigError
 from .io import Volume
+from .metrics import MinMaxScaled
 
 __all__ = ["normalize_like", "metric_intensities", "measure_alignment", "measure_before"]
 
@@ -27,15 +28,18 @@ def normalize_like(data: np.ndarray, source: Volume) -> np.ndarray:
     return _minmax(data, float(source.data.min()), float(source.data.max()))
 
 
-def metric_intensities(fixed: Volume, moving: Volume, warped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+def metric_intensities(fixed: Volume, moving: Volume, warped: np.ndarray | None
+                       ) -> tuple[MinMaxScaled, MinMaxScaled | None]:
     """``(fixed, warped)`` normalised for image metrics: fixed by its min-max, warped by the moving
-    image's min-max (so a perfect warp of the same contrast compares equal)."""
-    f = torch.as_tensor(fixed.data).float()
-    lo, hi = f.min(), f.max()
-    fixed_n = ((f - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+    image's min-max (so a perfect warp of the same contrast compares equal).  Lazily: the metrics
+    normalise chunk by chunk (:class:`~keyreg.metrics.MinMaxScaled`), no full-size copy."""
+    f = np.asarray(fixed.data)
+    lo, hi = np.float32(f.min()), np.float32(f.max())
+    fixed_n = MinMaxScaled(f, lo, np.float32(max(hi - lo, np.float32(1e-12))))
     if warped is None:
         return fixed_n, None
-    return fixed_n, _minmax(warped, float(moving.data.min()), float(moving.data.max()))
+    m_lo, m_hi = float(moving.data.min()), float(moving.data.max())
+    return fixed_n, MinMaxScaled(np.asarray(warped), np.float32(m_lo), np.float32(max(m_hi - m_lo, 1e-12)))
 
 
 def _check_inputs(metrics: Sequence[str], has_image: bool, has_seg: bool) -> None:

@@ -15,6 +15,7 @@ Jacobian statistics are those of the physical-space map ``x_fixed (mm) -> x_movi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from .transforms import AffineTransform, DisplacementField
 
 __all__ = [
     "METRICS",
+    "MinMaxScaled",
     "parse_metrics",
     "mse",
     "ncc",
@@ -70,7 +72,7 @@ def parse_metrics(names: Sequence[str] | str) -> list[str]:
     return out
 
 
-def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+def _same_shape(a: np.ndarray | MinMaxScaled, b: np.ndarray | MinMaxScaled, what: str) -> None:
     if a.shape != b.shape:
         raise ShapeError(f"{what}: shapes {a.shape} and {b.shape} differ (both must be on the fixed grid)")
 
@@ -79,29 +81,61 @@ def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
 _CHUNK = 1 << 20
 
 
-def mse(warped: np.ndarray, fixed: np.ndarray) -> float:
+@dataclass(frozen=True)
+class MinMaxScaled:
+    """An image to be compared min-max normalised, ``(data - lo) / scale`` in float32, without a
+    full-size normalised copy: the image metrics normalise it chunk by chunk (the same float32
+    operations as a full copy, so the same values).
+
+    Attributes:
+        data: the image as stored (any real dtype), ``(I, J, K)``.
+        lo, scale: float32 offset and range.
+    """
+
+    data: np.ndarray
+    lo: np.float32
+    scale: np.float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+
+def _flat_chunks(x: np.ndarray | MinMaxScaled):
+    """Consecutive chunks of ``x``'s flat values (a :class:`MinMaxScaled` normalised per chunk)."""
+    if isinstance(x, MinMaxScaled):
+        flat = np.ravel(x.data)
+        for s in range(0, flat.size, _CHUNK):
+            yield (flat[s:s + _CHUNK].astype(np.float32) - x.lo) / x.scale
+        return
+    flat = np.ravel(x)
+    for s in range(0, flat.size, _CHUNK):
+        yield flat[s:s + _CHUNK]
+
+
+def mse(warped: np.ndarray | MinMaxScaled, fixed: np.ndarray | MinMaxScaled) -> float:
     """Mean squared intensity difference (images expected min-max normalised to [0, 1])."""
     _same_shape(warped, fixed, "mse")
-    a, b = np.ravel(warped), np.ravel(fixed)
     total = 0.0
-    for s in range(0, a.size, _CHUNK):  # float64 in chunks: no full-size float64 temporaries
-        d = a[s:s + _CHUNK].astype(np.float64) - b[s:s + _CHUNK]
+    for a, b in zip(_flat_chunks(warped), _flat_chunks(fixed)):  # float64 in chunks, no full-size temporaries
+        d = a.astype(np.float64) - b
         total += float(np.dot(d, d))
-    return total / max(a.size, 1)
+    return total / max(int(np.prod(warped.shape)), 1)
 
 
-def ncc(warped: np.ndarray, fixed: np.ndarray) -> float:
+def ncc(warped: np.ndarray | MinMaxScaled, fixed: np.ndarray | MinMaxScaled) -> float:
     """Global normalised cross-correlation (Pearson's r) over the whole grid, in [-1, 1].
 
     A constant image has no defined correlation: returns ``nan``.
     """
     _same_shape(warped, fixed, "ncc")
-    a, b = np.ravel(warped), np.ravel(fixed)
-    ma, mb = float(a.mean(dtype=np.float64)), float(b.mean(dtype=np.float64))
+    n = max(int(np.prod(warped.shape)), 1)
+    ma = sum(float(c.sum(dtype=np.float64)) for c in _flat_chunks(warped)) / n
+    mb = sum(float(c.sum(dtype=np.float64)) for c in _flat_chunks(fixed)) / n
     saa = sbb = sab = 0.0
-    for s in range(0, a.size, _CHUNK):  # float64 in chunks: no full-size float64 temporaries
-        x = a[s:s + _CHUNK].astype(np.float64) - ma
-        y = b[s:s + _CHUNK].astype(np.float64) - mb
+    for a, b in zip(_flat_chunks(warped), _flat_chunks(fixed)):  # float64 in chunks
+        x = a.astype(np.float64) - ma
+        y = b.astype(np.float64) - mb
         saa, sbb, sab = saa + float(np.dot(x, x)), sbb + float(np.dot(y, y)), sab + float(np.dot(x, y))
     denom = np.sqrt(saa * sbb)
     return float(sab / denom) if denom > 0 else float("nan")
