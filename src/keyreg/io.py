@@ -140,7 +140,7 @@ def _read_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     mgh = str(path).lower().endswith((".mgz", ".mgh"))
     what = "MGH/MGZ" if mgh else "NIfTI"
     try:
-        img = nib.load(str(path))
+        img = _load_nifti_gz(path) if str(path).lower().endswith(".nii.gz") else nib.load(str(path))
         raw = None if mgh else _raw_nifti_header(path, type(img.header))
     except Exception as e:  # nibabel raises many types for bad headers (HeaderDataError, KeyError, ...)
         raise ImageIOError(f"{path}: cannot read as {what} ({_short(e)})") from None
@@ -152,6 +152,20 @@ def _read_nifti(path: Path) -> nib.spatialimages.SpatialImage:
             raise ImageContentError(f"{path}: voxel size (pixdim) {pix.tolist()} has a zero or non-finite value "
                                     f"and there is no sform: the image has no valid geometry")
     return img
+
+
+def _load_nifti_gz(path: Path) -> nib.spatialimages.SpatialImage:
+    """A ``.nii.gz`` image, decompressed at once with ISA-L's inflate when installed (~2x zlib's speed,
+    and it releases the GIL: two inputs read on threads decompress in parallel); else ``nib.load``."""
+    try:
+        from isal import igzip
+    except ImportError:  # no ISA-L wheels: nibabel's reader, same result
+        return nib.load(str(path))
+    data = igzip.decompress(path.read_bytes())
+    size = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+    if size not in (348, 540):
+        size = int.from_bytes(data[:4], "big")
+    return (nib.Nifti2Image if size == 540 else nib.Nifti1Image).from_bytes(data)
 
 
 def _raw_nifti_header(path: Path, header_class: type) -> Any:
@@ -204,6 +218,20 @@ def _check_dims(shape: tuple[int, ...], where: str) -> None:
         raise ImageContentError(f"{where}: every spatial axis needs at least 2 voxels, got {tuple(shape)}")
 
 
+_TORCH_COPY_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "uint8", "int16", "int32", "int64"))
+
+
+def _c_order(data: np.ndarray) -> np.ndarray:
+    """``data`` in C order.  NIfTI voxels are read in Fortran order, and every later step is faster on
+    C-ordered arrays (``grid_sample`` reads a Fortran-ordered 256^3 image 3.6x slower); torch's
+    parallel copy transposes it ~2x faster than numpy's."""
+    if data.flags.c_contiguous:
+        return data
+    if data.flags.writeable and data.dtype in _TORCH_COPY_DTYPES and min(data.strides) >= 0:
+        return torch.from_numpy(data).contiguous().numpy()
+    return np.ascontiguousarray(data)
+
+
 def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str,
               compact: bool = False) -> np.ndarray:
     _check_dims(data.shape, where)
@@ -215,7 +243,7 @@ def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str
             raise ImageContentError(f"{where}: label id {int(data.max())} is larger than 2^63 - 1, the largest "
                                     f"id keyreg keeps exactly")
         if np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
-            return data.astype(_integer_dtype(data) if compact else np.int64, copy=False)
+            return _c_order(data.astype(_integer_dtype(data) if compact else np.int64, copy=False))
         if not np.all(np.isfinite(data)):
             raise ImageContentError(f"{where}: label map contains NaN or Inf")
         rounded = np.rint(data)
@@ -223,8 +251,8 @@ def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str
             raise ImageContentError(f"{where}: label map has non-integer values (is it an image?)")
         if rounded.size and float(np.abs(rounded).max()) >= 2.0**63:
             raise ImageContentError(f"{where}: label ids beyond +-2^63 cannot be kept exactly")
-        return rounded.astype(_integer_dtype(rounded) if compact else np.int64)
-    data = np.asarray(data, dtype=np.float32)
+        return rounded.astype(_integer_dtype(rounded) if compact else np.int64, order="C")
+    data = _c_order(np.asarray(data, dtype=np.float32))
     if not np.all(np.isfinite(data)):
         bad = int((~np.isfinite(data)).sum())
         raise ImageContentError(f"{where}: {bad} voxels are NaN or Inf")
