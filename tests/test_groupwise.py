@@ -182,11 +182,11 @@ def test_groupwise_cli_tiny_model_one_pass_per_image(group, tmp_path, tiny_model
 
     img_dir, seg_dir, _ = group
     calls, alive, refs = [], [], []
-    forward = KeypointDetector.forward
+    infer = KeypointDetector.infer
 
-    def counting_forward(self, x):
+    def counting_infer(self, x, **kw):  # images the network reads (a lone CPU image runs as a batch of two)
         calls.append(x.shape[0])
-        return forward(self, x)
+        return infer(self, x, **kw)
 
     load = gw.load_volume
 
@@ -197,7 +197,7 @@ def test_groupwise_cli_tiny_model_one_pass_per_image(group, tmp_path, tiny_model
         refs.append(weakref.ref(v))
         return v
 
-    monkeypatch.setattr(KeypointDetector, "forward", counting_forward)
+    monkeypatch.setattr(KeypointDetector, "infer", counting_infer)
     monkeypatch.setattr(gw, "load_volume", tracking_load)
     out = tmp_path / "gw"
     rc = main(["groupwise", str(img_dir), "--segs", str(seg_dir), "--load_path", str(tiny_model_files),

@@ -180,6 +180,30 @@ def test_orientation_search_runs_on_an_anatomical_model(atlas):
     assert detect_image_keypoints(model, vol, search=False).passes == 1
 
 
+def test_images_detected_in_lockstep_equal_each_alone(atlas):
+    """Several images detected together (their network passes batched) give exactly the keypoints
+    each gives alone, for the search and for plain one-pass models: an image's result does not
+    depend on what it is run with (KeypointDetector.infer)."""
+    from conftest import tiny_model
+
+    from keyreg.io import Volume
+    from keyreg.keypoints import detect_keypoints
+    from keyreg.models.inference import detect_images_keypoints
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    vols = [Volume(_map(s).astype(np.float32) * (1 + 0.3 * s), AFF, name=f"img{s}") for s in (0, 2, 3)]
+    plain = [detect_keypoints(model, [v])[0].points for v in vols]
+    batched = detect_keypoints(model, vols, batch_size=3)
+    assert all(torch.equal(p, b.points) for p, b in zip(plain, batched))
+    model.config.regions, model.config.orientation_search = a, "always"
+    alone = [detect_image_keypoints(model, v) for v in vols]
+    together = detect_images_keypoints(model, vols)
+    for x, y in zip(alone, together):
+        assert torch.equal(x.points, y.points) and torch.equal(x.mass, y.mass) and x.passes == y.passes
+        assert np.array_equal(x.world_from_net, y.world_from_net)
+
+
 def test_identity_kept_for_an_aligned_pair_and_not_for_a_moved_one():
     from keyreg.transforms import AlignSpec, fit_transform, keep_identity_if_aligned
 

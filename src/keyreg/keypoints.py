@@ -92,11 +92,10 @@ def detect_keypoints(
     search: str | None = None,
 ) -> list[ImageKeypoints]:
     """Keypoints in world mm: one network pass per image (batched ``batch_size`` at a time), or, for
-    anatomical models, the test-time orientation search (:mod:`keyreg.models.inference`).
-
-    The default ``batch_size=1`` makes an image's keypoints independent of the images it is
-    processed with: on CPU, convolutions over a batch of 2 differ from batch 1 in the last bits
-    (of order 1e-5 mm), which would make a pair's result depend on batch order, resumption or sharding.
+    anatomical models, the test-time orientation search (:mod:`keyreg.models.inference`), the
+    images in lockstep (their passes batched).  An image's keypoints do not depend on the images it
+    is processed with (:meth:`~keyreg.models.detector.KeypointDetector.infer`), so a pair's result
+    does not depend on batch order, resumption or sharding.
 
     ``search`` overrides an anatomical model's orientation search (``ModelConfig.orientation_search``):
     ``"always"``, ``"auto"`` or ``"off"`` (one pass on the image's own grid, no canonicalisation);
@@ -112,10 +111,11 @@ def detect_keypoints(
     out: list[ImageKeypoints] = []
     mode = model.config.orientation_search if search is None else check_search_mode(search)
     if getattr(model.config, "regions", None) is not None and mode not in (False, "off"):
-        from .models.inference import detect_image_keypoints
+        from .models.inference import detect_images_keypoints
 
-        for v in volumes:  # anatomical models: test-time orientation search, one image at a time
-            det = detect_image_keypoints(model, v, device=device, use_amp=use_amp, search=mode)
+        # anatomical models: test-time orientation search, the images in lockstep
+        for v, det in zip(volumes, detect_images_keypoints(model, volumes, device=device, use_amp=use_amp,
+                                                           search=mode)):
             if not bool(torch.isfinite(det.points).all()) or not bool(torch.isfinite(det.mass).all()):
                 raise ImageContentError(
                     f"{v.name}: the model gives non-finite keypoints for this image (intensities "
@@ -126,10 +126,7 @@ def detect_keypoints(
     for start in range(0, len(volumes), batch_size):
         chunk = volumes[start : start + batch_size]
         inputs, affines = zip(*(to_network_input(v, pre, device) for v in chunk))
-        x = torch.cat(inputs, dim=0)
-        amp = use_amp and device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            u, mass = model(x)
+        u, mass = model.infer(torch.cat(inputs, dim=0), use_amp=use_amp)
         for b, aff in enumerate(affines):
             idx = normalized_to_voxel(u[b].double(), pre.grid.shape)
             world = apply_affine(torch.as_tensor(aff, device=idx.device), idx)

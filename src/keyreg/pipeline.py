@@ -336,15 +336,23 @@ class Registrar:
     # ------------------------------------------------------------------------------------ stages
     def keypoints(self, volume: Volume, key: Any = None) -> ImageKeypoints:
         """Stage 1: keypoints of one image (world RAS mm); cached under ``key`` when given."""
-        if key is not None and key in self._cache:
-            return self._cache[key]
-        with self.timer("keypoints"):
-            kp = detect_keypoints(self.model, [volume], device=self.device, use_amp=self.options.use_amp,
-                                  search=self.options.orientation_search)[0]
-        self.network_passes += kp.passes
-        if key is not None:
-            self._cache[key] = kp
-        return kp
+        return self.keypoints_of([volume], [key])[0]
+
+    def keypoints_of(self, volumes: Sequence[Volume], keys: Sequence[Any]) -> list[ImageKeypoints]:
+        """Stage 1 for several images: those not cached under their key are detected together (their
+        network passes batched; the result of each is what it would be alone)."""
+        out: list[ImageKeypoints | None] = [self._cache.get(k) if k is not None else None for k in keys]
+        todo = [i for i, kp in enumerate(out) if kp is None]
+        if todo:
+            with self.timer("keypoints"):
+                found = detect_keypoints(self.model, [volumes[i] for i in todo], device=self.device,
+                                         use_amp=self.options.use_amp, search=self.options.orientation_search)
+            for i, kp in zip(todo, found):
+                self.network_passes += kp.passes
+                if keys[i] is not None:
+                    self._cache[keys[i]] = kp
+                out[i] = kp
+        return out  # type: ignore[return-value]
 
     def forget(self, key: Any) -> None:
         """Drop one cached keypoint set."""
@@ -533,8 +541,7 @@ class Registrar:
         start = dict(self.timer.seconds)
         moving_v, fixed_v, moving_s, fixed_s = self.load(moving, fixed, moving_seg, fixed_seg)
         mask = self.load_mask(fixed_mask, fixed_v)
-        kf = self.keypoints(fixed_v, fixed_key)
-        km = self.keypoints(moving_v, moving_key)
+        kf, km = self.keypoints_of([fixed_v, moving_v], [fixed_key, moving_key])
         reg = self._assemble(moving_v, fixed_v, moving_s, fixed_s, kf, km, mask)
         if warp:
             self.warp(reg)

@@ -28,8 +28,10 @@ Frames: ``world_from_net`` maps network voxel indices ``(i, j, k)`` to world RAS
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from itertools import permutations, product
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +41,8 @@ from ..io import Volume
 from ..preprocess import network_grid_affine, network_source, sample_network_input
 from .detector import KeypointDetector
 
-__all__ = ["DetectedKeypoints", "detect_image_keypoints", "fit_similarity", "cube_rotations", "half_turns",
-           "SEARCH_RESIDUAL_MM"]
+__all__ = ["DetectedKeypoints", "detect_image_keypoints", "detect_images_keypoints", "fit_similarity",
+           "cube_rotations", "half_turns", "SEARCH_RESIDUAL_MM"]
 
 #: median template residual (mm) above which the canonical pass is not trusted and the search runs
 SEARCH_RESIDUAL_MM = 7.0
@@ -163,7 +165,23 @@ def _hypotheses(looks: list[np.ndarray], template: np.ndarray, max_count: int = 
     return [looks[i] for i in kept]
 
 
-def _drift(runner: "_Runner", grid: np.ndarray, points: np.ndarray) -> float:
+#: a detection step: yields the grids it needs the network's reading of, receives their
+#: ``(points, mass)`` and finally returns its result (:func:`_drive` runs one, :func:`detect_images_keypoints`
+#: runs several in lockstep, their requests batched)
+Steps = Generator[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]], Any]
+
+
+def _drive(steps: Steps, run: Callable[[list[np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]) -> Any:
+    """Run ``steps`` to its end, answering each request with ``run(grids)``; its return value."""
+    try:
+        grids = next(steps)
+        while True:
+            grids = steps.send(run(grids))
+    except StopIteration as stop:
+        return stop.value
+
+
+def _drift_steps(runner: "_Runner", grid: np.ndarray, points: np.ndarray) -> Steps:
     """Median distance (mm) the keypoints move when the grid of a canonical pass is turned by
     ``CHECK_TILT_DEGREES`` about a fixed oblique axis through its centre.  Keypoints that follow the
     anatomy stay put; a network that reads a wrongly turned head as upright draws its layout in the
@@ -173,12 +191,17 @@ def _drift(runner: "_Runner", grid: np.ndarray, points: np.ndarray) -> float:
     center = grid[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + grid[:3, 3]
     axis = np.array([1.0, 1.0, 0.3]) / np.linalg.norm([1.0, 1.0, 0.3])
     tilted = runner.grid(rot @ rotation_about(axis, CHECK_TILT_DEGREES)[:3, :3], center)
-    moved = runner.run([tilted])[0][0]
+    moved = (yield [tilted])[0][0]
     return float(np.median(np.linalg.norm(moved - points, axis=1)))
 
 
+def _drift(runner: "_Runner", grid: np.ndarray, points: np.ndarray) -> float:
+    """:func:`_drift_steps` run on its own."""
+    return _drive(_drift_steps(runner, grid, points), runner.run)
+
+
 class _Runner:
-    """Runs the network on grids of one image (its normalised, anti-aliased copy is made once)."""
+    """Reads one image on network grids (its normalised, anti-aliased copy is made once)."""
 
     def __init__(self, model: KeypointDetector, volume: Volume, device: torch.device, use_amp: bool) -> None:
         self.model, self.volume, self.device, self.use_amp = model, volume, device, use_amp
@@ -198,22 +221,31 @@ class _Runner:
         out[:3, 3] = center - out[:3, :3] @ ((n - 1) / 2)
         return out
 
-    def run(self, grids: list[np.ndarray], batch: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    def input(self, grid: np.ndarray) -> torch.Tensor:
+        """The network input on ``grid``, ``(1, 1, *shape)``."""
+        return sample_network_input(self.source, self.source_affine, grid, self.shape)
+
+    def world(self, u: torch.Tensor, mass: torch.Tensor, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """World keypoints ``(K, 3)`` and masses ``(K,)`` of one reading ``u`` (normalised, ``(K, 3)``) on ``grid``."""
+        self.passes += 1
+        idx = normalized_to_voxel(u.double(), self.shape)
+        world = apply_affine(torch.as_tensor(grid, device=idx.device), idx)
+        return world.cpu().numpy(), mass.float().cpu().numpy()
+
+    def run(self, grids: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """World keypoints ``(K, 3)`` and masses ``(K,)`` on each grid."""
-        out = []
-        for start in range(0, len(grids), batch):
-            chunk = grids[start:start + batch]
-            x = torch.cat([sample_network_input(self.source, self.source_affine, g, self.shape) for g in chunk])
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-            amp = self.use_amp and self.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                u, mass = self.model(x)
-            self.passes += len(chunk)
-            for b, g in enumerate(chunk):
-                idx = normalized_to_voxel(u[b].double(), self.shape)
-                world = apply_affine(torch.as_tensor(g, device=idx.device), idx)
-                out.append((world.cpu().numpy(), mass[b].float().cpu().numpy()))
-        return out
+        return _read([(self, g) for g in grids])
+
+
+def _read(jobs: list[tuple[_Runner, np.ndarray]], batch: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The network's readings of ``(runner, grid)`` jobs (of one or several images), ``batch`` at a time."""
+    out = []
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        model, use_amp = chunk[0][0].model, chunk[0][0].use_amp
+        u, mass = model.infer(torch.cat([r.input(g) for r, g in chunk]), use_amp=use_amp)
+        out += [r.world(u[b], mass[b], g) for b, (r, g) in enumerate(chunk)]
+    return out
 
 
 def detect_image_keypoints(
@@ -222,13 +254,28 @@ def detect_image_keypoints(
     *,
     device: torch.device | str | None = None,
     use_amp: bool = False,
-    search: bool | None = None,
+    search: bool | str | None = None,
 ) -> DetectedKeypoints:
-    """Keypoints of one image in world mm (see the module docstring).
+    """Keypoints of one image in world mm (see the module docstring and :func:`detect_images_keypoints`)."""
+    return detect_images_keypoints(model, [volume], device=device, use_amp=use_amp, search=search)[0]
+
+
+def detect_images_keypoints(
+    model: KeypointDetector,
+    volumes: Sequence[Volume],
+    *,
+    device: torch.device | str | None = None,
+    use_amp: bool = False,
+    search: bool | str | None = None,
+) -> list[DetectedKeypoints]:
+    """Keypoints of several images in world mm (see the module docstring), detected in lockstep:
+    each round, every image's next network readings go through the network in one batch (a batch of
+    two costs what one image costs on a 2-core CPU).  An image's result does not depend on the
+    others (:meth:`KeypointDetector.infer`).
 
     Args:
         model: the detector (evaluation mode).
-        volume: the image.
+        volumes: the images.
         device: where the network runs (default: the model's device).
         use_amp: bf16 autocast on CUDA.
         search: ``"always"`` (the 24 cube rotations are looked at first), ``True``/``"auto"`` (the
@@ -237,23 +284,48 @@ def detect_image_keypoints(
             ``None`` follows the model config.
     """
     device = torch.device(device) if device is not None else model.device
-    atlas = model.config.regions
     use_search = model.config.orientation_search if search is None else search
-    runner = _Runner(model, volume, device, use_amp)
+    runners = [_Runner(model, v, device, use_amp) for v in volumes]
+    steps = {i: _detection_steps(r, use_search) for i, r in enumerate(runners)}
+    results: list[Any] = [None] * len(runners)
+    requests: dict[int, list[np.ndarray]] = {}
+    for i, st in list(steps.items()):
+        try:
+            requests[i] = next(st)
+        except StopIteration as stop:
+            results[i] = stop.value
+    while requests:
+        jobs = [(i, g) for i, grids in requests.items() for g in grids]
+        readings = _read([(runners[i], g) for i, g in jobs])
+        answers: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for (i, _), reading in zip(jobs, readings):
+            answers.setdefault(i, []).append(reading)
+        for i in list(requests):
+            try:
+                requests[i] = steps[i].send(answers[i])
+            except StopIteration as stop:
+                results[i] = stop.value
+                del requests[i]
+    return results
+
+
+def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
+    """The detection of one image as :data:`Steps` (the module docstring's procedure)."""
+    atlas = runner.model.config.regions
     if use_search is True:
         use_search = "auto"
     if atlas is None or not use_search:
-        pts, mass = runner.run([runner.base])[0]
+        pts, mass = (yield [runner.base])[0]
         return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), runner.base)
     template = atlas.template
     center_t = template.mean(0)
 
-    def canonical(first_points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def canonical(first_points: np.ndarray) -> Steps:
         """Canonical pass from a pose estimate; repeated once when it moved the pose by > 10 degrees."""
         pose, _ = _trimmed_similarity(template, first_points)
         for attempt in range(2):
             grid = runner.grid(_rotation_part(pose), pose[:3, :3] @ center_t + pose[:3, 3])
-            pts, mass = runner.run([grid])[0]
+            pts, mass = (yield [grid])[0]
             new_pose, res = _trimmed_similarity(template, pts)
             if attempt or _angle(_rotation_part(pose), _rotation_part(new_pose)) <= REFINE_DEGREES:
                 break
@@ -267,18 +339,22 @@ def detect_image_keypoints(
                                  info)
 
     if use_search == "auto":  # upright first, kept when its keypoints fit the template and do not drift
-        cand = canonical(runner.run([runner.base])[0][0])
-        drift = _drift(runner, cand[2], cand[0])
+        cand = yield from canonical((yield [runner.base])[0][0])
+        drift = yield from _drift_steps(runner, cand[2], cand[0])
         if drift <= ACCEPT_DRIFT_MM and np.median(cand[3]) <= SEARCH_RESIDUAL_MM:
             return result(cand, False, {"hypotheses": 1, "hypothesis_drift_mm": [round(drift, 2)]})
     # the search: first looks on all 24 cube rotations; distinct good poses are hypotheses
     center = runner.base[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + runner.base[:3, 3]
-    looks = runner.run([runner.grid(r, center) for r in cube_rotations()])
-    cands = [canonical(first) for first in _hypotheses([p for p, _ in looks], template)]
+    looks = yield [runner.grid(r, center) for r in cube_rotations()]
+    cands = []
+    for first in _hypotheses([p for p, _ in looks], template):
+        cands.append((yield from canonical(first)))
     info: dict = {"hypotheses": len(cands)}
     best = 0
     if len(cands) > 1:  # the pose whose keypoints stay put when the grid turns is the anatomy's
-        drift_mm = [_drift(runner, grid, pts) for pts, _, grid, _ in cands]
+        drift_mm = []
+        for pts, _, grid, _ in cands:
+            drift_mm.append((yield from _drift_steps(runner, grid, pts)))
         best = int(np.argmin(drift_mm))
         info["hypothesis_drift_mm"] = [round(d, 2) for d in drift_mm]
     return result(cands[best], True, info)
