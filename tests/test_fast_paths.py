@@ -59,9 +59,9 @@ def test_hausdorff_equals_distance_transform_definition(seed):
 
 def test_dice_equals_per_label_counts_for_small_and_huge_ids():
     a, b = _label_maps(2)
-    for shift in (0, 2**40):  # huge ids take the rank path
+    for shift in (0, 5000, 2**40):  # a joint histogram, three histograms, ranks among the ids (huge ids)
         aa, bb = np.where(a > 0, a + shift, 0), np.where(b > 0, b + shift, 0)
-        got = dice_per_label(aa.astype(np.uint8) if shift == 0 else aa, bb)
+        got = dice_per_label(aa.astype(np.uint8) if shift == 0 else aa, bb.astype(np.uint16) if shift == 0 else bb)
         ref = {}
         for lab in sorted((set(np.unique(aa).tolist()) | set(np.unique(bb).tolist())) - {0}):
             ma, mb = aa == lab, bb == lab

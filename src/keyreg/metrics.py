@@ -146,20 +146,33 @@ def _labels_in_either(a: np.ndarray, b: np.ndarray) -> list[int]:
     return [int(i) for i in ids if i != 0]
 
 
+#: label ids below this are counted by one joint histogram (:func:`dice_per_label`; at most 2^24 bins)
+JOINT_DICE_IDS = 4096
+
+
 def dice_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray) -> dict[int, float]:
     """Hard Dice ``2|A∩B| / (|A|+|B|)`` per label present in either map (background excluded).
 
-    Counted in one pass per map: ``|A|`` and ``|B|`` are histograms of the two maps and ``|A∩B|``
-    the histogram of the voxels where they agree (exact integer counts).
+    Exact integer counts.  Ids in ``[0, 4096)`` (FreeSurfer's): one joint histogram of the label
+    pairs ``(a, b)``, whose row and column sums are ``|A|`` and ``|B|`` and whose diagonal is
+    ``|A∩B|`` (one pass; 4x faster than three histograms at 256^3); other non-negative ids below
+    2^24: the three histograms; any ids: ranks among the ids present.
     """
     _same_shape(warped_seg, fixed_seg, "harddice")
     a = np.asarray(warped_seg).ravel()
     b = np.asarray(fixed_seg).ravel()
     if a.size == 0:
         return {}
-    same = a[a == b]
     lo = min(int(a.min()), int(b.min()))
     hi = max(int(a.max()), int(b.max()))
+    if lo >= 0 and hi < JOINT_DICE_IDS:
+        n = hi + 1
+        code = torch.from_numpy(a.astype(np.int64)).mul_(n).add_(torch.from_numpy(b.astype(np.int64, copy=False)))
+        joint = torch.bincount(code, minlength=n * n).reshape(n, n).numpy()
+        count_a, count_b, inter = joint.sum(1), joint.sum(0), np.diagonal(joint)
+        return {int(lab): float(2.0 * int(inter[lab]) / (int(count_a[lab]) + int(count_b[lab])))
+                for lab in np.flatnonzero(count_a + count_b).tolist() if lab != 0}
+    same = a[a == b]
     if lo >= 0 and hi < (1 << 24):  # small non-negative ids: direct histograms
         n = hi + 1
         count_a = np.bincount(a, minlength=n) if a.dtype.kind in "iub" else np.bincount(a.astype(np.int64), minlength=n)
@@ -396,13 +409,14 @@ def _combine(terms: list[tuple[np.ndarray, float]], constant: float) -> np.ndarr
     return out
 
 
-def jacobian_determinant(field: DisplacementField, *, slab: int = 16) -> np.ndarray:
+def jacobian_determinant(field: DisplacementField, *, slab: int = 4) -> np.ndarray:
     """Determinant of the Jacobian of ``x -> x + u(x)`` in world mm, per voxel of the field's grid.
 
     Derivatives are central differences (one-sided at the edges, as ``np.gradient``) along voxel
     axes, converted to world derivatives with the grid's inverse affine; the 3 x 3 determinant is
-    written out (cofactor expansion).  Computed in float64 in slabs along the first axis (memory:
-    a few copies of one slab).
+    written out (cofactor expansion).  Computed in float64 in slabs of ``slab`` planes along the first
+    axis, on threads (memory: a few copies of one slab per thread; at 256^3, slabs of 4 planes took
+    1.3 s and slabs of 16 1.8-2.9 s: small temporaries are reused, large ones page-fault afresh).
 
     Returns:
         ``(I, J, K)`` float64.
@@ -414,7 +428,8 @@ def jacobian_determinant(field: DisplacementField, *, slab: int = 16) -> np.ndar
     v = np.linalg.inv(affine[:3, :3]).tolist()  # d(voxel)/d(world)
     n = disp.shape[1]
     det = np.empty(disp.shape[1:], dtype=np.float64)
-    for start in range(0, n, slab):
+
+    def one_slab(start: int) -> None:
         stop = min(start + slab, n)
         lo, hi = max(start - 1, 0), min(stop + 1, n)
         block = disp[:, lo:hi].astype(np.float64)
@@ -427,7 +442,23 @@ def jacobian_determinant(field: DisplacementField, *, slab: int = 16) -> np.ndar
         det[start:stop] = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
                            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
                            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+    _on_threads(one_slab, range(0, n, slab))
     return det
+
+
+def _on_threads(work: Any, items: Sequence[Any]) -> None:
+    """``work(item)`` for every item, on as many threads as torch may use (numpy's array operations
+    release the GIL, so independent slabs run in parallel; each writes its own part of the result)."""
+    threads = min(torch.get_num_threads(), len(items))
+    if threads < 2:
+        for item in items:
+            work(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="keyreg-metric") as pool:
+        list(pool.map(work, items))
 
 
 def jacobian_determinant_stats(transform: Any) -> dict[str, float]:
