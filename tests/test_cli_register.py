@@ -139,3 +139,23 @@ def test_unique_names_one_rule_for_every_workflow():
     assert unique_names(["a", "a", "a_2", "b", "a"]) == ["a", "a_3", "a_2", "b", "a_4"]
     names = unique_names(["x"] * 5 + ["x_3"])
     assert len(set(names)) == 6 and names[0] == "x" and names[-1] == "x_3"
+
+
+def test_cli_turns_off_numpy_hugepage_advice_unless_the_user_chose(monkeypatch):
+    """The CLI stops numpy's huge-page advice (slow first touches on the reference VM), except when
+    NUMPY_MADVISE_HUGEPAGE says what the user wants."""
+    import numpy as np
+
+    from keyreg.cli import no_hugepage_advice
+
+    setter = (getattr(np, "_core", None) or np.core).multiarray._set_madvise_hugepage
+    before = setter(True)
+    try:
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+        no_hugepage_advice()
+        assert setter(True) is True  # the user's choice is kept
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE")
+        no_hugepage_advice()
+        assert setter(True) is False
+    finally:
+        setter(before)

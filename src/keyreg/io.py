@@ -706,8 +706,22 @@ def write_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
             or isinstance(img, nib.Nifti2Image):
         nib.save(img, str(path))
         return
+    img = _with_fortran_data(img)
     with open(path, "wb") as raw, ParallelGzipWriter(raw) as gz:
         img.to_file_map({"image": nib.FileHolder(fileobj=gz)})
+
+
+def _with_fortran_data(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``img`` with its array in Fortran order, the order NIfTI stores: nibabel then writes each
+    slice with one memory copy instead of a strided one (2.9 s of strided copies for the outputs of
+    a 1 mm registration); the transposition is torch's parallel copy."""
+    data = img.dataobj
+    if not isinstance(data, np.ndarray) or data.ndim < 2 or data.flags.f_contiguous or not data.flags.c_contiguous \
+            or data.dtype not in _TORCH_COPY_DTYPES:
+        return img
+    t = torch.from_numpy(data)
+    fortran = t.permute(*reversed(range(t.ndim))).contiguous().numpy().T
+    return type(img)(fortran, img.affine, img.header, extra=img.extra)
 
 
 def smallest_integer_dtype(lo: int, hi: int) -> type:

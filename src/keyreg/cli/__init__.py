@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ..errors import KeyregError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "no_hugepage_advice"]
 
 # (module, help) of each sub-command; each module has add_arguments(parser) and run(args) -> int
 COMMANDS = {
@@ -46,7 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def no_hugepage_advice() -> None:
+    """Stop numpy from advising transparent huge pages for its large arrays, unless the user set
+    ``NUMPY_MADVISE_HUGEPAGE``.  Under ``defrag=madvise`` a kernel may compact memory on every first
+    touch of such an array: on this project's reference machine (a VM) a fresh 134 MB array took
+    0.6-1.3 s with the advice and 0.07 s without (docs/benchmarks.md); elsewhere the advice saves
+    little for arrays that are written once and read a few times."""
+    import os
+
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    setter = getattr(core.multiarray, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    no_hugepage_advice()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
