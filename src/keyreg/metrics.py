@@ -353,22 +353,24 @@ def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
         d = _nearest_nearby(query, lab, a.shape, target, offsets)
         far = np.isnan(d)
         if far.any():
-            d[far] = cKDTree(points(target_flat)).query(points(query[far]), k=1, workers=-1)[0]
+            d[far] = cKDTree(points(target_flat)).query(points(query[far]), k=1)[0]
         return d
 
-    out = {}
-    for lab in sorted(set(surf_a) | set(surf_b)):
-        if lab == 0:
-            continue
+    labels = sorted(lab for lab in set(surf_a) | set(surf_b) if lab != 0)
+    out = dict.fromkeys(labels, float("nan"))
+
+    def one_label(lab: int) -> None:
         if lab not in surf_a or lab not in surf_b:
-            out[lab] = float("nan")
-            continue
+            return
         fa, fb = surf_a[lab], surf_b[lab]
         sa, sb = shared_flat[fa], shared_flat[fb]
         d_ab = distances(fa[~sa], lab, look_b, fb)
         d_ba = distances(fb[~sb], lab, look_a, fa)
         zeros = np.zeros(int(sa.sum()) + int(sb.sum()))
         out[lab] = float(np.percentile(np.concatenate([zeros, d_ab, d_ba]), 95))
+
+    # largest surfaces first, so that the threads finish together
+    _on_threads(one_label, sorted(labels, key=lambda lab: -(len(surf_a.get(lab, ())) + len(surf_b.get(lab, ())))))
     return out
 
 
