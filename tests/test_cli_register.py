@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -159,3 +161,8 @@ def test_cli_turns_off_numpy_hugepage_advice_unless_the_user_chose(monkeypatch):
         assert setter(True) is False
     finally:
         setter(before)
+    code = ("import os, sys; os.environ.pop('NUMPY_MADVISE_HUGEPAGE', None); from keyreg.cli import no_hugepage_advice; "
+            "no_hugepage_advice(); import numpy as np; print('numpy' in sys.modules, "
+            "(getattr(np, '_core', None) or np.core).multiarray._set_madvise_hugepage(True))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]  # numpy imported afterwards starts without the advice

@@ -330,7 +330,8 @@ def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
     maps is at distance 0 both ways; one with such a voxel among its close neighbours takes the
     distance of the nearest of them (:func:`_stencil_offsets`: exact); the others find their nearest
     surface voxel with a KD-tree (``scipy.spatial.cKDTree``).  The same Euclidean distances as
-    distance transforms of the surfaces, without a pass over the grid per label.
+    distance transforms of the surfaces, without a pass over the grid per label.  Labels run on
+    threads (numpy and the KD-tree release the GIL), the largest surfaces first.
     """
     from scipy.spatial import cKDTree
 

@@ -56,8 +56,10 @@ def no_hugepage_advice() -> None:
 
     if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         return
-    import numpy as np
-
+    np = sys.modules.get("numpy")
+    if np is None:  # numpy reads the variable when it is imported (not here: `keyreg --help` needs no numpy)
+        os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"
+        return
     core = getattr(np, "_core", None) or np.core
     setter = getattr(core.multiarray, "_set_madvise_hugepage", None)
     if setter is not None:
