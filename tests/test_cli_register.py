@@ -166,3 +166,14 @@ def test_cli_turns_off_numpy_hugepage_advice_unless_the_user_chose(monkeypatch):
             "(getattr(np, '_core', None) or np.core).multiarray._set_madvise_hugepage(True))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]  # numpy imported afterwards starts without the advice
+
+
+def test_console_entry_exits_with_mains_status(tmp_path):
+    """``python -m keyreg.cli`` (the console entry) ends with main's status and its whole output,
+    also when it skips the interpreter's teardown."""
+    ok = subprocess.run([sys.executable, "-m", "keyreg.cli", "models"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "keyreg-anatomy" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "keyreg.cli", "register", "--moving", str(tmp_path / "no.nii.gz"),
+                          "--fixed", str(tmp_path / "no.nii.gz"), "--save_dir", str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

@@ -230,3 +230,22 @@ def test_loaded_volumes_are_c_ordered_and_equal_nibabel(tmp_path, klass):
         nib.save(klass(data, aff), tmp_path / f"seg_{name}")
         lab = load_volume(tmp_path / f"seg_{name}", kind="labels", compact_labels=True)
         assert lab.data.flags.c_contiguous and lab.data.dtype == np.int16 and np.array_equal(lab.data, data)
+
+
+def test_prefetched_inputs_are_read_once_and_never_stale(tmp_path):
+    """Bytes inflated ahead (keyreg.prefetch) are what load_volume reads; a file changed after its
+    prefetch is read again; other paths are ignored."""
+    from keyreg import prefetch as pf
+
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    path = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    pf.prefetch([path, tmp_path / "missing.nii.gz", tmp_path, None])
+    got = pf.take(path)
+    assert got is not None and pf.take(path) is None  # taken once
+    pf.prefetch([path])
+    assert np.array_equal(load_volume(path).data, data)  # through the prefetched bytes
+    assert pf.take(path) is None
+    pf.prefetch([path])
+    nib.save(nib.Nifti1Image(data + 1, np.eye(4)), path)  # changed after the prefetch
+    assert np.array_equal(load_volume(path).data, data + 1)

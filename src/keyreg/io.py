@@ -161,7 +161,11 @@ def _load_nifti_gz(path: Path) -> nib.spatialimages.SpatialImage:
         from isal import igzip
     except ImportError:  # no ISA-L wheels: nibabel's reader, same result
         return nib.load(str(path))
-    data = igzip.decompress(path.read_bytes())
+    from .prefetch import take
+
+    data = take(path)
+    if data is None:
+        data = igzip.decompress(path.read_bytes())
     size = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
     if size not in (348, 540):
         size = int.from_bytes(data[:4], "big")

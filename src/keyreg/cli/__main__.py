@@ -1,7 +1,5 @@
 """``python -m keyreg.cli`` (used by ``torchrun -m keyreg.cli register ...``)."""
 
-import sys
+from . import entry
 
-from . import main
-
-sys.exit(main())
+entry()

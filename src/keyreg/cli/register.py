@@ -91,6 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..prefetch import prefetch
+
+    prefetch([args.fixed, args.moving, args.fixed_seg, args.moving_seg])  # inflated while torch is imported
     from ..batch import register_batch
     from ..pipeline import RegistrationOptions
     from ..transforms import DEFAULT_FIELD_STRIDE
