@@ -88,15 +88,16 @@ def entry() -> None:
 
     Once the outputs are written, the interpreter's teardown only frees memory: 0.4-0.5 s after a
     1 mm registration (torch's and numpy's objects).  With stdout and stderr flushed and no other
-    thread alive, the process ends at once (``os._exit``); under ``torchrun`` (``WORLD_SIZE`` set)
-    the normal exit keeps torch.distributed's own cleanup."""
+    non-daemon thread alive, the process ends at once (``os._exit``); under ``torchrun``
+    (``WORLD_SIZE`` set) the normal exit keeps torch.distributed's own cleanup."""
     import os
     import threading
 
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    if threading.active_count() == 1 and "WORLD_SIZE" not in os.environ:
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if not others and "WORLD_SIZE" not in os.environ:  # daemon threads (tqdm's monitor) die at exit anyway
         os._exit(rc)
     sys.exit(rc)
 
