@@ -57,6 +57,23 @@ def test_hausdorff_equals_distance_transform_definition(seed):
     assert any(v > 0 for v in ref.values() if np.isfinite(v))
 
 
+def test_hausdorff_with_the_fixed_surfaces_kept_across_maps():
+    """The fixed map's LabelSurfaces (its KD-trees built once) reused for several warped maps give
+    the values of fresh calls; surfaces of another grid are refused."""
+    from keyreg.errors import ConfigError
+    from keyreg.metrics import LabelSurfaces
+
+    a0, b = _label_maps(0)
+    a1, _ = _label_maps(1)
+    spacing = (1.0, 1.3, 0.8)
+    kept = LabelSurfaces(b, spacing)
+    for a in (a0, a1, a0):
+        got, ref = hausdorff95_per_label(a, b, spacing, fixed_surfaces=kept), hausdorff95_per_label(a, b, spacing)
+        assert got.keys() == ref.keys() and all((np.isnan(got[k]) and np.isnan(ref[k])) or got[k] == ref[k] for k in ref)
+    with pytest.raises(ConfigError, match="another grid"):
+        hausdorff95_per_label(a0, b, (1.0, 1.0, 1.0), fixed_surfaces=kept)
+
+
 def test_dice_equals_per_label_counts_for_small_and_huge_ids():
     a, b = _label_maps(2)
     for shift in (0, 5000, 2**40):  # a joint histogram, three histograms, ranks among the ids (huge ids)

@@ -55,8 +55,10 @@ def _check_inputs(metrics: Sequence[str], has_image: bool, has_seg: bool) -> Non
 
 def measure_alignment(metrics: Sequence[str], *, fixed: Volume, moving: Volume, transform: Any,
                       warped: Volume | None, warped_seg: Volume | None, fixed_seg: Volume | None,
-                      moving_seg: Volume | None) -> dict[str, Any]:
-    """Every metric of one alignment (``transform`` as used for warping on the fixed grid)."""
+                      moving_seg: Volume | None, fixed_surfaces: Any = None) -> dict[str, Any]:
+    """Every metric of one alignment (``transform`` as used for warping on the fixed grid);
+    ``fixed_surfaces``: the fixed segmentation's :class:`~keyreg.metrics.LabelSurfaces`, kept across
+    aligns (hausd)."""
     from .metrics import METRICS, compute_metrics
 
     _check_inputs(metrics, warped is not None, warped_seg is not None and fixed_seg is not None)
@@ -68,7 +70,8 @@ def measure_alignment(metrics: Sequence[str], *, fixed: Volume, moving: Volume, 
         warped_seg=None if warped_seg is None else warped_seg.data,
         fixed_seg=None if fixed_seg is None else fixed_seg.data,
         spacing=fixed.spacing, transform=transform, fixed_shape=fixed.shape, fixed_affine=fixed.affine,
-        moving_seg=None if moving_seg is None else moving_seg.data, moving_affine=moving.affine)
+        moving_seg=None if moving_seg is None else moving_seg.data, moving_affine=moving.affine,
+        fixed_surfaces=fixed_surfaces)
 
 
 def measure_before(metrics: Sequence[str], *, fixed: Volume, moving: Volume, fixed_seg: Volume,

@@ -36,6 +36,7 @@ __all__ = [
     "brain_structures",
     "brain_dice_per_label",
     "soft_dice_per_label",
+    "LabelSurfaces",
     "hausdorff95_per_label",
     "jacobian_determinant",
     "jacobian_determinant_stats",
@@ -318,8 +319,47 @@ def _nearest_nearby(flat: np.ndarray, label: int, shape: Sequence[int], target: 
     return dist
 
 
-def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
-                          spacing: Sequence[float]) -> dict[int, float]:
+class LabelSurfaces:
+    """The label surfaces of one map, for Hausdorff distances to several others (a registration's
+    fixed map, measured against each align's warped map): its surface voxels (per label), the
+    neighbour look-up, and each label's KD-tree of surface points (built on first use, kept).
+
+    Attributes:
+        seg: the ``(I, J, K)`` label map.
+        edge: its surface voxels of every label (:func:`_label_edges`).
+        surfaces: label -> flat indices of its surface voxels.
+    """
+
+    def __init__(self, seg: np.ndarray, spacing: Sequence[float]) -> None:
+        import threading
+
+        self.seg = np.asarray(seg)
+        self.spacing = np.asarray([float(v) for v in spacing], dtype=np.float64)
+        self.edge = _label_edges(self.seg)
+        self.surfaces = _group_by_label(self.seg, np.flatnonzero(self.edge))
+        self.lookup = _SurfaceLookup(self.seg, self.edge)
+        self._trees: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def points(self, flat: np.ndarray) -> np.ndarray:
+        """World-axis-aligned positions (mm, voxel index x spacing) of flat voxel indices."""
+        return np.stack(np.unravel_index(flat, self.seg.shape), axis=1) * self.spacing
+
+    def tree(self, label: int):
+        """The KD-tree (``scipy.spatial.cKDTree``) of ``label``'s surface points."""
+        from scipy.spatial import cKDTree
+
+        with self._lock:
+            t = self._trees.get(label)
+        if t is None:
+            t = cKDTree(self.points(self.surfaces[label]))
+            with self._lock:
+                self._trees[label] = t
+        return t
+
+
+def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray, spacing: Sequence[float], *,
+                          fixed_surfaces: LabelSurfaces | None = None) -> dict[int, float]:
     """95th-percentile symmetric Hausdorff distance (mm) between label surfaces.
 
     For each label, the distances from every surface voxel of one map to the nearest surface voxel
@@ -332,46 +372,43 @@ def hausdorff95_per_label(warped_seg: np.ndarray, fixed_seg: np.ndarray,
     surface voxel with a KD-tree (``scipy.spatial.cKDTree``).  The same Euclidean distances as
     distance transforms of the surfaces, without a pass over the grid per label.  Labels run on
     threads (numpy and the KD-tree release the GIL), the largest surfaces first.
-    """
-    from scipy.spatial import cKDTree
 
+    ``fixed_surfaces``: the fixed map's :class:`LabelSurfaces` (same map, same spacing), reused across
+    calls (a registration's aligns share the fixed map).
+    """
     _same_shape(warped_seg, fixed_seg, "hausd")
     a, b = np.asarray(warped_seg), np.asarray(fixed_seg)
-    spacing = np.asarray([float(s) for s in spacing], dtype=np.float64)
-    edge_a, edge_b = _label_edges(a), _label_edges(b)
-    shared = edge_a & edge_b & (a == b)  # on the same label's surface in both maps
-    surf_a = _group_by_label(a, np.flatnonzero(edge_a))
-    surf_b = _group_by_label(b, np.flatnonzero(edge_b))
-    shared_flat = shared.ravel()
-    look_a, look_b = _SurfaceLookup(a, edge_a), _SurfaceLookup(b, edge_b)
-    _, p1, p2 = look_a.padded_shape
-    offsets = _stencil_offsets(spacing, (p1 * p2, p2, 1))  # C-order strides of the padded grid
+    surf_b = fixed_surfaces if fixed_surfaces is not None else LabelSurfaces(b, spacing)
+    if surf_b.seg.shape != b.shape or not np.array_equal(surf_b.spacing, [float(v) for v in spacing]):
+        raise ConfigError("hausd: fixed_surfaces were computed for another grid")
+    surf_a = LabelSurfaces(a, spacing)
+    shared_flat = (surf_a.edge & surf_b.edge & (a == b)).ravel()  # on the same label's surface in both maps
+    _, p1, p2 = surf_a.lookup.padded_shape
+    offsets = _stencil_offsets(surf_a.spacing, (p1 * p2, p2, 1))  # C-order strides of the padded grid
 
-    def points(flat: np.ndarray) -> np.ndarray:
-        return np.stack(np.unravel_index(flat, a.shape), axis=1) * spacing
-
-    def distances(query: np.ndarray, lab: int, target: _SurfaceLookup, target_flat: np.ndarray) -> np.ndarray:
-        d = _nearest_nearby(query, lab, a.shape, target, offsets)
+    def distances(query: np.ndarray, lab: int, target: LabelSurfaces) -> np.ndarray:
+        d = _nearest_nearby(query, lab, a.shape, target.lookup, offsets)
         far = np.isnan(d)
         if far.any():
-            d[far] = cKDTree(points(target_flat)).query(points(query[far]), k=1)[0]
+            d[far] = target.tree(lab).query(target.points(query[far]), k=1)[0]
         return d
 
-    labels = sorted(lab for lab in set(surf_a) | set(surf_b) if lab != 0)
+    labels = sorted(lab for lab in set(surf_a.surfaces) | set(surf_b.surfaces) if lab != 0)
     out = dict.fromkeys(labels, float("nan"))
 
     def one_label(lab: int) -> None:
-        if lab not in surf_a or lab not in surf_b:
+        if lab not in surf_a.surfaces or lab not in surf_b.surfaces:
             return
-        fa, fb = surf_a[lab], surf_b[lab]
+        fa, fb = surf_a.surfaces[lab], surf_b.surfaces[lab]
         sa, sb = shared_flat[fa], shared_flat[fb]
-        d_ab = distances(fa[~sa], lab, look_b, fb)
-        d_ba = distances(fb[~sb], lab, look_a, fa)
+        d_ab = distances(fa[~sa], lab, surf_b)
+        d_ba = distances(fb[~sb], lab, surf_a)
         zeros = np.zeros(int(sa.sum()) + int(sb.sum()))
         out[lab] = float(np.percentile(np.concatenate([zeros, d_ab, d_ba]), 95))
 
     # largest surfaces first, so that the threads finish together
-    _on_threads(one_label, sorted(labels, key=lambda lab: -(len(surf_a.get(lab, ())) + len(surf_b.get(lab, ())))))
+    size = {lab: len(surf_a.surfaces.get(lab, ())) + len(surf_b.surfaces.get(lab, ())) for lab in labels}
+    _on_threads(one_label, sorted(labels, key=lambda lab: -size[lab]))
     return out
 
 
@@ -492,8 +529,10 @@ def compute_metrics(
     fixed_affine: np.ndarray | None = None,
     moving_seg: np.ndarray | None = None,
     moving_affine: np.ndarray | None = None,
+    fixed_surfaces: LabelSurfaces | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``names`` (see :data:`METRICS`); metrics whose inputs are missing raise.
+    ``fixed_surfaces``: the fixed segmentation's :class:`LabelSurfaces`, when kept across aligns.
 
     Returns:
         Scalars under each metric name; Dice and Hausdorff also give ``<name>_per_label``
@@ -525,7 +564,7 @@ def compute_metrics(
             per = soft_dice_per_label(moving_seg, moving_affine, fixed_seg, fixed_affine, transform)
             out["softdice"], out["softdice_per_label"] = mean_dice(per), per
         elif name == "hausd":
-            per = hausdorff95_per_label(warped_seg, fixed_seg, spacing)
+            per = hausdorff95_per_label(warped_seg, fixed_seg, spacing, fixed_surfaces=fixed_surfaces)
             out["hausd"], out["hausd_per_label"] = mean_dice(per), per
         elif name in ("jdstd", "jdlessthan0"):
             if "jdstd" not in out:

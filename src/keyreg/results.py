@@ -303,6 +303,7 @@ class Registration:
     alignment_check: dict[str, Any] = field(default_factory=dict)
     fixed_mask: Volume | None = None
     _confidence: Any = field(default=None, repr=False)
+    _fixed_surfaces: Any = field(default=None, repr=False)
 
     @property
     def confidence(self) -> dict[str, Any]:
@@ -336,13 +337,18 @@ class Registration:
         from .metrics import parse_metrics
 
         names = parse_metrics(list(metrics))
+        if "hausd" in names and self.fixed_seg is not None and self._fixed_surfaces is None:
+            from .metrics import LabelSurfaces  # the fixed map's surfaces, found once for every align
+
+            self._fixed_surfaces = LabelSurfaces(self.fixed_seg.data, self.fixed.spacing)
         out = {}
         for res in self:
             if aligns is not None and res.name not in aligns:
                 continue
             res.metrics = measure_alignment(
                 names, fixed=self.fixed, moving=self.moving, transform=res.dense_transform(), warped=res.warped,
-                warped_seg=res.warped_seg, fixed_seg=self.fixed_seg, moving_seg=self.moving_seg)
+                warped_seg=res.warped_seg, fixed_seg=self.fixed_seg, moving_seg=self.moving_seg,
+                fixed_surfaces=self._fixed_surfaces)
             if hasattr(res, "refine_metrics"):  # a refined align: whether the safeguard kept its start, time
                 res.metrics.update(res.refine_metrics())
             out[res.name] = res.metrics
