@@ -117,12 +117,16 @@ def test_a_batch_records_a_pair_whose_writing_failed_and_leaves_no_partial_direc
     assert [f["pair"] for f in json.loads((out / "metrics.json").read_text())["failures"]] == ["b_to_a"]
 
 
-def test_a_single_pair_writes_in_line_and_raises_its_error(data, tiny_model_files, tmp_path, monkeypatch,
-                                                            capsys):  # noqa: F811
+def test_a_single_pairs_write_error_is_raised(data, tiny_model_files, tmp_path, monkeypatch,
+                                               capsys):  # noqa: F811
+    """A single pair is written on the background writer too (while its next align is computed); its
+    write error still ends the command with one line and exit status 2, and leaves no pair directory."""
     import keyreg.export as export
 
+    threads = []
+
     def failing_save(res, directory, **kw):
-        assert threading.current_thread() is threading.main_thread()
+        threads.append(threading.current_thread())
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "save_alignment", failing_save)
@@ -134,3 +138,4 @@ def test_a_single_pair_writes_in_line_and_raises_its_error(data, tiny_model_file
     err = capsys.readouterr().err
     assert "error:" in err and "No space left on device" in err and "Traceback" not in err
     assert not (out / "pairs").exists() or not any((out / "pairs").iterdir())
+    assert threads and threads[0] is not threading.main_thread()

@@ -310,9 +310,9 @@ def run_batch(
         thumbs: dict[str, bytes] = {}
         bar = tqdm(mine, desc=f"{tag}pairs", unit="pair", file=sys.stderr, dynamic_ncols=True,
                    disable=single or not progress)
-        # a batch writes on a background thread while it computes (at most one step - one align's files
-        # - waits to be written); a single pair writes in line, so that its error is raised
-        writer = BackgroundWriter(max_pending=1) if write_pairs and not single else None
+        # outputs are written on a background thread while the next align or pair is computed (at most
+        # one step - one align's files - waits to be written); a single pair's write error is raised
+        writer = BackgroundWriter(max_pending=1) if write_pairs else None
         deferred = _DeferredWrites(writer) if writer is not None else None
         written: dict[int, list[dict]] = {}  # rows of computed pairs whose directory is not committed yet
         failed: set[int] = set()
@@ -328,8 +328,8 @@ def run_batch(
         def collect(outcomes) -> None:
             for o in outcomes:  # keys (pair index, whether the step committed the pair directory)
                 index, last = o.key
-                if o.error is not None and not isinstance(o.error, Exception):  # an interrupt stops the batch
-                    raise o.error
+                if o.error is not None and (single or not isinstance(o.error, Exception)):
+                    raise o.error  # a single pair's error, or an interrupt (it stops the batch)
                 if o.error is not None:
                     fail(index, o.error)
                 elif last and index in written:
