@@ -492,6 +492,7 @@ class Registrar:
             if each is not None:
                 each(res)
             release_arrays(res)
+        reg.release_measure_cache()
         return out
 
     def save(self, reg: Registration, directory: str | Path, *, write_images: bool = True,

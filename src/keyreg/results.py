@@ -354,6 +354,11 @@ class Registration:
             out[res.name] = res.metrics
         return out
 
+    def release_measure_cache(self) -> None:
+        """Drop what :meth:`evaluate` keeps across aligns (the fixed map's label surfaces, ~0.2 GB at
+        1 mm), e.g. once the last align is measured while the outputs are still being written."""
+        self._fixed_surfaces = None
+
     def save(self, directory: str | Path, *, write_images: bool = True,
              visualize: bool = False) -> dict[str, Path]:
         """Write keypoints and every alignment's outputs under ``directory``."""

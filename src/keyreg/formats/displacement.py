@@ -72,7 +72,10 @@ def write_displacement_field(path: PathLike, displacement_ras, affine,
         raise OutputError(f"{path}: displacement field name must end in .nii or .nii.gz")
     d = _check_displacement(displacement_ras)
     a = _check_affine(affine)
-    lps = (d.astype(np.float32) * _FLIP)[:, :, :, None, :]
+    # float32 LPS components in Fortran order (NIfTI's): one pass, no further copy when written
+    lps = np.empty(d.shape, dtype=np.float32, order="F")
+    np.multiply(d, _FLIP, out=lps, casting="unsafe")
+    lps = lps[:, :, :, None, :]
     hdr = None
     if isinstance(header, nib.Nifti1Header) and not isinstance(header, nib.Nifti2Header):
         hdr = nib.Nifti1Header.from_header(header)  # a NIfTI-2 header is not reused
