@@ -187,7 +187,7 @@ def foreground_mask(image: torch.Tensor, level: float = FOREGROUND_LEVEL) -> tor
     """``(B, 1, I, J, K)`` float mask (1 = foreground) of a robust-normalised image: its voxels above
     ``level`` after a Gaussian blur of one voxel (so that isolated noise voxels of the background do
     not count).  The refinement measures its similarity there when no fixed mask is given: background
-    noise has structure of its own that pulls MIND and LNCC (docs/benchmarks.md: Dice 0.48 -> 0.59 on
+    noise has structure of its own that pulls MIND and LNCC (docs/benchmarks.md: Dice 0.48 -> 0.57 on
     a T1 -> T2 pair of the refinement benchmark)."""
     return (gaussian_blur(image, 1.0) > level).to(image.dtype)
 
