@@ -140,8 +140,9 @@ def _read_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     mgh = str(path).lower().endswith((".mgz", ".mgh"))
     what = "MGH/MGZ" if mgh else "NIfTI"
     try:
-        img = _load_nifti_gz(path) if str(path).lower().endswith(".nii.gz") else nib.load(str(path))
-        raw = None if mgh else _raw_nifti_header(path, type(img.header))
+        data = _inflated_nifti(path)
+        img = nib.load(str(path)) if data is None else _nifti_from_bytes(data)
+        raw = None if mgh else _raw_nifti_header(path if data is None else data, type(img.header))
     except Exception as e:  # nibabel raises many types for bad headers (HeaderDataError, KeyError, ...)
         raise ImageIOError(f"{path}: cannot read as {what} ({_short(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image, nib.MGHImage)):
@@ -154,29 +155,38 @@ def _read_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     return img
 
 
-def _load_nifti_gz(path: Path) -> nib.spatialimages.SpatialImage:
-    """A ``.nii.gz`` image, decompressed at once with ISA-L's inflate when installed (~2x zlib's speed,
-    and it releases the GIL: two inputs read on threads decompress in parallel); else ``nib.load``."""
+def _inflated_nifti(path: Path) -> bytes | None:
+    """A ``.nii.gz`` file's bytes, inflated at once with ISA-L when installed (~2x zlib's speed, and it
+    releases the GIL: two inputs read on threads decompress in parallel; prefetched bytes are taken,
+    :mod:`keyreg.prefetch`); ``None`` for other files or without ISA-L (nibabel then reads the file)."""
+    if not str(path).lower().endswith(".nii.gz"):
+        return None
     try:
         from isal import igzip
     except ImportError:  # no ISA-L wheels: nibabel's reader, same result
-        return nib.load(str(path))
+        return None
     from .prefetch import take
 
     data = take(path)
-    if data is None:
-        data = igzip.decompress(path.read_bytes())
+    return igzip.decompress(path.read_bytes()) if data is None else data
+
+
+def _nifti_from_bytes(data: bytes) -> nib.spatialimages.SpatialImage:
+    """A NIfTI-1 or -2 image from a single file's inflated bytes (told apart by ``sizeof_hdr``)."""
     size = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
     if size not in (348, 540):
         size = int.from_bytes(data[:4], "big")
     return (nib.Nifti2Image if size == 540 else nib.Nifti1Image).from_bytes(data)
 
 
-def _raw_nifti_header(path: Path, header_class: type) -> Any:
-    """The header as stored, before nibabel's fixes (which turn a zero pixdim into 1 mm)."""
+def _raw_nifti_header(source: Path | bytes, header_class: type) -> Any:
+    """The header as stored (from the file, or from its inflated bytes), before nibabel's fixes
+    (which turn a zero pixdim into 1 mm)."""
+    if isinstance(source, bytes):
+        return header_class.from_fileobj(io.BytesIO(source), check=False)
     from nibabel.openers import ImageOpener
 
-    with ImageOpener(str(path)) as f:
+    with ImageOpener(str(source)) as f:
         return header_class.from_fileobj(f, check=False)
 
 
