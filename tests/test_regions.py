@@ -159,6 +159,90 @@ def test_drift_tells_anatomy_from_a_layout_drawn_in_the_grid(atlas):
         assert lo <= _drift(runner, grid, pts) <= hi
 
 
+class _TurnedHead:
+    """Network stand-in for a head whose pose (``world_from_template`` rotation) is ``pose``: a grid
+    within 70° of the pose reads the keypoints where they are (0.5 mm noise); a grid turned further
+    reads the head as upright in its own frame (the layout drawn in the grid's axes, 2 mm noise).
+    The noise is a function of the grid, so the same grid always gives the same reading."""
+
+    def __init__(self, model, template, pose):
+        self.model, self.shape, self.template, self.pose = model, (8, 8, 8), template, pose
+        self.truth = template @ pose.T
+        self.base = self.grid(np.eye(3), np.zeros(3))
+        self.passes = 0
+
+    def grid(self, rotation, center):
+        from keyreg.models.inference import _Runner
+
+        return _Runner.grid(self, rotation, center)
+
+    def run(self, grids):
+        from keyreg.models.inference import _angle
+
+        vs = np.asarray(self.model.config.preprocessing.grid.voxel_size)
+        out = []
+        for g in grids:
+            self.passes += 1
+            rot = g[:3, :3] / vs
+            rng = np.random.default_rng(abs(hash(np.round(g, 6).tobytes())) % 2**32)
+            if _angle(rot, self.pose) <= 70:
+                out.append((self.truth + rng.normal(scale=0.5, size=self.truth.shape), np.ones(len(self.truth))))
+            else:
+                out.append((self.template @ rot.T + rng.normal(scale=2.0, size=self.truth.shape), np.ones(len(self.truth))))
+        return out
+
+
+def test_auto_search_looks_at_half_turns_first_and_stops_at_a_checked_pose(atlas):
+    """A head turned by ~180° fails the upright reading; ``auto`` then looks at the 9 half turns
+    first and stops when the best of them passes the checks (4 + 9 + 2 passes instead of 24 looks),
+    with the keypoints ``always`` finds."""
+    from conftest import tiny_model
+
+    from keyreg.models.inference import _detection_steps, _drive, search_stages
+
+    stages = search_stages()
+    assert [len(s) for s in stages] == [9, 8, 7] and sorted(sum(stages, [])) == list(range(24))
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    model.config.regions = a
+    template = 10 * (a.template - a.template.mean(0))  # a head-sized layout (the atlas is a toy's)
+    pose = rotation_about([0, 0, 1], 180.0)[:3, :3] @ rotation_about([1, 1, 0], 12.0)[:3, :3]
+    found = {}
+    for mode in ("auto", "always"):
+        head = _TurnedHead(model, template, pose)
+        found[mode] = _drive(_detection_steps(head, mode), head.run)
+        assert found[mode].searched and found[mode].passes == head.passes
+        err = np.linalg.norm(found[mode].points.numpy() - head.truth, axis=1)
+        assert np.median(err) < 1.5  # the right pose (a wrong one is off by ~ the head's size)
+    assert found["auto"].passes <= 4 + 9 + 2 + 1 and found["always"].passes >= 25
+    assert found["auto"].info["looks"] == 9
+    np.testing.assert_allclose(found["auto"].points.numpy(), found["always"].points.numpy(), atol=1e-9)
+    # a head turned by a quarter turn only: the half turns do not hold its pose, the later stages do
+    head = _TurnedHead(model, template, rotation_about([1, 0, 0], 90.0)[:3, :3])
+    head.run = _reading_upright_below(head, 45.0)  # only the exact look (other cube turns are >= 90° away)
+    det = _drive(_detection_steps(head, "auto"), head.run)
+    assert det.searched and det.info["looks"] > 9
+    assert np.median(np.linalg.norm(det.points.numpy() - head.truth, axis=1)) < 1.5
+
+
+def _reading_upright_below(head, degrees):
+    """``head.run`` with a narrower field of good readings (``degrees`` instead of 70°)."""
+    from keyreg.models.inference import _angle
+
+    def run(grids):
+        vs = np.asarray(head.model.config.preprocessing.grid.voxel_size)
+        out = []
+        for g in grids:
+            head.passes += 1
+            rot = g[:3, :3] / vs
+            rng = np.random.default_rng(abs(hash(np.round(g, 6).tobytes())) % 2**32)
+            good = _angle(rot, head.pose) <= degrees
+            pts = head.truth if good else head.template @ rot.T
+            out.append((pts + rng.normal(scale=0.5 if good else 2.0, size=pts.shape), np.ones(len(pts))))
+        return out
+    return run
+
+
 def test_orientation_search_runs_on_an_anatomical_model(atlas):
     from conftest import tiny_model
 

@@ -16,5 +16,6 @@ def add_search_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) ->
     p.add_argument("--orientation_search", choices=["always", "auto", "off"], default=None,
                    help="test-time orientation search of an anatomical model: always (the image is looked at "
                         "in the 24 rotations of the cube; robust to any orientation), auto (the image as it is "
-                        "first, the search only when that reading fails its checks; fast on upright images) "
+                        "first; when that reading fails its checks, the search, half turns first, stopping at the "
+                        "first pose that passes them; fast on upright images) "
                         "or off (default: the model's setting, auto for keyreg-anatomy)")

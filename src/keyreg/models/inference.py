@@ -16,10 +16,13 @@ An anatomical model (``ModelConfig.regions``) knows where its keypoints lie in a
    keypoints turn with the grid (the demo's MNI T1: 2.6 mm drift for the right pose, 7.9 mm for a
    half-turned one).
 
-``search="always"`` (the default of anatomical models) always runs both steps (25-33 passes).
-``"auto"`` first reads the image as it is (the canonical pass from the RAS grid's reading): when those
-keypoints fit the template (median residual <= ``SEARCH_RESIDUAL_MM``) and drift by at most
-``ACCEPT_DRIFT_MM`` under the check pass, they are the result (3-4 passes); otherwise the search runs.
+``search="always"`` always runs both steps on all 24 looks (25-33 passes).  ``"auto"`` (the default
+of the bundled model) first reads the image as it is (the canonical pass from the RAS grid's
+reading): when those keypoints fit the template (median residual <= ``SEARCH_RESIDUAL_MM``) and drift
+by at most ``ACCEPT_DRIFT_MM`` under the check pass, they are the result (3-4 passes).  Otherwise the
+search runs in stages (:func:`search_stages`): the 9 half turns first, since a failed upright reading
+says the head is turned far; the best pose of a stage that passes the same checks ends the search
+(about 15 passes); the last stage compares every hypothesis as ``"always"`` does.
 
 Unnamed models (official checkpoints, K-keypoint models) are run as before: one pass.
 
@@ -42,7 +45,7 @@ from ..preprocess import network_grid_affine, network_source, sample_network_inp
 from .detector import KeypointDetector
 
 __all__ = ["DetectedKeypoints", "detect_image_keypoints", "detect_images_keypoints", "fit_similarity",
-           "cube_rotations", "half_turns", "SEARCH_RESIDUAL_MM"]
+           "cube_rotations", "half_turns", "search_stages", "SEARCH_RESIDUAL_MM"]
 
 #: median template residual (mm) above which the canonical pass is not trusted and the search runs
 SEARCH_RESIDUAL_MM = 7.0
@@ -149,10 +152,12 @@ def _rotation_part(mat: np.ndarray) -> np.ndarray:
     return r
 
 
-def _hypotheses(looks: list[np.ndarray], template: np.ndarray, max_count: int = 3) -> list[np.ndarray]:
+def _hypotheses(looks: list[np.ndarray], template: np.ndarray, max_count: int = 3, indices: bool = False
+                ) -> list[Any]:
     """First looks that start a canonical pass: the best-fitting look (trimmed template residual),
     and up to ``max_count - 1`` others within ``HYPOTHESIS_MARGIN_MM`` of it whose poses differ by more
-    than ``DISTINCT_DEGREES`` from every one already kept (best first)."""
+    than ``DISTINCT_DEGREES`` from every one already kept (best first); their indices in ``looks``
+    with ``indices=True``."""
     fits = [_trimmed_similarity(template, p) for p in looks]
     scores = np.array([np.median(res) for _, res in fits])
     kept: list[int] = []
@@ -162,7 +167,24 @@ def _hypotheses(looks: list[np.ndarray], template: np.ndarray, max_count: int = 
         rot = _rotation_part(fits[i][0])
         if all(_angle(rot, _rotation_part(fits[j][0])) > DISTINCT_DEGREES for j in kept):
             kept.append(int(i))
-    return [looks[i] for i in kept]
+    return kept if indices else [looks[i] for i in kept]
+
+
+def search_stages() -> list[list[int]]:
+    """Indices of :func:`cube_rotations` in the order ``auto`` looks at them once the image as it is
+    failed its checks: the 9 half turns, then the 8 turns by 120°, then the 6 quarter turns and the
+    identity.  A failed upright reading says the head is turned far (a network reads heads turned by
+    up to about 90° well), so the half turns come first; each stage ends the search when its best
+    pose passes the checks of the upright reading."""
+    angles = np.array([_angle(np.eye(3), r) for r in cube_rotations()])
+    return [[int(i) for i in np.flatnonzero(np.isclose(angles, a))] for a in (180.0, 120.0)] + \
+        [[int(i) for i in np.flatnonzero(angles < 100.0)]]
+
+
+def _accepted(cand: tuple, drift: float) -> bool:
+    """``auto``'s checks of a canonical pass: its keypoints fit the template (median residual <=
+    ``SEARCH_RESIDUAL_MM``) and drift by at most ``ACCEPT_DRIFT_MM`` under the check pass."""
+    return drift <= ACCEPT_DRIFT_MM and float(np.median(cand[3])) <= SEARCH_RESIDUAL_MM
 
 
 #: a detection step: yields the grids it needs the network's reading of, receives their
@@ -341,20 +363,41 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
     if use_search == "auto":  # upright first, kept when its keypoints fit the template and do not drift
         cand = yield from canonical((yield [runner.base])[0][0])
         drift = yield from _drift_steps(runner, cand[2], cand[0])
-        if drift <= ACCEPT_DRIFT_MM and np.median(cand[3]) <= SEARCH_RESIDUAL_MM:
+        if _accepted(cand, drift):
             return result(cand, False, {"hypotheses": 1, "hypothesis_drift_mm": [round(drift, 2)]})
-    # the search: first looks on all 24 cube rotations; distinct good poses are hypotheses
+        stages = search_stages()
+    else:
+        stages = [list(range(len(cube_rotations())))]
+    # the search: first looks on the cube rotations, stage by stage; distinct good poses are hypotheses
     center = runner.base[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + runner.base[:3, 3]
-    looks = yield [runner.grid(r, center) for r in cube_rotations()]
-    cands = []
-    for first in _hypotheses([p for p, _ in looks], template):
-        cands.append((yield from canonical(first)))
-    info: dict = {"hypotheses": len(cands)}
-    best = 0
-    if len(cands) > 1:  # the pose whose keypoints stay put when the grid turns is the anatomy's
-        drift_mm = []
-        for pts, _, grid, _ in cands:
-            drift_mm.append((yield from _drift_steps(runner, grid, pts)))
-        best = int(np.argmin(drift_mm))
-        info["hypothesis_drift_mm"] = [round(d, 2) for d in drift_mm]
-    return result(cands[best], True, info)
+    rotations = cube_rotations()
+    looks: dict[int, np.ndarray] = {}
+    tried: dict[int, tuple] = {}  # look index -> (canonical candidate, drift or None)
+    for n, stage in enumerate(stages):
+        readings = yield [runner.grid(rotations[i], center) for i in stage]
+        looks.update((i, pts) for i, (pts, _) in zip(stage, readings))
+        order = list(looks)
+        kept = _hypotheses([looks[i] for i in order], template, indices=True)
+        if n < len(stages) - 1:  # an early stage ends the search when its best pose passes auto's checks
+            best = order[kept[0]]
+            if best not in tried:
+                cand = yield from canonical(looks[best])
+                tried[best] = (cand, (yield from _drift_steps(runner, cand[2], cand[0])))
+            if _accepted(*tried[best]):
+                return result(tried[best][0], True, {"hypotheses": 1, "looks": len(looks),
+                                                     "hypothesis_drift_mm": [round(tried[best][1], 2)]})
+            continue
+        for k in kept:
+            if order[k] not in tried:
+                tried[order[k]] = ((yield from canonical(looks[order[k]])), None)
+        cands = [tried[order[k]][0] for k in kept]
+        info: dict = {"hypotheses": len(cands), "looks": len(looks)}
+        best = 0
+        if len(cands) > 1:  # the pose whose keypoints stay put when the grid turns is the anatomy's
+            drift_mm = []
+            for k, (pts, _, grid, _) in zip(kept, cands):
+                known = tried[order[k]][1]
+                drift_mm.append(known if known is not None else (yield from _drift_steps(runner, grid, pts)))
+            best = int(np.argmin(drift_mm))
+            info["hypothesis_drift_mm"] = [round(d, 2) for d in drift_mm]
+        return result(cands[best], True, info)
