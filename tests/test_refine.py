@@ -133,6 +133,18 @@ def test_velocity_inverse_composes_to_identity():
     assert float(integrate_velocity(torch.zeros_like(v), aff).abs().max()) == 0.0
 
 
+def test_integration_in_the_normalised_frame_equals_composing_in_mm():
+    """``integrate_velocity`` squares in grid_sample's frame; that is the same scaling and squaring as
+    composing the mm displacements (``compose_displacements``), on an oblique anisotropic grid and on
+    a grid that is flat along one axis (where it composes in mm)."""
+    for shape, aff in ((SHAPE, _affine()), ((30, 30, 1), grid_affine(SPACING, rotation([1, 0, 0], 20), shape=(30, 30, 1)))):
+        v = _smooth_velocity(shape, aff, 6.0).double()
+        u = v / 2 ** 7
+        for _ in range(7):
+            u = compose_displacements(u, u, aff)
+        torch.testing.assert_close(integrate_velocity(v, aff), u, atol=1e-9, rtol=0)
+
+
 def test_identity_pair_stays_identity():
     aff = _affine()
     img = torch.from_numpy(_image(aff))[None, None]

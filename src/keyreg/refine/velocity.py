@@ -119,11 +119,30 @@ def integrate_velocity(v: torch.Tensor, affine, *, squarings: int = DEFAULT_SQUA
     Returns:
         ``(B, 3, I, J, K)`` displacement ``u`` with ``exp(v)(p) = p + u(p)``.  ``exp(-v)`` is its inverse.
     """
-    u = v / (2 ** squarings)
-    ident = identity_grid(v.shape[2:], v.device, v.dtype)
+    shape = v.shape[2:]
+    if min(shape) < 2:  # a flat grid: no normalised frame along that axis
+        u = v / (2 ** squarings)
+        ident = identity_grid(shape, v.device, v.dtype)
+        for _ in range(squarings):
+            u = compose_displacements(u, u, affine, ident)
+        return u
+    # squared in grid_sample's normalised frame, where a displacement is its own sampling offset: the
+    # same compositions (the frames differ by a linear map) without converting at every step
+    to_norm = _normalized_from_mm(affine, shape)
+    d = torch.einsum("na,bapqr->bnpqr", to_norm.to(v.device, v.dtype), v / (2 ** squarings))
+    ident = identity_grid(shape, v.device, v.dtype)
     for _ in range(squarings):
-        u = compose_displacements(u, u, affine, ident)
-    return u
+        d = d + F.grid_sample(d, ident + d.permute(0, 2, 3, 4, 1), mode="bilinear", padding_mode="border",
+                              align_corners=True)
+    return torch.einsum("an,bnpqr->bapqr", torch.linalg.inv(to_norm).to(v.device, v.dtype), d)
+
+
+def _normalized_from_mm(affine, shape: Sequence[int]) -> torch.Tensor:
+    """``(3, 3)`` float64: a world mm offset -> the ``grid_sample`` offset (order k, j, i,
+    ``align_corners=True``) on a grid of ``shape`` (every axis > 1 voxel) with ``affine``."""
+    m = _voxel_from_mm(affine, "cpu", torch.float64)
+    scale = torch.tensor([2.0 / (n - 1) for n in shape], dtype=torch.float64)
+    return (scale[:, None] * m).flip(0)
 
 
 def _world_gradient(u: torch.Tensor, affine) -> torch.Tensor:
