@@ -89,7 +89,7 @@ def register(
             :class:`~keyreg.refine.RefinedAlignment`).
         fixed_mask: mask on the fixed grid limiting the refinement's similarity (needs ``refine``).
         refine_similarity: ``"mind"`` (multi-modal, default) or ``"lncc"`` (same contrast).
-        refine_iterations: deformable iterations per level, coarse to fine (at most; default ``(40, 20, 10)``, levels after the first stop once converged).
+        refine_iterations: deformable iterations per level, coarse to fine (at most; default ``(40, 20, 8)``, levels after the first stop once converged).
         refine_reg_weight: smoothness weight of the velocity field (default 1.0).
         refine_seconds: wall-clock budget of each refinement (default: none).
         orientation_search: an anatomical model's orientation search, ``"always"`` (robust to any

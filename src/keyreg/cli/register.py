@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "cross-correlation, same contrast)")
     r.add_argument("--refine_iterations", nargs="+", type=int, default=None, metavar="N",
                    help="deformable Adam iterations per level, coarse to fine; the number of values is the number "
-                        "of levels (default 40 20 10: similarity grids of 12, 6 and 3 mm; levels after the first stop early once converged)")
+                        "of levels (default 40 20 8: similarity grids of 12, 6 and 3 mm; levels after the first stop early once converged)")
     r.add_argument("--refine_reg_weight", type=float, default=None,
                    help="weight of the velocity field's smoothness (diffusion) penalty (default 1.0)")
     r.add_argument("--refine_seconds", type=float, default=None,

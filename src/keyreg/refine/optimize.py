@@ -99,7 +99,7 @@ class DeformableConfig:
 
     similarity: str = "mind"
     spacing_mm: float = 3.0
-    iterations: tuple[int, ...] = (40, 20, 10)
+    iterations: tuple[int, ...] = (40, 20, 8)
     reg_weight: float = 1.0
     smooth_mm: float = 4.0
     control_factor: int = 2
