@@ -243,8 +243,8 @@ def main() -> None:
     lines.append("Pair: the first label map of `../shared/data/labelmaps` (256³, 1 mm) as a synthetic T1 "
                  f"(fixed) and a synthetic T2 moved by a {ROTATION_DEG:g}° rotation + {TRANSLATION_MM} mm "
                  "(moving), with both segmentations; default model; each command a fresh process; "
-                 f"median of {args.repeats} (all runs' walls in the last column). The machine is shared "
-                 "with a training job: compare ratios measured in the same run.\n")
+                 f"median of {args.repeats} (all runs' walls in the last column). The machine's speed "
+                 "drifts between runs: compare ratios measured in the same run.\n")
     lines.append("| command | wall (s) | CPU (s) | system (s) | peak RSS (MiB) | runs (wall s) |")
     lines.append("|---|---|---|---|---|---|")
     names = {"full": f"full: {' '.join(FULL_ALIGNS)}, {' '.join(FULL_METRICS)}, --save_eval_to_disk",
