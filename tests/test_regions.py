@@ -161,12 +161,13 @@ def test_drift_tells_anatomy_from_a_layout_drawn_in_the_grid(atlas):
 
 class _TurnedHead:
     """Network stand-in for a head whose pose (``world_from_template`` rotation) is ``pose``: a grid
-    within 70° of the pose reads the keypoints where they are (0.5 mm noise); a grid turned further
-    reads the head as upright in its own frame (the layout drawn in the grid's axes, 2 mm noise).
-    The noise is a function of the grid, so the same grid always gives the same reading."""
+    within ``good_degrees`` of the pose reads the keypoints where they are (0.5 mm noise); a grid
+    turned further reads the head as upright in its own frame (the layout drawn in the grid's axes,
+    2 mm noise).  The noise is a function of the grid, so the same grid always gives the same reading."""
 
-    def __init__(self, model, template, pose):
+    def __init__(self, model, template, pose, good_degrees=70.0):
         self.model, self.shape, self.template, self.pose = model, (8, 8, 8), template, pose
+        self.good_degrees = good_degrees
         self.truth = template @ pose.T
         self.base = self.grid(np.eye(3), np.zeros(3))
         self.passes = 0
@@ -185,10 +186,9 @@ class _TurnedHead:
             self.passes += 1
             rot = g[:3, :3] / vs
             rng = np.random.default_rng(abs(hash(np.round(g, 6).tobytes())) % 2**32)
-            if _angle(rot, self.pose) <= 70:
-                out.append((self.truth + rng.normal(scale=0.5, size=self.truth.shape), np.ones(len(self.truth))))
-            else:
-                out.append((self.template @ rot.T + rng.normal(scale=2.0, size=self.truth.shape), np.ones(len(self.truth))))
+            good = _angle(rot, self.pose) <= self.good_degrees
+            pts = self.truth if good else self.template @ rot.T
+            out.append((pts + rng.normal(scale=0.5 if good else 2.0, size=pts.shape), np.ones(len(pts))))
         return out
 
 
@@ -218,29 +218,11 @@ def test_auto_search_looks_at_half_turns_first_and_stops_at_a_checked_pose(atlas
     assert found["auto"].info["looks"] == 9
     np.testing.assert_allclose(found["auto"].points.numpy(), found["always"].points.numpy(), atol=1e-9)
     # a head turned by a quarter turn only: the half turns do not hold its pose, the later stages do
-    head = _TurnedHead(model, template, rotation_about([1, 0, 0], 90.0)[:3, :3])
-    head.run = _reading_upright_below(head, 45.0)  # only the exact look (other cube turns are >= 90° away)
+    # good readings within 45° only: the exact look alone (the other cube turns are >= 90° away)
+    head = _TurnedHead(model, template, rotation_about([1, 0, 0], 90.0)[:3, :3], good_degrees=45.0)
     det = _drive(_detection_steps(head, "auto"), head.run)
     assert det.searched and det.info["looks"] > 9
     assert np.median(np.linalg.norm(det.points.numpy() - head.truth, axis=1)) < 1.5
-
-
-def _reading_upright_below(head, degrees):
-    """``head.run`` with a narrower field of good readings (``degrees`` instead of 70°)."""
-    from keyreg.models.inference import _angle
-
-    def run(grids):
-        vs = np.asarray(head.model.config.preprocessing.grid.voxel_size)
-        out = []
-        for g in grids:
-            head.passes += 1
-            rot = g[:3, :3] / vs
-            rng = np.random.default_rng(abs(hash(np.round(g, 6).tobytes())) % 2**32)
-            good = _angle(rot, head.pose) <= degrees
-            pts = head.truth if good else head.template @ rot.T
-            out.append((pts + rng.normal(scale=0.5 if good else 2.0, size=pts.shape), np.ones(len(pts))))
-        return out
-    return run
 
 
 def test_orientation_search_runs_on_an_anatomical_model(atlas):
