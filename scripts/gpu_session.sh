@@ -60,7 +60,8 @@ echo "training: $(( $(date +%s) - S )) s wall, $(tail -n 1 "$WORK/train/log.csv"
     | tee -a "$OUT/timings.txt"
 cp "$WORK/train/model.safetensors" "$WORK/train/model.json" "$WORK/train/log.csv" "$OUT/"
 
-# 3. the 1 mm pair of benchmarks/speed_1mm.py on the GPU: affine only, then the full command (one run each)
+# 3. the 1 mm pair of benchmarks/speed_1mm.py on the GPU: affine only, the full command, and the affine with
+#    a deformable refinement (one run each)
 [[ "${SKIP_TIMING:-0}" == 1 ]] && exit 0
 python3 - "$OUT" "$DEVICE" <<'PY' >> "$OUT/timings.txt" 2>&1
 import subprocess, sys, time, tempfile
@@ -74,7 +75,9 @@ base = ["python3", "-m", "keyreg.cli", "register", "--moving", str(paths["moving
 full = base + ["--moving_seg", str(paths["moving_seg"]), "--fixed_seg", str(paths["fixed_seg"]),
                "--list_of_aligns", "rigid", "affine", "tps_0", "tps_10",
                "--list_of_metrics", "harddice", "hausd", "jdstd", "--save_eval_to_disk"]
-for name, cmd in (("affine only, no saving", base + ["--list_of_aligns", "affine"]), ("full command", full)):
+refine = base + ["--list_of_aligns", "affine", "--refine", "deformable"]  # issue 12: refinement on the GPU
+for name, cmd in (("affine only, no saving", base + ["--list_of_aligns", "affine"]), ("full command", full),
+                  ("affine + deformable refinement, 1 mm", refine)):
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         r = subprocess.run(cmd + ["--save_dir", d], capture_output=True, text=True)
