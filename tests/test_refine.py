@@ -187,6 +187,49 @@ def test_known_smooth_deformation_is_recovered(similarity, tolerance):
     assert vel.loss_end < vel.loss_start
 
 
+def test_working_grid_coarsens_only_voxels_finer_than_half_the_finest_level():
+    from keyreg.refine.run import working_grid
+
+    coarse = grid_affine((2.0, 2.0, 2.0), rotation([1, 0, 0], 10), shape=(40, 40, 30))
+    shape, aff = working_grid((40, 40, 30), coarse, 3.0)
+    assert shape == (40, 40, 30) and np.array_equal(aff, coarse)  # 2 mm >= 1.5 mm: the fixed grid itself
+    fine = grid_affine((1.0, 1.0, 3.0), rotation([0, 1, 1], 20), shape=(121, 101, 30))
+    shape, aff = working_grid((121, 101, 30), fine, 3.0)
+    assert shape == (81, 68, 30)  # 1 mm axes at ~1.5 mm, the 3 mm axis kept
+    np.testing.assert_allclose(np.sqrt((aff[:3, :3] ** 2).sum(0)), [1.5, 100 / 67, 3.0])
+    corner = np.array([120.0, 100.0, 29.0, 1.0])  # the same field of view: the corner voxel centres agree
+    np.testing.assert_allclose(aff @ np.array([80.0, 67.0, 29.0, 1.0]), fine @ corner, atol=1e-9)
+    np.testing.assert_allclose(aff[:3, 3], fine[:3, 3])
+
+
+def test_refinement_of_a_fine_grid_on_its_working_grid(monkeypatch):
+    """On 1 mm voxels the refinement works on a 1.5 mm grid (``working_grid``): its transform stays
+    within 0.25 mm (median over the image content) of the same refinement run on the 1 mm grid
+    itself, and both move towards the true shift."""
+    from keyreg.refine import run
+
+    shape = (56, 56, 48)
+    aff = grid_affine((1.0, 1.0, 1.0), rotation([0.2, 1, 0.3], 10), shape=shape)
+    img = _image(aff, shape)
+    shift = np.array([2.5, -1.5, 1.0])
+    moved = np.eye(4)
+    moved[:3, 3] = shift  # moving_from_fixed: p -> p + shift, so moving(p + shift) = fixed(p)
+    moving = warp_image(torch.from_numpy(img)[None, None], aff, shape, aff,
+                        AffineTransform(torch.from_numpy(np.linalg.inv(moved))[None]))[0, 0].numpy()
+    probe = torch.from_numpy(world_points(shape, aff)[img > 0.1].reshape(1, -1, 3))  # the blobs
+    start = AffineTransform(torch.eye(4, dtype=torch.float64)[None])
+    mapped = {}
+    for name in ("working", "full"):
+        if name == "full":
+            monkeypatch.setattr(run, "working_grid", lambda shape, affine, spacing: (tuple(shape), affine))
+        res = refine_transform(make_volume(img, aff), make_volume(moving, aff), start, stage="affine")
+        assert not res.kept_start
+        mapped[name] = res.transform.map_points(probe)
+        err = (mapped[name] - (probe + torch.from_numpy(shift))).norm(dim=-1).median()
+        assert float(err) < 1.0 < float(np.linalg.norm(shift)), (name, float(err))
+    assert float((mapped["working"] - mapped["full"]).norm(dim=-1).median()) < 0.25
+
+
 def test_adam_matches_torch_adam_with_a_linear_decay():
     """The written-out Adam (no torch.optim import at run time) takes torch.optim.Adam's steps."""
     from keyreg.refine.optimize import _Adam

@@ -207,11 +207,23 @@ def _mask_tensor(mask: Volume | None, fixed: Volume, device) -> torch.Tensor | N
     return torch.as_tensor(np.asarray(mask.data) != 0, dtype=torch.float32, device=device)[None, None]
 
 
-def _warp(moving: torch.Tensor, moving_affine: np.ndarray, fixed: Volume, transform) -> torch.Tensor:
+def working_grid(shape: tuple[int, ...], affine: np.ndarray, spacing_mm: float) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(shape, affine)`` of the grid a refinement works on: the fixed grid (``shape``, ``affine``)
+    coarsened along its axes finer than half of ``spacing_mm`` (the finest level's), over the same
+    field of view (:func:`level_grid`).  Every level is sampled from it with its own anti-aliasing blur."""
+    vox = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+    if (vox >= 0.5 * spacing_mm - 1e-6).all():
+        return tuple(int(n) for n in shape[:3]), np.asarray(affine, dtype=np.float64)
+    return level_grid(shape, affine, 0.5 * spacing_mm)
+
+
+def _warp(moving: torch.Tensor, moving_affine: np.ndarray, grid: tuple[tuple[int, ...], np.ndarray],
+          transform) -> torch.Tensor:
+    """``moving`` resampled through ``transform`` onto ``grid`` (``(shape, affine)``)."""
     linear = getattr(transform, "linear_matrix", None)  # one matrix: the warp's fast path
     if linear is not None:
         transform = AffineTransform(torch.as_tensor(linear, device=moving.device))
-    return warp_image(moving, moving_affine, fixed.shape, fixed.affine, transform)
+    return warp_image(moving, moving_affine, grid[0], grid[1], transform)
 
 
 class _Measures:
@@ -346,8 +358,13 @@ def refine_transform(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     t0 = time.perf_counter()
     original, start = start, start.to(dev)
+    # the optimisation and the safeguard run on a working grid no finer than half the finest level's
+    # spacing: the fixed grid itself at 2 mm, a 1.5 mm grid over its field of view at 1 mm
+    wshape, waff = working_grid(fixed.shape, fixed.affine, opts.spacing_mm)
     mask = _mask_tensor(fixed_mask, fixed, dev)
-    fixed_t = robust_normalize(fixed.tensor(dev).float(), mask)
+    if mask is not None:
+        mask = downsample(mask, fixed.affine, wshape, blur=False)
+    fixed_t = robust_normalize(downsample(fixed.tensor(dev).float(), fixed.affine, wshape), mask)
     moving_t = robust_normalize(moving.tensor(dev).float())
     region = "fixed mask"
     if mask is None:  # the similarity (and the safeguard) count the fixed foreground, not background noise
@@ -357,19 +374,19 @@ def refine_transform(
 
     # affine correction
     aff_budget = Budget(None if total is None else (total if stage == "affine" else 0.25 * total), opts.progress)
-    warped_start = _warp(moving_t, moving.affine, fixed, start)
+    warped_start = _warp(moving_t, moving.affine, (wshape, waff), start)
     aff_iterations = AffineConfig.iterations if stage == "affine" else DEFORMABLE_AFFINE_ITERATIONS
-    aff = optimize_affine(fixed_t, warped_start, fixed.affine,
+    aff = optimize_affine(fixed_t, warped_start, waff,
                           AffineConfig(similarity=opts.similarity, iterations=aff_iterations), mask=mask, budget=aff_budget)
     report["affine"] = {"iterations": aff.iterations, "loss_start": aff.loss_start, "loss_end": aff.loss_end,
                         "stopped_by_budget": aff.stopped, "matrix": aff.matrix.tolist()}
     refined = RefinedTransform(start, aff.matrix)
     if stage == "deformable":
         left = None if total is None else max(total - (time.perf_counter() - t0), 1e-3)
-        warped_aff = _warp(moving_t, moving.affine, fixed, refined)
+        warped_aff = _warp(moving_t, moving.affine, (wshape, waff), refined)
         cfg = DeformableConfig(similarity=opts.similarity, iterations=tuple(int(i) for i in opts.iterations),
                                reg_weight=opts.reg_weight, spacing_mm=opts.spacing_mm)
-        vel = optimize_velocity(fixed_t, warped_aff, fixed.affine, cfg, mask=mask, budget=Budget(left, opts.progress))
+        vel = optimize_velocity(fixed_t, warped_aff, waff, cfg, mask=mask, budget=Budget(left, opts.progress))
         with torch.no_grad():
             u = integrate_velocity(vel.velocity, vel.affine, squarings=vel.squarings)
             u_inv = integrate_velocity(-vel.velocity, vel.affine, squarings=vel.squarings)
@@ -388,8 +405,8 @@ def refine_transform(
     # the dissimilarity: for the affine stage, the optimiser's own (its finest level, its points); for
     # the deformable stage, on the finest level's grid (dense)
     finest = None if stage == "affine" else _levels(max(opts.spacing_mm, float(min(fixed.spacing))), 1)[0]
-    warped_final = _warp(moving_t, moving.affine, fixed, refined)
-    measure = _Measures(fixed_t, mask, fixed.affine, finest, opts.similarity)
+    warped_final = _warp(moving_t, moving.affine, (wshape, waff), refined)
+    measure = _Measures(fixed_t, mask, waff, finest, opts.similarity)
     before, after = measure(warped_start), measure(warped_final)
     if stage == "affine":
         before["dissimilarity"], after["dissimilarity"] = aff.loss_start, aff.loss_end
