@@ -351,6 +351,25 @@ def test_nmi_and_safeguard_verdict():
     assert keep and why.startswith("NMI")
     assert not safeguard_verdict(good, {"dissimilarity": 0.1, "nmi": 1.29}, nmi_tolerance=0.02)[0]
     assert safeguard_verdict(good, {"dissimilarity": float("nan"), "nmi": 1.4})[0]
+    # an LNCC refinement must not raise the MIND-SSC dissimilarity either (LNCC across two contrasts)
+    lncc_start, lncc_end = {**good, "mind": 0.063}, {"dissimilarity": 0.1, "nmi": 1.35, "mind": 0.088}
+    keep, why = safeguard_verdict(lncc_start, lncc_end, similarity="lncc")
+    assert keep and why.startswith("MIND-SSC dissimilarity 0.08800 > start 0.06300")
+    assert safeguard_verdict(lncc_start, {**lncc_end, "mind": 0.05}, similarity="lncc") == (False, "")
+
+
+def test_lncc_refinement_is_measured_with_mind_too():
+    """The safeguard's measures of a deformable LNCC refinement carry the MIND-SSC dissimilarity (equal
+    to what a MIND refinement optimises on the same grid); a MIND refinement's carry none extra."""
+    from keyreg.refine.run import _Measures
+
+    aff = _affine()
+    fixed = torch.from_numpy(_image(aff))[None, None]
+    moving = torch.roll(fixed, 2, dims=3)
+    by_lncc = _Measures(fixed, None, aff, 3.0, "lncc")(moving)
+    by_mind = _Measures(fixed, None, aff, 3.0, "mind")(moving)
+    assert set(by_lncc) == {"dissimilarity", "nmi", "mind"} and set(by_mind) == {"dissimilarity", "nmi"}
+    assert by_lncc["mind"] == pytest.approx(by_mind["dissimilarity"]) and by_lncc["nmi"] == by_mind["nmi"]
 
 
 def _failing_affine(monkeypatch, shift_mm=(6.0, -5.0, 4.0)):

@@ -229,7 +229,9 @@ def _warp(moving: torch.Tensor, moving_affine: np.ndarray, grid: tuple[tuple[int
 class _Measures:
     """What the safeguard compares, for any warped moving image: the optimised dissimilarity on the
     finest level's grid (the fixed side computed once; ``spacing`` ``None``: not computed) and the NMI
-    on the fixed grid, both on the mask."""
+    on the fixed grid, both on the mask.  An LNCC refinement is also measured with MIND-SSC on the
+    same grid (``"mind"``): LNCC assumes one contrast, and on a pair of two contrasts it can wreck an
+    alignment while the NMI rises (docs/benchmarks.md); the modality-independent MIND does not."""
 
     def __init__(self, fixed_t: torch.Tensor, mask: torch.Tensor | None, fixed_affine: np.ndarray,
                  spacing: float | None, name: str) -> None:
@@ -240,17 +242,21 @@ class _Measures:
             f = downsample(fixed_t, fixed_affine, self.shape)
             with torch.no_grad():
                 self.fixed_level = mind_ssc(f) if name == "mind" else f
+                self.fixed_mind = self.fixed_level if name == "mind" else mind_ssc(f)
 
     def __call__(self, warped_t: torch.Tensor) -> dict[str, float]:
-        d = float("nan")
+        out = {"dissimilarity": float("nan")}
         if self.spacing is not None:
             w = downsample(warped_t, self.affine, self.shape)
             with torch.no_grad():
+                mind = float(mind_loss(mind_ssc(w), self.fixed_mind, self.level_mask))
                 if self.name == "mind":
-                    d = float(mind_loss(mind_ssc(w), self.fixed_level, self.level_mask))
+                    out["dissimilarity"] = mind
                 else:
-                    d = float(lncc_loss(w, self.fixed_level, self.level_mask))
-        return {"dissimilarity": d, "nmi": normalized_mutual_information(self.fixed_t, warped_t, self.mask)}
+                    out["dissimilarity"] = float(lncc_loss(w, self.fixed_level, self.level_mask))
+                    out["mind"] = mind
+        out["nmi"] = normalized_mutual_information(self.fixed_t, warped_t, self.mask)
+        return out
 
 
 def safeguard_verdict(start: dict[str, float], end: dict[str, float], *, similarity: str = "mind",
@@ -259,7 +265,8 @@ def safeguard_verdict(start: dict[str, float], end: dict[str, float], *, similar
 
     Args:
         start, end: ``{"dissimilarity": d, "nmi": n}`` of the start and of the refinement (the
-            optimised dissimilarity, lower is better; the normalised mutual information, higher is better).
+            optimised dissimilarity, lower is better; the normalised mutual information, higher is better),
+            and for a deformable LNCC refinement ``"mind"``, the MIND-SSC dissimilarity, which must not rise.
         similarity: the optimised similarity's name (for the reason).
         nmi_tolerance: the largest NMI fall accepted.
 
@@ -274,6 +281,9 @@ def safeguard_verdict(start: dict[str, float], end: dict[str, float], *, similar
     n0, n1 = start["nmi"], end["nmi"]
     if not n1 >= n0 - nmi_tolerance:
         reasons.append(f"NMI {n1:.5f} < start {n0:.5f}" + (f" - {nmi_tolerance:g}" if nmi_tolerance else ""))
+    if "mind" in start and "mind" in end and not end["mind"] <= start["mind"]:
+        reasons.append(f"MIND-SSC dissimilarity {end['mind']:.5f} > start {start['mind']:.5f} (LNCC assumes "
+                       "one contrast: try --refine_similarity mind)")
     return bool(reasons), "; ".join(reasons)
 
 
@@ -412,6 +422,8 @@ def refine_transform(
         before["dissimilarity"], after["dissimilarity"] = aff.loss_start, aff.loss_end
     report["similarity_start"], report["similarity_end"] = before["dissimilarity"], after["dissimilarity"]
     report["nmi_start"], report["nmi_end"] = before["nmi"], after["nmi"]
+    if "mind" in before:
+        report["mind_check_start"], report["mind_check_end"] = before["mind"], after["mind"]
     kept, reason = safeguard_verdict(before, after, similarity=opts.similarity, nmi_tolerance=opts.nmi_tolerance)
     report["kept_start"] = kept
     if kept:
