@@ -15,11 +15,13 @@ foreground: :func:`~.similarity.foreground_mask`),
 * the optimised dissimilarity may not get worse: for the affine stage, as the optimiser measured it
   (its finest level, its sample points); for the deformable stage, MIND-SSC or LNCC on the grid of
   ``spacing_mm`` (dense, on the mask), and
-* the normalised mutual information of the fixed and the warped moving image (fixed grid, on the
-  mask, 32 bins), a measure independent of the optimised one, may not fall (by more than
-  ``nmi_tolerance``, default 0).
+* the normalised mutual information of the fixed and the warped moving image (on the working grid,
+  :func:`working_grid`, and the mask, 32 bins), a measure independent of the optimised one, may not
+  fall (by more than ``nmi_tolerance``, default 0), and
+* for a deformable LNCC refinement, the MIND-SSC dissimilarity may not rise either (LNCC assumes one
+  contrast).
 
-If either fails, the start is kept and the report says why (:func:`safeguard_verdict`).  Given both
+If any fails, the start is kept and the report says why (:func:`safeguard_verdict`).  Given both
 segmentations, the report adds the Dice of the start and of the refinement and flags a drop of more
 than ``dice_tolerance`` that the images did not catch (``dice_drop_missed``); they never decide.
 
@@ -229,7 +231,7 @@ def _warp(moving: torch.Tensor, moving_affine: np.ndarray, grid: tuple[tuple[int
 class _Measures:
     """What the safeguard compares, for any warped moving image: the optimised dissimilarity on the
     finest level's grid (the fixed side computed once; ``spacing`` ``None``: not computed) and the NMI
-    on the fixed grid, both on the mask.  An LNCC refinement is also measured with MIND-SSC on the
+    on the working grid, both on the mask.  An LNCC refinement is also measured with MIND-SSC on the
     same grid (``"mind"``): LNCC assumes one contrast, and on a pair of two contrasts it can wreck an
     alignment while the NMI rises (docs/benchmarks.md); the modality-independent MIND does not."""
 
