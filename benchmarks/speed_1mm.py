@@ -49,9 +49,14 @@ FULL_ALIGNS = ["rigid", "affine", "tps_0", "tps_10"]
 FULL_METRICS = ["harddice", "hausd", "jdstd"]
 
 
+def pair_paths(out: Path, name: str = "pair") -> dict[str, Path]:
+    """The four files of a cached pair: ``<name>_{fixed,moving}{,_seg}.nii.gz`` under ``out``."""
+    return {k: out / f"{name}_{k}.nii.gz" for k in ("fixed", "moving", "fixed_seg", "moving_seg")}
+
+
 def build_pair(out: Path, *, seed: int = 0, rotation_deg: float = ROTATION_DEG, name: str = "pair") -> dict[str, Path]:
     """Write ``<name>_{fixed,moving}{,_seg}.nii.gz`` under ``out`` (cached); returns the four paths."""
-    paths = {k: out / f"{name}_{k}.nii.gz" for k in ("fixed", "moving", "fixed_seg", "moving_seg")}
+    paths = pair_paths(out, name)
     if all(p.exists() for p in paths.values()):
         return paths
     import nibabel as nib
@@ -100,9 +105,9 @@ def build_pair_apart(out: Path, **kwargs) -> dict[str, Path]:
     would show as every timed command's peak."""
     import multiprocessing
 
-    name = kwargs.get("name", "pair")
-    if all((out / f"{name}_{k}.nii.gz").exists() for k in ("fixed", "moving", "fixed_seg", "moving_seg")):
-        return build_pair(out, **kwargs)  # cached: nothing to build
+    paths = pair_paths(out, kwargs.get("name", "pair"))
+    if all(p.exists() for p in paths.values()):
+        return paths  # cached: nothing to build
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(build_pair, (out,), kwargs)
 

@@ -212,10 +212,8 @@ def _mask_tensor(mask: Volume | None, fixed: Volume, device) -> torch.Tensor | N
 def working_grid(shape: tuple[int, ...], affine: np.ndarray, spacing_mm: float) -> tuple[tuple[int, ...], np.ndarray]:
     """``(shape, affine)`` of the grid a refinement works on: the fixed grid (``shape``, ``affine``)
     coarsened along its axes finer than half of ``spacing_mm`` (the finest level's), over the same
-    field of view (:func:`level_grid`).  Every level is sampled from it with its own anti-aliasing blur."""
-    vox = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
-    if (vox >= 0.5 * spacing_mm - 1e-6).all():
-        return tuple(int(n) for n in shape[:3]), np.asarray(affine, dtype=np.float64)
+    field of view (:func:`level_grid`, which leaves coarser axes as they are: at 2 mm the fixed grid
+    itself).  Every level is sampled from it with its own anti-aliasing blur."""
     return level_grid(shape, affine, 0.5 * spacing_mm)
 
 

@@ -120,12 +120,6 @@ def integrate_velocity(v: torch.Tensor, affine, *, squarings: int = DEFAULT_SQUA
         ``(B, 3, I, J, K)`` displacement ``u`` with ``exp(v)(p) = p + u(p)``.  ``exp(-v)`` is its inverse.
     """
     shape = v.shape[2:]
-    if min(shape) < 2:  # a flat grid: no normalised frame along that axis
-        u = v / (2 ** squarings)
-        ident = identity_grid(shape, v.device, v.dtype)
-        for _ in range(squarings):
-            u = compose_displacements(u, u, affine, ident)
-        return u
     # squared in grid_sample's normalised frame, where a displacement is its own sampling offset: the
     # same compositions (the frames differ by a linear map) without converting at every step
     to_norm = _normalized_from_mm(affine, shape)
@@ -139,9 +133,10 @@ def integrate_velocity(v: torch.Tensor, affine, *, squarings: int = DEFAULT_SQUA
 
 def _normalized_from_mm(affine, shape: Sequence[int]) -> torch.Tensor:
     """``(3, 3)`` float64: a world mm offset -> the ``grid_sample`` offset (order k, j, i,
-    ``align_corners=True``) on a grid of ``shape`` (every axis > 1 voxel) with ``affine``."""
+    ``align_corners=True``) on a grid of ``shape`` with ``affine``.  Along an axis of one voxel any
+    offset samples that voxel, so its scale is 1 (not 0): the map stays invertible."""
     m = _voxel_from_mm(affine, "cpu", torch.float64)
-    scale = torch.tensor([2.0 / (n - 1) for n in shape], dtype=torch.float64)
+    scale = torch.tensor([2.0 / (n - 1) if n > 1 else 1.0 for n in shape], dtype=torch.float64)
     return (scale[:, None] * m).flip(0)
 
 
