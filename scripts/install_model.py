@@ -1,8 +1,8 @@
 """Install a trained anatomical model into the package as a bundled model and make it the default.
 
-    python scripts/calibrate_aligned.py runs/anat/stage5/model.safetensors --write
-    python scripts/install_model.py runs/anat/stage5/model.safetensors --steps 900+550+2500+2400+3000 \
-        --wall "..." --images 37400
+    python scripts/calibrate_aligned.py runs/anat/stage6/model.safetensors --write
+    python scripts/install_model.py runs/anat/stage6/model.safetensors --steps 900+550+2500+2400+3000+8000 \
+        --wall "..." --images 69400
 
 Writes src/keyreg/pretrained/<name>.safetensors + .json (no pickles) and src/keyreg/pretrained/DEFAULT.
 """
@@ -40,7 +40,7 @@ def main() -> int:
                      "any orientation (search), any MRI contrast")
     c.training = {
         "data": "../shared/data/labelmaps training_seg_01..12 (synthetic contrasts); validation 13..15",
-        "command": "scripts/train_default.sh ../shared/data/labelmaps 2500 runs/anat 2400 3000",
+        "command": "scripts/train_default.sh ../shared/data/labelmaps 2500 runs/anat 2400 3000 8000",
         "steps": args.steps, "images_seen": args.images, "wall_time": args.wall,
         "batch": "2 pairs (4 images) per step", "model_card": "docs/models.md",
     }
