@@ -39,11 +39,12 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 (nvidia-smi || true) > "$OUT/nvidia-smi.txt" 2>&1
 TRAIN=$(for i in 01 02 03 04 05 06 07 08 09 10 11 12; do echo ".gpu_data/training_seg_$i.nii.gz"; done)
-# the poses of stages 3-5 (scripts/train_default.sh), from the bundled weights, a warm restart at lr 2e-4
-POSES=(--max_rotation 65 --full_sphere_prob 0.1 --max_translation 20 --max_displacement 2)
+# the poses and deformations of stage 6 (scripts/train_default.sh), from the bundled (stage-6) weights, a warm
+# restart at lr 2e-4 with new samples (seed 7; stage 6 used seed 5)
+POSES=(--max_rotation 65 --full_sphere_prob 0.1 --max_translation 20 --max_displacement 4)
 pretrain() { python3 -m keyreg.cli pretrain --label_maps $TRAIN \
     --load_path src/keyreg/pretrained/keyreg-anatomy.safetensors "${POSES[@]}" --batch_size "$BATCH" \
-    --lr 2e-4 --lr_schedule cosine --seed 5 --device "$DEVICE" --no_progress "$@"; }
+    --lr 2e-4 --lr_schedule cosine --seed 7 --device "$DEVICE" --no_progress "$@"; }
 
 # 1. throughput probe: 20 steps, pairs per second from the log's last row
 rm -rf "$WORK"
