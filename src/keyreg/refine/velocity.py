@@ -81,10 +81,8 @@ def _sampling_grid(u: torch.Tensor, affine, ident: torch.Tensor | None = None,
     """``grid_sample`` coordinates of ``p + u(p)`` for every voxel ``p`` of ``u``'s grid (or, with
     ``grid_shape``, for the points whose coordinates are ``ident``: ``u`` ``(B, 3, N, 1, 1)``)."""
     shape = u.shape[2:] if grid_shape is None else tuple(grid_shape)
-    m = _voxel_from_mm(affine, u.device, u.dtype)  # voxel offset = M @ mm offset
-    du = torch.einsum("va,bapqr->bpqrv", m, u)  # (B, I, J, K, 3) voxel offsets (i, j, k)
-    scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in shape], device=u.device, dtype=u.dtype)
-    du = (du * scale).flip(-1)  # normalised, order (k, j, i)
+    to_norm = _normalized_from_mm(affine, shape).to(device=u.device, dtype=u.dtype)
+    du = torch.einsum("na,bapqr->bpqrn", to_norm, u)  # (B, I, J, K, 3) normalised offsets, order (k, j, i)
     if ident is None:
         ident = identity_grid(shape, u.device, u.dtype)
     return ident + du
