@@ -34,16 +34,17 @@ from keyreg.io import Volume
 from keyreg.models import load_model
 from keyreg.models.inference import detect_images_keypoints
 from keyreg.train.data import LabelMapBank
+from keyreg.transforms import fit_affine
 
 CONTRASTS = ("t1", "t2", "pd", "flair")
 
 
 def affine_pose(template: np.ndarray, points: np.ndarray, use: np.ndarray) -> np.ndarray:
-    """Least-squares affine ``(3, 4)`` with ``points ~ A [template; 1]`` over the finite ``use`` rows."""
+    """The least-squares affine ``(3, 4)`` with ``points ~ A [template; 1]`` over the finite ``use``
+    rows (:func:`keyreg.transforms.fit_affine`)."""
     ok = use & np.isfinite(points).all(1)
-    x = np.c_[template, np.ones(len(template))]
-    sol, *_ = np.linalg.lstsq(x[ok], points[ok], rcond=None)
-    return sol.T
+    mat = fit_affine(torch.from_numpy(template[ok])[None], torch.from_numpy(points[ok])[None])
+    return mat[0, :3].numpy()
 
 
 def posed(pose: np.ndarray, template: np.ndarray) -> np.ndarray:
