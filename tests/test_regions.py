@@ -225,6 +225,49 @@ def test_auto_search_looks_at_half_turns_first_and_stops_at_a_checked_pose(atlas
     assert np.median(np.linalg.norm(det.points.numpy() - head.truth, axis=1)) < 1.5
 
 
+def test_shift_ensemble_averages_the_chosen_reading_with_four_shifted_ones(atlas):
+    """``shift_ensemble_voxels``: four more passes on the chosen canonical grid moved by +-v network
+    voxels along its own axes (tetrahedron signs, centred on the grid), and the keypoints are the mean
+    of the five readings: per-reading noise averages out, the pose search is unchanged."""
+    from conftest import tiny_model
+
+    from keyreg.models.detector import ModelConfig
+    from keyreg.models.inference import _detection_steps, _drive, shifted_grids
+
+    grid = np.eye(4)
+    grid[:3, :3] = rotation_about([1, 2, 3], 30.0)[:3, :3] @ np.diag([4.0, 4.0, 2.0])
+    grid[:3, 3] = [5.0, -7.0, 11.0]
+    shifted = shifted_grids(grid, 1.0)
+    assert shifted_grids(grid, 0.0) == [] and len(shifted) == 4
+    steps = np.array([np.linalg.solve(grid[:3, :3], g[:3, 3] - grid[:3, 3]) for g in shifted])
+    np.testing.assert_allclose(np.abs(steps), 1.0, atol=1e-12)  # one voxel along every grid axis
+    np.testing.assert_allclose(steps.sum(0), 0.0, atol=1e-12)  # centred on the grid
+    assert all(np.array_equal(g[:3, :3], grid[:3, :3]) for g in shifted)
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    model.config.regions = a
+    template = 10 * (a.template - a.template.mean(0))
+    pose = rotation_about([1, 1, 0], 12.0)[:3, :3]
+    head = _TurnedHead(model, template, pose)
+    single = _drive(_detection_steps(head, "auto"), head.run)
+    model.config.shift_ensemble_voxels = 1.0
+    head = _TurnedHead(model, template, pose)
+    ens = _drive(_detection_steps(head, "auto"), head.run)
+    assert ens.passes == single.passes + 4 == head.passes
+    np.testing.assert_array_equal(ens.world_from_net, single.world_from_net)
+    readings = [single.points.numpy()] + [p for p, _ in head.run(shifted_grids(single.world_from_net, 1.0))]
+    np.testing.assert_allclose(ens.points.numpy(), np.mean(readings, 0), atol=1e-12)
+    err = lambda det: np.median(np.linalg.norm(det.points.numpy() - head.truth, axis=1))  # noqa: E731
+    assert err(ens) < 0.7 * err(single)
+    # the setting travels in the JSON config and is checked there
+    d = model.config.to_dict()
+    assert d["shift_ensemble_voxels"] == 1.0
+    assert ModelConfig.from_dict(d).shift_ensemble_voxels == 1.0
+    with pytest.raises(ConfigError, match="shift_ensemble_voxels"):
+        ModelConfig.from_dict({**d, "shift_ensemble_voxels": -1})
+
+
 def test_orientation_search_runs_on_an_anatomical_model(atlas):
     from conftest import tiny_model
 

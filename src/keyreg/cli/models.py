@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         whole = sum(r.center is None for r in c.regions.regions)
         print(f"keypoints:     {len(c.regions)} named anatomical points ({whole} whole structures, "
               f"{len(c.regions) - whole} sub-regions); orientation search "
-              f"{({True: 'auto'}.get(c.orientation_search, c.orientation_search) or 'off')}")
+              f"{({True: 'auto'}.get(c.orientation_search, c.orientation_search) or 'off')}"
+              + (f"; shift ensemble of {c.shift_ensemble_voxels:g} voxel(s)" if c.shift_ensemble_voxels else ""))
         if args.keypoints:
             for k, r in enumerate(c.regions.regions, start=1):
                 print(f"  {k:4d}  {r.name:<58} labels {','.join(map(str, r.labels))}")

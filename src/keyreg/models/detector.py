@@ -75,6 +75,9 @@ class ModelConfig:
             resolves; a fit that moves a pair's keypoints less keeps the identity
             (:func:`keyreg.transforms.keep_identity_if_aligned`); calibrated on aligned pairs by
             ``scripts/calibrate_aligned.py``; 0 for models without a calibration.
+        shift_ensemble_voxels: anatomical models: the final keypoints are the mean of the chosen
+            canonical reading and four readings on grids shifted by this many network voxels
+            (:func:`keyreg.models.inference.shifted_grids`); 0 reads once.
     """
 
     name: str
@@ -88,6 +91,7 @@ class ModelConfig:
     fit_exclude: tuple[str, ...] = ()
     names: tuple[str, ...] | None = None
     aligned_tolerance_mm: float = 0.0
+    shift_ensemble_voxels: float = 0.0
 
     FORMAT = "keyreg-model"
     VERSION = 1
@@ -100,6 +104,7 @@ class ModelConfig:
                 **({"regions": self.regions.to_dict()} if self.regions is not None else {}),
                 "orientation_search": self.orientation_search, "fit_exclude": list(self.fit_exclude),
                 **({"aligned_tolerance_mm": self.aligned_tolerance_mm} if self.aligned_tolerance_mm else {}),
+                **({"shift_ensemble_voxels": self.shift_ensemble_voxels} if self.shift_ensemble_voxels else {}),
                 **({"keypoint_names": list(self.names)} if self.names is not None and self.regions is None else {})}
 
     def to_json(self) -> str:
@@ -132,6 +137,9 @@ class ModelConfig:
         tol = d.get("aligned_tolerance_mm", 0.0)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1e3:
             raise ConfigError(f"aligned_tolerance_mm must be a number of mm >= 0, got {tol!r}")
+        shift = d.get("shift_ensemble_voxels", 0.0)
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift <= 8:
+            raise ConfigError(f"shift_ensemble_voxels must be a number of voxels in [0, 8], got {shift!r}")
         weighting = d.get("weighting")
         if weighting not in (None, "power"):
             raise ConfigError(f"unknown keypoint weighting {weighting!r}")
@@ -140,7 +148,7 @@ class ModelConfig:
                    weighting=weighting, description=str(d.get("description", "")),
                    training=dict(d.get("training", {})), regions=regions, orientation_search=search,
                    fit_exclude=tuple(exclude), names=tuple(names) if names is not None else None,
-                   aligned_tolerance_mm=float(tol))
+                   aligned_tolerance_mm=float(tol), shift_ensemble_voxels=float(shift))
 
     def fit_mask(self, exclude: Sequence[str] | None = None) -> list[bool] | None:
         """Which keypoints enter fits: names matching none of ``exclude`` (default: ``fit_exclude``);

@@ -15,6 +15,9 @@ An anatomical model (``ModelConfig.regions``) knows where its keypoints lie in a
    that reads a wrongly turned head as upright draws its keypoint layout in the grid's frame, so its
    keypoints turn with the grid (the demo's MNI T1: 2.6 mm drift for the right pose, 7.9 mm for a
    half-turned one).
+3. **shift ensemble** (``ModelConfig.shift_ensemble_voxels``): the chosen canonical grid is read
+   again moved by a fraction of a heatmap cell in four directions, and the five readings are
+   averaged (:func:`shifted_grids`).
 
 ``search="always"`` always runs both steps on all 24 looks (25-33 passes).  ``"auto"`` (the default
 of the bundled model) first reads the image as it is (the canonical pass from the RAS grid's
@@ -22,7 +25,8 @@ reading): when those keypoints fit the template (median residual <= ``SEARCH_RES
 by at most ``ACCEPT_DRIFT_MM`` under the check pass, they are the result (3-4 passes).  Otherwise the
 search runs in stages (:func:`search_stages`): the 9 half turns first, since a failed upright reading
 says the head is turned far; the best pose of a stage that passes the same checks ends the search
-(about 15 passes); the last stage compares every hypothesis as ``"always"`` does.
+(about 15 passes); the last stage compares every hypothesis as ``"always"`` does.  The shift ensemble
+adds 4 passes to each mode.
 
 Unnamed models (official checkpoints, K-keypoint models) are run as before: one pass.
 
@@ -45,7 +49,7 @@ from ..preprocess import network_grid_affine, network_source, sample_network_inp
 from .detector import KeypointDetector
 
 __all__ = ["DetectedKeypoints", "detect_image_keypoints", "detect_images_keypoints", "fit_similarity",
-           "cube_rotations", "half_turns", "search_stages", "SEARCH_RESIDUAL_MM"]
+           "cube_rotations", "half_turns", "search_stages", "shifted_grids", "SEARCH_RESIDUAL_MM"]
 
 #: median template residual (mm) above which the canonical pass is not trusted and the search runs
 SEARCH_RESIDUAL_MM = 7.0
@@ -100,6 +104,23 @@ def cube_rotations() -> np.ndarray:
 def half_turns() -> np.ndarray:
     """The identity and the half turns about the three axes, ``(4, 3, 3)`` (the Klein four-group)."""
     return np.stack([np.diag(d) for d in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1))]).astype(np.float64)
+
+
+def shifted_grids(grid: np.ndarray, voxels: float) -> list[np.ndarray]:
+    """``grid`` (``world_from_net``, ``(4, 4)``) moved by ``voxels`` network voxels along each axis, with
+    the signs of a regular tetrahedron's corners, ``(+,+,+), (+,-,-), (-,+,-), (-,-,+)``; none when
+    ``voxels`` is 0.  The shift ensemble reads the image on these grids too and averages the
+    keypoints: the network's readings vary with where the head falls within a heatmap cell (16 mm
+    for the bundled model, whose shift is a quarter of a cell), and the average is more accurate
+    than one reading (``docs/models.md``)."""
+    if not voxels:
+        return []
+    out = []
+    for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):
+        g = grid.copy()
+        g[:3, 3] += grid[:3, :3] @ (voxels * np.asarray(signs, dtype=np.float64))
+        out.append(g)
+    return out
 
 
 def fit_similarity(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -354,8 +375,14 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
             pose = new_pose
         return pts, mass, grid, res
 
-    def result(cand, searched: bool, info: dict) -> DetectedKeypoints:
+    def result(cand, searched: bool, info: dict) -> Steps:
+        """The detection from the chosen canonical pass, averaged over its shifted readings."""
         pts, mass, grid, res = cand
+        shifted = shifted_grids(grid, runner.model.config.shift_ensemble_voxels)
+        if shifted:
+            readings = [(pts, mass)] + (yield shifted)
+            pts, mass = np.mean([p for p, _ in readings], 0), np.mean([m for _, m in readings], 0)
+            res = _trimmed_similarity(template, pts)[1]
         info["median_template_residual_mm"] = float(np.median(res))
         return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, searched,
                                  info)
@@ -364,7 +391,7 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
         cand = yield from canonical((yield [runner.base])[0][0])
         drift = yield from _drift_steps(runner, cand[2], cand[0])
         if _accepted(cand, drift):
-            return result(cand, False, {"hypotheses": 1, "hypothesis_drift_mm": [round(drift, 2)]})
+            return (yield from result(cand, False, {"hypotheses": 1, "hypothesis_drift_mm": [round(drift, 2)]}))
         stages = search_stages()
     else:
         stages = [list(range(len(cube_rotations())))]
@@ -384,8 +411,8 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
                 cand = yield from canonical(looks[best])
                 tried[best] = (cand, (yield from _drift_steps(runner, cand[2], cand[0])))
             if _accepted(*tried[best]):
-                return result(tried[best][0], True, {"hypotheses": 1, "looks": len(looks),
-                                                     "hypothesis_drift_mm": [round(tried[best][1], 2)]})
+                return (yield from result(tried[best][0], True, {"hypotheses": 1, "looks": len(looks),
+                                                                "hypothesis_drift_mm": [round(tried[best][1], 2)]}))
             continue
         for k in kept:
             if order[k] not in tried:
@@ -400,4 +427,4 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
                 drift_mm.append(known if known is not None else (yield from _drift_steps(runner, grid, pts)))
             best = int(np.argmin(drift_mm))
             info["hypothesis_drift_mm"] = [round(d, 2) for d in drift_mm]
-        return result(cands[best], True, info)
+        return (yield from result(cands[best], True, info))
