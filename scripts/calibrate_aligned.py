@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         path = Path(args.model).with_suffix(".json")
         doc = json.loads(path.read_text())
         doc["aligned_tolerance_mm"] = tol
-        path.write_text(json.dumps(doc, indent=2))
+        path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"written to {path}")
     return 0
 
