@@ -4,7 +4,7 @@
         --steps 900+550+2500+2400+3000+8000+9000 --wall "..." --images 105400
     python scripts/calibrate_aligned.py src/keyreg/pretrained/keyreg-anatomy.safetensors --write
 
-(calibrated after installing: the tolerance depends on the shift ensemble set here)
+(calibrated after installing: the tolerance depends on the shift ensemble, if one is set here)
 
 Writes src/keyreg/pretrained/<name>.safetensors + .json (no pickles) and src/keyreg/pretrained/DEFAULT.
 """
@@ -28,9 +28,10 @@ def main() -> int:
     p.add_argument("--orientation_search", choices=["always", "auto"], default="auto",
                    help="the model's orientation search (auto: the full search only when the upright pass "
                         "does not fit the template; benchmarks/search_modes.py)")
-    p.add_argument("--shift_ensemble_voxels", type=float, default=1.0,
+    p.add_argument("--shift_ensemble_voxels", type=float, default=0.0,
                    help="average the final keypoints over readings shifted by this many network voxels "
-                        "(0: one reading; benchmarks/keypoint_error_parts.py)")
+                        "(default 0: one reading; 1 lowers the keypoint error by about 0.2 mm at 4 more "
+                        "passes per image, see docs/models.md)")
     args = p.parse_args()
     m = load_model(args.model)
     c = m.config
