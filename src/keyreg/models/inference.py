@@ -101,9 +101,14 @@ def cube_rotations() -> np.ndarray:
     return np.stack(out)
 
 
+#: sign patterns of a regular tetrahedron's corners: the diagonals of :func:`half_turns`, the
+#: directions of :func:`shifted_grids`
+_TETRAHEDRON_SIGNS = np.array([(1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)], dtype=np.float64)
+
+
 def half_turns() -> np.ndarray:
     """The identity and the half turns about the three axes, ``(4, 3, 3)`` (the Klein four-group)."""
-    return np.stack([np.diag(d) for d in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1))]).astype(np.float64)
+    return np.stack([np.diag(d) for d in _TETRAHEDRON_SIGNS])
 
 
 def shifted_grids(grid: np.ndarray, voxels: float) -> list[np.ndarray]:
@@ -116,9 +121,9 @@ def shifted_grids(grid: np.ndarray, voxels: float) -> list[np.ndarray]:
     if not voxels:
         return []
     out = []
-    for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):
+    for signs in _TETRAHEDRON_SIGNS:
         g = grid.copy()
-        g[:3, 3] += grid[:3, :3] @ (voxels * np.asarray(signs, dtype=np.float64))
+        g[:3, 3] += grid[:3, :3] @ (voxels * signs)
         out.append(g)
     return out
 
