@@ -32,6 +32,9 @@ def main() -> int:
                    help="average the final keypoints over readings shifted by this many network voxels "
                         "(default 0: one reading; 1 lowers the keypoint error by about 0.2 mm at 4 more "
                         "passes per image, see docs/models.md)")
+    p.add_argument("--check_view_ensemble", action="store_true",
+                   help="average the final keypoints with the orientation search's check pass (no extra "
+                        "pass under auto, see docs/models.md)")
     args = p.parse_args()
     m = load_model(args.model)
     c = m.config
@@ -40,8 +43,9 @@ def main() -> int:
     c.name = args.name
     c.orientation_search = args.orientation_search
     c.shift_ensemble_voxels = args.shift_ensemble_voxels
+    c.check_view_ensemble = args.check_view_ensemble
     c.fit_exclude = c.fit_exclude or ("Extracerebral-*",)
-    c.aligned_tolerance_mm = 0.0  # depends on the shift ensemble: calibrated on the installed model
+    c.aligned_tolerance_mm = 0.0  # depends on the ensembles: calibrated on the installed model
     print(f"next: python scripts/calibrate_aligned.py {PRETRAINED_DIR / args.name}.safetensors --write")
     c.description = (f"anatomical keypoints: {len(c.regions)} named region centroids; truncated U-Net, 64^3 at 4 mm; "
                      "any orientation (search), any MRI contrast")

@@ -2,6 +2,7 @@
 that carries them, and the orientation search's geometry."""
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ class _TurnedHead:
         for g in grids:
             self.passes += 1
             rot = g[:3, :3] / vs
-            rng = np.random.default_rng(abs(hash(np.round(g, 6).tobytes())) % 2**32)
+            rng = np.random.default_rng(zlib.crc32(np.round(g, 6).tobytes()))
             good = _angle(rot, self.pose) <= self.good_degrees
             pts = self.truth if good else self.template @ rot.T
             out.append((pts + rng.normal(scale=0.5 if good else 2.0, size=pts.shape), np.ones(len(pts))))
@@ -223,6 +224,47 @@ def test_auto_search_looks_at_half_turns_first_and_stops_at_a_checked_pose(atlas
     det = _drive(_detection_steps(head, "auto"), head.run)
     assert det.searched and det.info["looks"] > 9
     assert np.median(np.linalg.norm(det.points.numpy() - head.truth, axis=1)) < 1.5
+
+
+def test_check_view_ensemble_averages_the_check_pass_it_already_read(atlas):
+    """``check_view_ensemble``: the keypoints are the mean of the chosen canonical reading and its
+    check pass's (the grid turned by 40°), which ``auto`` reads anyway: no extra pass, the same pose;
+    ``always`` reads it for a single hypothesis (one more pass)."""
+    from conftest import tiny_model
+
+    from keyreg.models.detector import ModelConfig
+    from keyreg.models.inference import _detection_steps, _drift_steps, _drive
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    model.config.regions = a
+    template = 10 * (a.template - a.template.mean(0))
+    pose = rotation_about([1, 1, 0], 12.0)[:3, :3]
+    found = {}
+    for on in (False, True):
+        model.config.check_view_ensemble = on
+        for mode in ("auto", "always"):
+            head = _TurnedHead(model, template, pose)
+            found[on, mode] = _drive(_detection_steps(head, mode), head.run)
+            assert found[on, mode].passes == head.passes
+    single, ens = found[False, "auto"], found[True, "auto"]
+    assert ens.passes == single.passes and ens.info["readings"] == 2 and single.info["readings"] == 1
+    np.testing.assert_array_equal(ens.world_from_net, single.world_from_net)
+    head = _TurnedHead(model, template, pose)
+    check = _drive(_drift_steps(head, single.world_from_net, single.points.numpy()), head.run)
+    assert check.drift_mm < 5.0
+    np.testing.assert_allclose(ens.points.numpy(), (single.points.numpy() + check.points) / 2, atol=1e-12)
+    # always: the hypotheses' check passes were read to choose among them; a single one gets its own
+    always = found[False, "always"]
+    assert found[True, "always"].passes == always.passes + (always.info["hypotheses"] == 1)
+    assert found[True, "always"].info["readings"] == 2
+    # the setting travels in the JSON config and is checked there; off, it is not written
+    d = model.config.to_dict()
+    assert d["check_view_ensemble"] is True and ModelConfig.from_dict(d).check_view_ensemble
+    model.config.check_view_ensemble = False
+    assert "check_view_ensemble" not in model.config.to_dict()
+    with pytest.raises(ConfigError, match="check_view_ensemble"):
+        ModelConfig.from_dict({**d, "check_view_ensemble": "yes"})
 
 
 def test_shift_ensemble_averages_the_chosen_reading_with_four_shifted_ones(atlas):

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"keypoints:     {len(c.regions)} named anatomical points ({whole} whole structures, "
               f"{len(c.regions) - whole} sub-regions); orientation search "
               f"{({True: 'auto'}.get(c.orientation_search, c.orientation_search) or 'off')}"
+              + ("; check-view ensemble" if c.check_view_ensemble else "")
               + (f"; shift ensemble of {c.shift_ensemble_voxels:g} voxel(s)" if c.shift_ensemble_voxels else ""))
         if args.keypoints:
             for k, r in enumerate(c.regions.regions, start=1):

@@ -78,6 +78,9 @@ class ModelConfig:
         shift_ensemble_voxels: anatomical models: the final keypoints are the mean of the chosen
             canonical reading and four readings on grids shifted by this many network voxels
             (:func:`keyreg.models.inference.shifted_grids`); 0 reads once.
+        check_view_ensemble: anatomical models: the final keypoints also average the reading of the
+            orientation search's check pass (the canonical grid turned by 40°) when it agrees with the
+            canonical reading; ``auto`` reads that pass anyway, so it costs nothing there.
     """
 
     name: str
@@ -92,6 +95,7 @@ class ModelConfig:
     names: tuple[str, ...] | None = None
     aligned_tolerance_mm: float = 0.0
     shift_ensemble_voxels: float = 0.0
+    check_view_ensemble: bool = False
 
     FORMAT = "keyreg-model"
     VERSION = 1
@@ -105,6 +109,7 @@ class ModelConfig:
                 "orientation_search": self.orientation_search, "fit_exclude": list(self.fit_exclude),
                 **({"aligned_tolerance_mm": self.aligned_tolerance_mm} if self.aligned_tolerance_mm else {}),
                 **({"shift_ensemble_voxels": self.shift_ensemble_voxels} if self.shift_ensemble_voxels else {}),
+                **({"check_view_ensemble": True} if self.check_view_ensemble else {}),
                 **({"keypoint_names": list(self.names)} if self.names is not None and self.regions is None else {})}
 
     def to_json(self) -> str:
@@ -140,6 +145,9 @@ class ModelConfig:
         shift = d.get("shift_ensemble_voxels", 0.0)
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift <= 8:
             raise ConfigError(f"shift_ensemble_voxels must be a number of voxels in [0, 8], got {shift!r}")
+        check_view = d.get("check_view_ensemble", False)
+        if not isinstance(check_view, bool):
+            raise ConfigError(f"check_view_ensemble must be true or false, got {check_view!r}")
         weighting = d.get("weighting")
         if weighting not in (None, "power"):
             raise ConfigError(f"unknown keypoint weighting {weighting!r}")
@@ -148,7 +156,8 @@ class ModelConfig:
                    weighting=weighting, description=str(d.get("description", "")),
                    training=dict(d.get("training", {})), regions=regions, orientation_search=search,
                    fit_exclude=tuple(exclude), names=tuple(names) if names is not None else None,
-                   aligned_tolerance_mm=float(tol), shift_ensemble_voxels=float(shift))
+                   aligned_tolerance_mm=float(tol), shift_ensemble_voxels=float(shift),
+                   check_view_ensemble=check_view)
 
     def fit_mask(self, exclude: Sequence[str] | None = None) -> list[bool] | None:
         """Which keypoints enter fits: names matching none of ``exclude`` (default: ``fit_exclude``);

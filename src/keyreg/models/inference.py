@@ -15,9 +15,11 @@ An anatomical model (``ModelConfig.regions``) knows where its keypoints lie in a
    that reads a wrongly turned head as upright draws its keypoint layout in the grid's frame, so its
    keypoints turn with the grid (the demo's MNI T1: 2.6 mm drift for the right pose, 7.9 mm for a
    half-turned one).
-3. **shift ensemble** (``ModelConfig.shift_ensemble_voxels``): the chosen canonical grid is read
-   again moved by a fraction of a heatmap cell in four directions, and the five readings are
-   averaged (:func:`shifted_grids`).
+3. **ensembles**: with ``ModelConfig.check_view_ensemble``, the chosen canonical reading is averaged
+   with the reading of its check pass (the grid turned by 40°) when the two agree (drift <=
+   ``ACCEPT_DRIFT_MM``); ``auto`` reads that check pass anyway, so this costs no pass.  With
+   ``ModelConfig.shift_ensemble_voxels`` the chosen canonical grid is also read moved by a fraction
+   of a heatmap cell in four directions (:func:`shifted_grids`), and all readings are averaged.
 
 ``search="always"`` always runs both steps on all 24 looks (25-33 passes).  ``"auto"`` (the default
 of the bundled model) first reads the image as it is (the canonical pass from the RAS grid's
@@ -26,7 +28,8 @@ by at most ``ACCEPT_DRIFT_MM`` under the check pass, they are the result (3-4 pa
 search runs in stages (:func:`search_stages`): the 9 half turns first, since a failed upright reading
 says the head is turned far; the best pose of a stage that passes the same checks ends the search
 (about 15 passes); the last stage compares every hypothesis as ``"always"`` does.  The shift ensemble
-adds 4 passes to each mode.
+adds 4 passes to each mode; the check-view ensemble adds one only where no check pass was read (a
+single hypothesis of the last stage).
 
 Unnamed models (official checkpoints, K-keypoint models) are run as before: one pass.
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from itertools import permutations, product
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -207,10 +210,19 @@ def search_stages() -> list[list[int]]:
         [[int(i) for i in np.flatnonzero(angles < 100.0)]]
 
 
-def _accepted(cand: tuple, drift: float) -> bool:
+class _Check(NamedTuple):
+    """The check pass of a canonical pass (:func:`_drift_steps`): the median distance (mm) its
+    keypoints moved, and its reading (world keypoints ``(K, 3)``, masses ``(K,)``)."""
+
+    drift_mm: float
+    points: np.ndarray
+    mass: np.ndarray
+
+
+def _accepted(cand: tuple, check: _Check) -> bool:
     """``auto``'s checks of a canonical pass: its keypoints fit the template (median residual <=
     ``SEARCH_RESIDUAL_MM``) and drift by at most ``ACCEPT_DRIFT_MM`` under the check pass."""
-    return drift <= ACCEPT_DRIFT_MM and float(np.median(cand[3])) <= SEARCH_RESIDUAL_MM
+    return check.drift_mm <= ACCEPT_DRIFT_MM and float(np.median(cand[3])) <= SEARCH_RESIDUAL_MM
 
 
 #: a detection step: yields the grids it needs the network's reading of, receives their
@@ -239,13 +251,13 @@ def _drift_steps(runner: "_Runner", grid: np.ndarray, points: np.ndarray) -> Ste
     center = grid[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + grid[:3, 3]
     axis = np.array([1.0, 1.0, 0.3]) / np.linalg.norm([1.0, 1.0, 0.3])
     tilted = runner.grid(rot @ rotation_about(axis, CHECK_TILT_DEGREES)[:3, :3], center)
-    moved = (yield [tilted])[0][0]
-    return float(np.median(np.linalg.norm(moved - points, axis=1)))
+    moved, mass = (yield [tilted])[0]
+    return _Check(float(np.median(np.linalg.norm(moved - points, axis=1))), moved, mass)
 
 
 def _drift(runner: "_Runner", grid: np.ndarray, points: np.ndarray) -> float:
-    """:func:`_drift_steps` run on its own."""
-    return _drive(_drift_steps(runner, grid, points), runner.run)
+    """The drift (mm) of :func:`_drift_steps`, run on its own."""
+    return _drive(_drift_steps(runner, grid, points), runner.run).drift_mm
 
 
 class _Runner:
@@ -380,23 +392,34 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
             pose = new_pose
         return pts, mass, grid, res
 
-    def result(cand, searched: bool, info: dict) -> Steps:
-        """The detection from the chosen canonical pass, averaged over its shifted readings."""
+    def result(cand, searched: bool, info: dict, check: _Check | None = None) -> Steps:
+        """The detection from the chosen canonical pass, averaged with the readings of the model's
+        ensembles: its check pass's when it agrees, its shifted grids'."""
         pts, mass, grid, res = cand
-        shifted = shifted_grids(grid, runner.model.config.shift_ensemble_voxels)
+        config = runner.model.config
+        readings = [(pts, mass)]
+        if config.check_view_ensemble:
+            if check is None:
+                check = yield from _drift_steps(runner, grid, pts)
+            if check.drift_mm <= ACCEPT_DRIFT_MM:
+                readings.append((check.points, check.mass))
+        shifted = shifted_grids(grid, config.shift_ensemble_voxels)
         if shifted:
-            readings = [(pts, mass)] + (yield shifted)
+            readings += yield shifted
+        if len(readings) > 1:
             pts, mass = np.mean([p for p, _ in readings], 0), np.mean([m for _, m in readings], 0)
             res = _trimmed_similarity(template, pts)[1]
+        info["readings"] = len(readings)
         info["median_template_residual_mm"] = float(np.median(res))
         return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, searched,
                                  info)
 
     if use_search == "auto":  # upright first, kept when its keypoints fit the template and do not drift
         cand = yield from canonical((yield [runner.base])[0][0])
-        drift = yield from _drift_steps(runner, cand[2], cand[0])
-        if _accepted(cand, drift):
-            return (yield from result(cand, False, {"hypotheses": 1, "hypothesis_drift_mm": [round(drift, 2)]}))
+        check = yield from _drift_steps(runner, cand[2], cand[0])
+        if _accepted(cand, check):
+            return (yield from result(cand, False, {"hypotheses": 1, "hypothesis_drift_mm": [round(check.drift_mm, 2)]},
+                                      check))
         stages = search_stages()
     else:
         stages = [list(range(len(cube_rotations())))]
@@ -404,7 +427,7 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
     center = runner.base[:3, :3] @ ((np.asarray(runner.shape) - 1) / 2) + runner.base[:3, 3]
     rotations = cube_rotations()
     looks: dict[int, np.ndarray] = {}
-    tried: dict[int, tuple] = {}  # look index -> (canonical candidate, drift or None)
+    tried: dict[int, tuple] = {}  # look index -> (canonical candidate, its _Check or None)
     for n, stage in enumerate(stages):
         readings = yield [runner.grid(rotations[i], center) for i in stage]
         looks.update((i, pts) for i, (pts, _) in zip(stage, readings))
@@ -416,20 +439,21 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
                 cand = yield from canonical(looks[best])
                 tried[best] = (cand, (yield from _drift_steps(runner, cand[2], cand[0])))
             if _accepted(*tried[best]):
-                return (yield from result(tried[best][0], True, {"hypotheses": 1, "looks": len(looks),
-                                                                "hypothesis_drift_mm": [round(tried[best][1], 2)]}))
+                cand, check = tried[best]
+                return (yield from result(cand, True, {"hypotheses": 1, "looks": len(looks),
+                                                       "hypothesis_drift_mm": [round(check.drift_mm, 2)]}, check))
             continue
         for k in kept:
             if order[k] not in tried:
                 tried[order[k]] = ((yield from canonical(looks[order[k]])), None)
         cands = [tried[order[k]][0] for k in kept]
         info: dict = {"hypotheses": len(cands), "looks": len(looks)}
+        checks = [tried[order[k]][1] for k in kept]
         best = 0
         if len(cands) > 1:  # the pose whose keypoints stay put when the grid turns is the anatomy's
-            drift_mm = []
-            for k, (pts, _, grid, _) in zip(kept, cands):
-                known = tried[order[k]][1]
-                drift_mm.append(known if known is not None else (yield from _drift_steps(runner, grid, pts)))
-            best = int(np.argmin(drift_mm))
-            info["hypothesis_drift_mm"] = [round(d, 2) for d in drift_mm]
-        return (yield from result(cands[best], True, info))
+            for n_c, (pts, _, grid, _) in enumerate(cands):
+                if checks[n_c] is None:
+                    checks[n_c] = yield from _drift_steps(runner, grid, pts)
+            best = int(np.argmin([c.drift_mm for c in checks]))
+            info["hypothesis_drift_mm"] = [round(c.drift_mm, 2) for c in checks]
+        return (yield from result(cands[best], True, info, checks[best]))
