@@ -1,5 +1,6 @@
 """Training: tiny CPU smoke runs of pretrain and train, exact resume, and 2-process DDP (gloo)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -70,6 +71,9 @@ def test_pretrain_reduces_keypoint_error(label_maps, tmp_path):
     trainer.fit(progress=False)
     assert probe_loss() < before
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "model.json").exists()
+    # a new anatomical model searches orientations and averages the search's check view by default
+    saved = json.loads((tmp_path / "model.json").read_text())
+    assert saved["orientation_search"] == "always" and saved["check_view_ensemble"] is True
 
 
 @pytest.mark.parametrize("kw", [dict(kp_align_method="tps", loss_fn="dice", kpconsistency_coeff=0.1),

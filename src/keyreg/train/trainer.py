@@ -230,7 +230,8 @@ class Trainer:
                            description=f"{arch.describe()}, {cfg.grid_shape}^3 at {cfg.voxel_size:g} mm"
                                        + (", anatomical keypoints" if atlas is not None else ""),
                            regions=atlas, orientation_search="always" if atlas is not None else False,
-                           fit_exclude=ANATOMICAL_FIT_EXCLUDE if atlas is not None else ())
+                           fit_exclude=ANATOMICAL_FIT_EXCLUDE if atlas is not None else (),
+                           check_view_ensemble=atlas is not None)
         return KeypointDetector(conf).to(self.device)
 
     def _regions(self):
