@@ -17,7 +17,8 @@ uses in fits):
   (1 = the model reads the subject's non-affine anatomy, 0 = it only places a layout);
 * **head size**: the slope of the detected on the true log-scale of the pose, over images.
 
-Medians over keypoints and images.  Usage:
+Medians over keypoints and images; then the keypoint error of each map (subject), all keypoints.
+``--maps 1 2 ... 12`` measures the same on the training subjects (the generalisation gap).  Usage:
     python benchmarks/keypoint_error_parts.py [--model NAME_OR_FILE ...] [--maps 13 14 15]
 """
 
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
           "pose error | posed-template floor | template posed by the model | anatomy captured (r) | "
           "head-size slope |")
     print("|---" * 11 + "|")
+    by_map = {}
     for name in args.model:
         model = load_model(name).eval()
         atlas = model.config.regions
@@ -109,6 +111,13 @@ def main(argv=None) -> int:
         print(f"| {model.config.name if name is None else name} | {med(err)} | {med(err[:, ~sub & ~extra])} | "
               f"{med(err[:, sub])} | {med(err[:, extra])} | {med(err[:, use])} | {med(cat('pose'))} | "
               f"{med(cat('floor'))} | {med(cat('template_posed'))} | {r:.2f} | {slope:.2f} |", flush=True)
+        per = len(CONTRASTS)
+        by_map[model.config.name if name is None else name] = [med(err[per * i:per * (i + 1)])
+                                                               for i in range(len(args.maps))]
+    print("\n| model | " + " | ".join(f"map {m:02d}" for m in args.maps) + " |")
+    print("|---" * (len(args.maps) + 1) + "|")
+    for name, cells in by_map.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 

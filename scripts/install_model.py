@@ -32,9 +32,9 @@ def main() -> int:
                    help="average the final keypoints over readings shifted by this many network voxels "
                         "(default 0: one reading; 1 lowers the keypoint error by about 0.2 mm at 4 more "
                         "passes per image, see docs/models.md)")
-    p.add_argument("--check_view_ensemble", action="store_true",
-                   help="average the final keypoints with the orientation search's check pass (no extra "
-                        "pass under auto, see docs/models.md)")
+    p.add_argument("--check_view_ensemble", action=argparse.BooleanOptionalAction, default=True,
+                   help="average the final keypoints with the orientation search's check pass (default: on; "
+                        "no extra pass under auto, see docs/models.md)")
     args = p.parse_args()
     m = load_model(args.model)
     c = m.config
