@@ -108,12 +108,12 @@ def main(argv=None) -> int:
         scales = np.array([row["log_scale"] for row in rows])
         slope = float(np.polyfit(scales[:, 1], scales[:, 0], 1)[0])
         med = lambda a: f"{np.nanmedian(a):.2f}"  # noqa: E731
-        print(f"| {model.config.name if name is None else name} | {med(err)} | {med(err[:, ~sub & ~extra])} | "
+        label = model.config.name if name is None else name
+        print(f"| {label} | {med(err)} | {med(err[:, ~sub & ~extra])} | "
               f"{med(err[:, sub])} | {med(err[:, extra])} | {med(err[:, use])} | {med(cat('pose'))} | "
               f"{med(cat('floor'))} | {med(cat('template_posed'))} | {r:.2f} | {slope:.2f} |", flush=True)
-        per = len(CONTRASTS)
-        by_map[model.config.name if name is None else name] = [med(err[per * i:per * (i + 1)])
-                                                               for i in range(len(args.maps))]
+        per = len(CONTRASTS)  # err's rows: map by map, its contrasts in turn
+        by_map[label] = [med(err[per * i:per * (i + 1)]) for i in range(len(args.maps))]
     print("\n| model | " + " | ".join(f"map {m:02d}" for m in args.maps) + " |")
     print("|---" * (len(args.maps) + 1) + "|")
     for name, cells in by_map.items():

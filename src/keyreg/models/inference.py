@@ -218,11 +218,16 @@ class _Check(NamedTuple):
     points: np.ndarray
     mass: np.ndarray
 
+    @property
+    def agrees(self) -> bool:
+        """The keypoints stayed put (drift <= ``ACCEPT_DRIFT_MM``): the canonical reading follows the anatomy."""
+        return self.drift_mm <= ACCEPT_DRIFT_MM
+
 
 def _accepted(cand: tuple, check: _Check) -> bool:
     """``auto``'s checks of a canonical pass: its keypoints fit the template (median residual <=
-    ``SEARCH_RESIDUAL_MM``) and drift by at most ``ACCEPT_DRIFT_MM`` under the check pass."""
-    return check.drift_mm <= ACCEPT_DRIFT_MM and float(np.median(cand[3])) <= SEARCH_RESIDUAL_MM
+    ``SEARCH_RESIDUAL_MM``) and its check pass agrees (:attr:`_Check.agrees`)."""
+    return check.agrees and float(np.median(cand[3])) <= SEARCH_RESIDUAL_MM
 
 
 #: a detection step: yields the grids it needs the network's reading of, receives their
@@ -401,7 +406,7 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
         if config.check_view_ensemble:
             if check is None:
                 check = yield from _drift_steps(runner, grid, pts)
-            if check.drift_mm <= ACCEPT_DRIFT_MM:
+            if check.agrees:
                 readings.append((check.points, check.mass))
         shifted = shifted_grids(grid, config.shift_ensemble_voxels)
         if shifted:
@@ -451,9 +456,9 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
         checks = [tried[order[k]][1] for k in kept]
         best = 0
         if len(cands) > 1:  # the pose whose keypoints stay put when the grid turns is the anatomy's
-            for n_c, (pts, _, grid, _) in enumerate(cands):
-                if checks[n_c] is None:
-                    checks[n_c] = yield from _drift_steps(runner, grid, pts)
+            for n, (pts, _, grid, _) in enumerate(cands):
+                if checks[n] is None:
+                    checks[n] = yield from _drift_steps(runner, grid, pts)
             best = int(np.argmin([c.drift_mm for c in checks]))
             info["hypothesis_drift_mm"] = [round(c.drift_mm, 2) for c in checks]
         return (yield from result(cands[best], True, info, checks[best]))
