@@ -216,3 +216,46 @@ def test_pair_csv_uses_only_the_listed_pairs(label_maps, tmp_path):
         b = pairs.sample(1, g)
         seen.add((b.fixed_index[0], b.moving_index[0]))
     assert seen == {(0, 1), (1, 2)}
+
+
+def _write_two_hemisphere_map(path: Path, shift: int) -> Path:
+    """A head with left (world x < 0) and right cerebral cortex, white matter and ventricle."""
+    lab = np.zeros((40, 36, 32), np.int16)
+    lab[4:36, 4:32, 4:28] = 502
+    lab[7:33, 7:29, 6:26] = 24
+    lab[20:31 - shift, 9:27, 8:24], lab[20:28 - shift, 11:25, 10:22], lab[21:25, 15:20 + shift, 14:18] = 3, 2, 4
+    lab[9:20, 9:27, 8:24], lab[12 + shift:20, 11:25, 10:22], lab[15:19, 15:20, 14:18] = 42, 41, 43
+    aff = np.array([[-1.0, 0, 0, 20], [0, 0, 1.0, -16], [0, -1.0, 0, 18], [0, 0, 0, 1]])  # LIA-like: x = 20 - i
+    nib.save(nib.Nifti1Image(lab, aff), path)
+    return path
+
+
+def test_mirror_maps_add_the_left_right_mirror_of_every_map(tmp_path):
+    from keyreg.train.data import LabelMapBank, mirror_label_map
+
+    maps = [str(_write_two_hemisphere_map(tmp_path / f"map_{i}.nii.gz", i)) for i in range(3)]
+    plain = LabelMapBank([Path(p) for p in maps[:2]], storage_shape=24)
+    both = LabelMapBank([Path(p) for p in maps[:2]], storage_shape=24, mirror=True)
+    assert (len(plain), len(both), both.num_sources) == (2, 4, 2) and both.ids == plain.ids
+    orig, mirrored = both.maps[1], both.maps[3]
+    assert torch.equal(both.affines[3], both.affines[1]) and both.affines[1][0, 0] > 0  # axis 0 is world x
+    # x reversed, left and right cerebral ids swapped (2 <-> 41, 3 <-> 42, 4 <-> 43); the rest kept
+    swap = {2: 41, 41: 2, 3: 42, 42: 3, 4: 43, 43: 4}
+    expect = orig.flip(0).clone()
+    for a, b in swap.items():
+        expect[orig.flip(0) == a] = b
+    assert torch.equal(mirrored, expect) and not torch.equal(mirrored, orig)
+    assert torch.equal(mirror_label_map(mirrored), orig)
+    # a mirrored subject's left white matter lies where the original's right one does, reflected
+    x = torch.arange(24, dtype=torch.float64)[:, None, None]
+    centre_x = lambda lab, i: float((x * (lab == i)).sum() / (lab == i).sum())  # noqa: E731
+    assert centre_x(mirrored, 2) == pytest.approx(23 - centre_x(orig, 41))
+    # the regions of a new model come from the maps read, never from their mirror images
+    cfg = _cfg(maps, tmp_path / "m", mode="pretrain", num_keypoints=None, steps=1, mirror_maps=True)
+    trainer = Trainer(cfg)
+    assert len(trainer.bank) == 4 and len(trainer.bank.region_maps) == 4
+    ref = Trainer(_cfg(maps, tmp_path / "ref", mode="pretrain", num_keypoints=None, steps=1))
+    assert trainer.model.config.regions.names == ref.model.config.regions.names
+    np.testing.assert_array_equal(trainer.model.config.regions.template, ref.model.config.regions.template)
+    with pytest.raises(ConfigError, match="mirror_maps"):
+        TrainConfig(data_dir=str(tmp_path), mirror_maps=True).validate()

@@ -30,6 +30,27 @@ __all__ = ["LabelMapBank", "PairBatch", "SyntheticPairs", "ImagePairs", "list_la
 #: size of the id lookup tables (FreeSurfer ids used by the maps are < 1024)
 ID_TABLE = 1024
 
+#: FreeSurfer ids of the left-hemisphere structures and their right-hemisphere twins (the rest are
+#: midline or extra-cerebral and keep their id in a mirror image)
+LEFT_RIGHT_IDS: tuple[tuple[int, int], ...] = (
+    (2, 41), (3, 42), (4, 43), (5, 44), (7, 46), (8, 47), (10, 49), (11, 50), (12, 51), (13, 52), (17, 53),
+    (18, 54), (19, 55), (20, 56), (25, 57), (26, 58), (27, 59), (28, 60), (30, 62), (31, 63),
+    (136, 163), (137, 164))  # the last two: lateral pairs of SynthSeg's training maps (../shared README)
+
+
+def mirror_label_map(labels: torch.Tensor) -> torch.Tensor:
+    """The left-right mirror image of a label map on a RAS grid: voxel axis 0 (x) reversed and every
+    left structure's id swapped with its right twin's (:data:`LEFT_RIGHT_IDS`), so the result is the
+    label map of a plausible brain whose asymmetries are reversed.
+
+    Args:
+        labels: ``(I, J, K)`` integer ids on a grid whose first voxel axis is world x (RAS).
+    """
+    lut = torch.arange(ID_TABLE, dtype=torch.long, device=labels.device)
+    for left, right in LEFT_RIGHT_IDS:
+        lut[left], lut[right] = right, left
+    return lut[labels.flip(0).long()].to(labels.dtype)
+
 
 def list_label_maps(sources: Sequence[str | Path]) -> list[Path]:
     """Files given directly, or the NIfTI files of given directories (sorted)."""
@@ -61,10 +82,14 @@ def brain_label_table(ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
 
 class LabelMapBank:
     """Label maps held in memory on a storage grid (RAS, ``storage_voxel`` mm, centred on each map's
-    field of view), as int16 on ``device``."""
+    field of view), as int16 on ``device``.
+
+    With ``mirror``, the left-right mirror image of every map (:func:`mirror_label_map`) follows the
+    maps read from ``paths``: twice the subjects to train on.  ``num_sources`` counts the maps read.
+    """
 
     def __init__(self, paths: Sequence[Path], *, storage_voxel: float = 2.0, storage_shape: int = 128,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", mirror: bool = False) -> None:
         self.paths = list(paths)
         self.device = torch.device(device)
         self.maps: list[torch.Tensor] = []
@@ -82,6 +107,11 @@ class LabelMapBank:
             self.maps.append(lab[0, 0].to(torch.int16))
             self.affines.append(torch.from_numpy(out_aff))
             ids.update(torch.unique(lab).tolist())
+        self.num_sources = len(self.maps)
+        if mirror:
+            self.maps += [mirror_label_map(m) for m in self.maps]
+            self.affines += self.affines
+            ids.update(torch.unique(torch.stack(self.maps[self.num_sources:])).tolist())
         self.ids = sorted(ids)
 
     def __len__(self) -> int:

@@ -73,6 +73,7 @@ class TrainConfig:
     max_translation: float = 10.0
     full_sphere_prob: float = 0.0            # share of images rotated over the whole sphere
     max_displacement: float = 3.0
+    mirror_maps: bool = False                # also train on the left-right mirror image of every label map
     regions: str | None = None               # anatomical keypoints: a regions JSON (default: built from the maps)
     dense_coeff: float = 1.0                 # weight of the heatmap-vs-region-mask term (pretrain)
     # optimisation
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ConfigError("no training data: give --label_maps (files or directories) or --data_dir")
         if self.label_maps and self.data_dir:
             raise ConfigError("give either --label_maps or --data_dir, not both")
+        if self.mirror_maps and not self.label_maps:
+            raise ConfigError("--mirror_maps mirrors label maps: give --label_maps")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"--lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.steps < 1 or self.batch_size < 1:
@@ -176,7 +179,7 @@ class Trainer:
         if cfg.mode == "pretrain" and cfg.data_dir:
             raise ConfigError("pretraining learns anatomical keypoints from label maps: give --label_maps")
         if not cfg.data_dir:
-            self.bank = LabelMapBank(list_label_maps(cfg.label_maps), device=self.device)
+            self.bank = LabelMapBank(list_label_maps(cfg.label_maps), device=self.device, mirror=cfg.mirror_maps)
         self.model = self._build_model(grid)
         self.grid = self.model.config.preprocessing.grid
         spatial = SpatialAugment(max_rotation=cfg.max_rotation, full_sphere_prob=cfg.full_sphere_prob,
@@ -542,11 +545,12 @@ DEFAULT_SPLITS: dict[tuple[int, ...], int] = {
 
 
 def default_atlas(bank: LabelMapBank, seed: int = 0):
-    """Regions built from the label maps of ``bank`` (the first map is the reference); returns
-    ``(atlas, consistency statistics)``."""
+    """Regions built from the label maps read by ``bank`` (not their mirror images; the first map is
+    the reference); returns ``(atlas, consistency statistics)``."""
     from ..models.regions import build_atlas
 
-    maps = [(m.cpu().numpy().astype("int32"), a.numpy()) for m, a in zip(bank.maps, bank.affines)]
+    maps = [(m.cpu().numpy().astype("int32"), a.numpy())
+            for m, a in zip(bank.maps[:bank.num_sources], bank.affines[:bank.num_sources])]
     return build_atlas(maps, DEFAULT_SPLITS, seed=seed)
 
 
