@@ -39,9 +39,9 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 (nvidia-smi || true) > "$OUT/nvidia-smi.txt" 2>&1
 TRAIN=$(for i in 01 02 03 04 05 06 07 08 09 10 11 12; do echo ".gpu_data/training_seg_$i.nii.gz"; done)
-# the poses and deformations of stages 6-7 (scripts/train_default.sh), from the bundled (stage-7) weights, a warm
-# restart at lr 2e-4 with new samples (seed 7; stages 6 and 7 used seeds 5 and 6)
-POSES=(--max_rotation 65 --full_sphere_prob 0.1 --max_translation 20 --max_displacement 4)
+# the poses, deformations and mirrored subjects of stage 9 (scripts/train_default.sh), from the bundled (stage-9)
+# weights, a warm restart at lr 2e-4 with new samples (seed 7; stages 6, 7 and 9 used seeds 5, 6 and 8)
+POSES=(--max_rotation 65 --full_sphere_prob 0.1 --max_translation 20 --max_displacement 4 --mirror_maps)
 pretrain() { python3 -m keyreg.cli pretrain --label_maps $TRAIN \
     --load_path src/keyreg/pretrained/keyreg-anatomy.safetensors "${POSES[@]}" --batch_size "$BATCH" \
     --lr 2e-4 --lr_schedule cosine --seed 7 --device "$DEVICE" --no_progress "$@"; }
