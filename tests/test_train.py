@@ -259,3 +259,60 @@ def test_mirror_maps_add_the_left_right_mirror_of_every_map(tmp_path):
     np.testing.assert_array_equal(trainer.model.config.regions.template, ref.model.config.regions.template)
     with pytest.raises(ConfigError, match="mirror_maps"):
         TrainConfig(data_dir=str(tmp_path), mirror_maps=True).validate()
+
+
+def test_brain_motion_moves_the_brain_within_the_head(tmp_path):
+    from keyreg.train.data import LabelMapBank
+    from keyreg.train.synth import SpatialAugment, brain_weight, random_brain_motion, warp_labels_on_grid
+
+    path = _write_two_hemisphere_map(tmp_path / "map.nii.gz", 0)
+    bank = LabelMapBank([path], storage_voxel=1.0, storage_shape=48)
+    lab, aff = bank.maps[0], bank.affines[0]
+    w = brain_weight(lab, 1.0, falloff_mm=4.0)
+    brain = torch.isin(lab, torch.tensor([2, 3, 4, 41, 42, 43]))
+    assert bool((w[brain] == 1).all()) and bool((w[~brain] < 1).all()) and float(w.min()) == 0
+    assert 0 < float(w[lab == 502].max()) < 1 and float(w[lab == 502].min()) == 0
+    eye = torch.eye(4, dtype=torch.float64)[None]
+    plain = warp_labels_on_grid(lab[None, None], aff, lab.shape, aff, eye)
+    assert torch.equal(warp_labels_on_grid(lab[None, None], aff, lab.shape, aff, eye, None, (w, eye)), plain)
+    # a weight of 1 everywhere composes the motion with the matrix exactly
+    shift = eye.clone()
+    shift[0, :3, 3] = torch.tensor([0.0, 2.0, -1.0])
+    ones = torch.ones_like(w)
+    assert torch.equal(warp_labels_on_grid(lab[None, None], aff, lab.shape, aff, eye, None, (ones, shift)),
+                       warp_labels_on_grid(lab[None, None], aff, lab.shape, aff, shift))
+    # the brain moves rigidly (content at y comes from motion(y)), the scalp 4 mm away stays put
+    shift[0, :3, 3] = torch.tensor([0.0, 1.0, -1.0])
+    moved = warp_labels_on_grid(lab[None, None], aff, lab.shape, aff, eye, None, (w, shift))[0, 0]
+    vox = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in lab.shape], indexing="ij"), -1)
+    world = vox @ aff[:3, :3].T.double() + aff[:3, 3].double()
+    centre = lambda m, ids: world[torch.isin(m, torch.tensor(ids))].mean(0)  # noqa: E731
+    for ids in ([2, 41], [3, 42], [4, 43]):
+        assert int(torch.isin(moved, torch.tensor(ids)).sum()) == int(torch.isin(lab, torch.tensor(ids)).sum())
+        torch.testing.assert_close(centre(moved, ids) - centre(lab, ids), -shift[0, :3, 3], atol=1e-9, rtol=0)
+    outer = w == 0
+    assert torch.equal(moved[outer], lab[outer]) and bool((lab[outer] == 502).any())
+    # the random motions: small, about the brain's centre, the identity with probability 1 - p
+    g = torch.Generator().manual_seed(0)
+    c = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    spec = SpatialAugment(brain_motion_prob=1.0, brain_rotation=4.0, brain_translation=3.0, brain_scale=0.05)
+    mats = random_brain_motion(64, g, c, spec)
+    sv = torch.linalg.svdvals(mats[:, :3, :3])
+    assert bool((sv.max(1).values / sv.min(1).values - 1).abs().max() < 1e-9)  # isotropic: rotation x scale
+    assert bool(((sv[:, 0] - 1).abs() <= 0.05 + 1e-9).all()) and bool((sv[:, 0] != 1).all())
+    rot = mats[:, :3, :3] / sv[:, :1, None]
+    angle = torch.rad2deg(torch.arccos(((rot.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)))
+    assert float(angle.max()) <= 4.0 + 1e-6 and float(angle.max()) > 1.0
+    assert bool(((mats[:, :3, :3] @ c + mats[:, :3, 3] - c).abs() <= 3.0 + 1e-9).all())
+    none = random_brain_motion(8, g, c, SpatialAugment(brain_motion_prob=0.0))
+    assert torch.equal(none, torch.eye(4, dtype=torch.float64).expand(8, 4, 4))
+    # the flag: a probability, label maps only; a pretraining step runs with it
+    with pytest.raises(ConfigError, match="brain_motion"):
+        TrainConfig(label_maps=[str(path)], brain_motion=1.5).validate()
+    with pytest.raises(ConfigError, match="brain_motion"):
+        TrainConfig(data_dir=str(tmp_path), brain_motion=0.5).validate()
+    maps = [str(_write_two_hemisphere_map(tmp_path / f"m_{i}.nii.gz", i)) for i in range(3)]
+    trainer = Trainer(_cfg(maps, tmp_path / "run", mode="pretrain", num_keypoints=None, steps=1, brain_motion=1.0))
+    assert len(trainer.pairs.brains) == 2 and trainer.pairs.spatial.brain_motion_prob == 1.0
+    batch = trainer.pairs.sample(2, torch.Generator().manual_seed(0))
+    assert batch.fixed_regions is not None and int(batch.fixed_regions.max()) > 0

@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
     o.add_argument("--mirror_maps", action=argparse.BooleanOptionalAction, default=None,
                    help="also train on the left-right mirror image of every label map (left and right "
                         "structures swapped): twice the subjects")
+    o.add_argument("--brain_motion", type=float, default=None,
+                   help="share of training images whose brain is also moved within the head (rotation up to "
+                        "4 degrees, translation up to 3 mm, scaling up to 5 %%), so that the network places the "
+                        "brain by its own anatomy rather than by the skull (label maps only)")
     if mode == "pretrain":
         o.add_argument("--regions", help="regions JSON (scripts/build_regions output) defining the anatomical "
                                          "keypoints (default: built from the training label maps)")

@@ -21,8 +21,8 @@ from ..io import is_nifti_path, load_volume
 from ..preprocess import GridSpec, PreprocessConfig, network_grid_affine, to_network_input
 from ..transforms import AffineTransform
 from .losses import warp_on_grid
-from .synth import (IntensityAugment, SpatialAugment, mixed_means, random_affine, random_means, random_smooth_field,
-                    synthesize_image, warp_labels_on_grid)
+from .synth import (IntensityAugment, SpatialAugment, brain_weight, mixed_means, random_affine, random_brain_motion,
+                    random_means, random_smooth_field, synthesize_image, warp_labels_on_grid)
 
 __all__ = ["LabelMapBank", "PairBatch", "SyntheticPairs", "ImagePairs", "list_label_maps", "brain_label_table",
            "read_image_table"]
@@ -177,6 +177,13 @@ class SyntheticPairs:
         self.same_subject_prob = same_subject_prob
         self.mix_modalities = mix_modalities
         self.consistency = consistency
+        self.brains: list[tuple[torch.Tensor, torch.Tensor]] = []  # per map: brain weight, brain centre (mm)
+        if self.spatial.brain_motion_prob > 0:
+            for m, a in zip(bank.maps, bank.affines):
+                w = brain_weight(m, float(a[:3, :3].norm(dim=0).min()))
+                inside = torch.nonzero(w >= 1).double()
+                vox = inside.mean(0) if len(inside) else (torch.tensor(w.shape, dtype=torch.float64) - 1) / 2
+                self.brains.append((w, a[:3, :3].double() @ vox + a[:3, 3].double()))
 
     def grid_affine(self, index: int) -> torch.Tensor:
         """Network-grid affine of map ``index`` (its storage grid's centre, network voxel size)."""
@@ -196,7 +203,11 @@ class SyntheticPairs:
         src = self.bank.maps[index][None, None]
         if getattr(self.bank, "region_maps", None) is not None:  # labels and regions in one resampling
             src = torch.cat([src, self.bank.region_maps[index][None, None]], 1)
-        lab = warp_labels_on_grid(src, self.bank.affines[index], shape, net_affine, mat, disp)
+        inner = None
+        if self.brains:  # the brain moved within the head
+            weight, centre = self.brains[index]
+            inner = (weight, random_brain_motion(1, g, centre, self.spatial, device=dev))
+        lab = warp_labels_on_grid(src, self.bank.affines[index], shape, net_affine, mat, disp, inner)
         return lab, mat
 
     def sample(self, batch: int, generator: torch.Generator) -> PairBatch:

@@ -246,6 +246,12 @@ class SpatialAugment:
         shear: maximum shear coefficient.
         max_displacement: mm, amplitude of the smooth nonlinear deformation (0 disables).
         control_spacing: mm between control points of that deformation.
+        brain_motion_prob: probability that the brain is also moved within the head
+            (:func:`random_brain_motion`; 0 disables): heads differ in how the brain sits in them, and
+            a network that places the brain by the skull misreads new subjects.
+        brain_rotation: degrees, maximum rotation of the brain within the head.
+        brain_translation: mm, maximum translation of the brain per axis.
+        brain_scale: maximum relative scaling of the brain (isotropic).
     """
 
     max_rotation: float = 180.0
@@ -255,6 +261,10 @@ class SpatialAugment:
     shear: float = 0.05
     max_displacement: float = 3.0
     control_spacing: float = 32.0
+    brain_motion_prob: float = 0.0
+    brain_rotation: float = 4.0
+    brain_translation: float = 3.0
+    brain_scale: float = 0.05
 
 
 def random_affine(batch: int, generator: torch.Generator, center: torch.Tensor,
@@ -280,6 +290,40 @@ def random_affine(batch: int, generator: torch.Generator, center: torch.Tensor,
     return out
 
 
+def random_brain_motion(batch: int, generator: torch.Generator, center: torch.Tensor,
+                        spec: SpatialAugment | None = None, *, device=None) -> torch.Tensor:
+    """``(B, 4, 4)`` float64 small world transforms about ``center`` (``(3,)`` mm, the brain's centre)
+    that move the brain within the head: rotation up to ``brain_rotation`` degrees, isotropic scaling
+    within ``1 +- brain_scale``, translation up to ``brain_translation`` mm per axis; the identity with
+    probability ``1 - brain_motion_prob``."""
+    s = spec or SpatialAugment()
+    g = generator
+    rot = random_rotation(batch, g, max_degrees=s.brain_rotation, device=device)
+    scale = 1 + _uniform((batch, 1, 1), -s.brain_scale, s.brain_scale, g, device).double()
+    trans = _uniform((batch, 3), -s.brain_translation, s.brain_translation, g, device).double()
+    lin = rot * scale
+    c = center.to(device=device, dtype=torch.float64).reshape(1, 3)
+    out = torch.eye(4, dtype=torch.float64, device=device).repeat(batch, 1, 1)
+    out[:, :3, :3] = lin
+    out[:, :3, 3] = c - (lin @ c[..., None])[..., 0] + trans
+    still = torch.rand((batch, 1, 1), generator=g, device=device) >= s.brain_motion_prob
+    return torch.where(still, torch.eye(4, dtype=torch.float64, device=device), out)
+
+
+def brain_weight(labels: torch.Tensor, voxel_size: float, falloff_mm: float = 20.0) -> torch.Tensor:
+    """``(I, J, K)`` float32 weight in [0, 1] of a label map: 1 in the brain (not
+    :func:`extracerebral_mask`, not CSF), falling smoothly (a half cosine of the distance) to 0 at
+    ``falloff_mm`` mm from it.  A motion of the brain (:func:`warp_labels_on_grid`'s ``inner_motion``)
+    then moves all of the brain rigidly and stretches the CSF and the tissues around it; the warp
+    stays one-to-one while the motion moves no point by more than about ``0.6 falloff_mm``."""
+    from scipy.ndimage import distance_transform_edt
+
+    brain = (~extracerebral_mask(labels) & (labels != 24)).cpu().numpy()
+    dist = distance_transform_edt(~brain) * voxel_size if brain.any() else np.full(brain.shape, np.inf)
+    w = 0.5 * (1 + np.cos(np.pi * np.minimum(dist / falloff_mm, 1.0)))
+    return torch.from_numpy(w.astype(np.float32)).to(labels.device)
+
+
 def random_smooth_field(batch: int, shape: Sequence[int], voxel_size: float, generator: torch.Generator,
                         spec: SpatialAugment | None = None, *, device=None) -> torch.Tensor:
     """``(B, 3, I, J, K)`` smooth displacement (world mm): Gaussian values on a coarse control grid
@@ -298,14 +342,20 @@ def warp_labels_on_grid(
     out_affine: torch.Tensor,
     matrix: torch.Tensor,
     displacement: torch.Tensor | None = None,
+    inner_motion: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Resample label maps once through ``x -> matrix @ (x + u(x))`` (nearest: ids never blended).
+    """Resample label maps once through ``x -> matrix @ (x + u(x))`` (nearest: ids never blended),
+    and then, with ``inner_motion``, ``y -> y + w(motion @ y) (motion @ y - y)``: where the weight is 1
+    the source is moved rigidly by ``motion``'s inverse, where it is 0 it stays.
 
     Args:
         labels: ``(B, C, I, J, K)`` integer ids on the source grid (e.g. labels and regions).
         source_affine, out_affine: ``(4, 4)`` world-from-voxel of the source and output grids.
         matrix: ``(B, 4, 4)`` world transform (output world -> source world).
         displacement: ``(B, 3, *out_shape)`` mm added before ``matrix`` (or ``None``).
+        inner_motion: ``(weight, motion)``: a part of the source moved relative to the rest, ``weight``
+            ``(I, J, K)`` in [0, 1] on the source grid (:func:`brain_weight`: 1 moves, 0 stays) and
+            ``motion`` ``(B, 4, 4)`` a source-world transform (:func:`random_brain_motion`), or ``None``.
 
     Returns:
         ``(B, C, *out_shape)`` int64; 0 outside the source grid (every channel resampled alike).
@@ -317,7 +367,17 @@ def warp_labels_on_grid(
     world = apply_affine(out_affine.to(dev, torch.float64)[None], idx).expand(b, -1, -1)
     if displacement is not None:
         world = world + displacement.flatten(2).transpose(1, 2).double()
-    src = apply_affine(torch.linalg.inv(source_affine.to(dev, torch.float64))[None] @ matrix.to(dev), world)
+    vox_from_world = torch.linalg.inv(source_affine.to(dev, torch.float64))
+    src = apply_affine(vox_from_world[None] @ matrix.to(dev), world)
+    if inner_motion is not None:  # in source voxels: y + w(M y) (M y - y), w trilinear
+        weight, motion = inner_motion
+        m_vox = vox_from_world[None] @ motion.to(dev, torch.float64) @ source_affine.to(dev, torch.float64)[None]
+        moved = apply_affine(m_vox, src)
+        size = torch.tensor(weight.shape, device=dev, dtype=torch.float64)
+        norm = (2 * moved / (size - 1) - 1).flip(-1)  # grid_sample wants (x, y, z) = (k, j, i), in [-1, 1]
+        w = F.grid_sample(weight[None, None].expand(b, 1, *weight.shape).to(dev), norm[:, :, None, None].float(),
+                          mode="bilinear", padding_mode="zeros", align_corners=True).reshape(b, -1, 1).double()
+        src = src + w * (moved - src)
     # nearest voxel by index and an integer gather: exact for any id (a float32 grid_sample is not above 2^24)
     n = torch.tensor(labels.shape[2:], device=dev)
     near = torch.round(src).long()  # (B, M, 3)

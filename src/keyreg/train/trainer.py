@@ -74,6 +74,7 @@ class TrainConfig:
     full_sphere_prob: float = 0.0            # share of images rotated over the whole sphere
     max_displacement: float = 3.0
     mirror_maps: bool = False                # also train on the left-right mirror image of every label map
+    brain_motion: float = 0.0                # share of images whose brain is moved within the head
     regions: str | None = None               # anatomical keypoints: a regions JSON (default: built from the maps)
     dense_coeff: float = 1.0                 # weight of the heatmap-vs-region-mask term (pretrain)
     # optimisation
@@ -106,6 +107,8 @@ class TrainConfig:
             raise ConfigError("give either --label_maps or --data_dir, not both")
         if self.mirror_maps and not self.label_maps:
             raise ConfigError("--mirror_maps mirrors label maps: give --label_maps")
+        if self.brain_motion and not self.label_maps:
+            raise ConfigError("--brain_motion moves the brain of label maps: give --label_maps")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"--lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.steps < 1 or self.batch_size < 1:
@@ -116,7 +119,8 @@ class TrainConfig:
                                                  and math.isfinite(self.max_minutes) and self.max_minutes >= 0):
             raise ConfigError(f"--max_minutes must be a finite number >= 0, got {self.max_minutes!r}")
         for name, lo, hi in (("lr", 0.0, None), ("max_rotation", 0.0, 180.0), ("max_displacement", 0.0, None),
-                             ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None)):
+                             ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None),
+                             ("brain_motion", 0.0, 1.0)):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and math.isfinite(v) and v >= lo and (hi is None or v <= hi)
             if not ok or (name in ("lr", "voxel_size") and v == 0):
@@ -183,7 +187,8 @@ class Trainer:
         self.model = self._build_model(grid)
         self.grid = self.model.config.preprocessing.grid
         spatial = SpatialAugment(max_rotation=cfg.max_rotation, full_sphere_prob=cfg.full_sphere_prob,
-                                 max_displacement=cfg.max_displacement, max_translation=cfg.max_translation)
+                                 max_displacement=cfg.max_displacement, max_translation=cfg.max_translation,
+                                 brain_motion_prob=cfg.brain_motion)
         if cfg.data_dir:
             if cfg.kpconsistency_coeff > 0:
                 raise ConfigError("--kpconsistency_coeff needs synthetic contrasts (--label_maps)")
