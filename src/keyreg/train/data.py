@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ImageIOError
-from ..geometry import fov_center
+from ..geometry import apply_affine, fov_center
 from ..io import is_nifti_path, load_volume
 from ..preprocess import GridSpec, PreprocessConfig, network_grid_affine, to_network_input
 from ..transforms import AffineTransform
@@ -183,7 +183,7 @@ class SyntheticPairs:
                 w = brain_weight(m, float(a[:3, :3].norm(dim=0).min()))
                 inside = torch.nonzero(w >= 1).double()
                 vox = inside.mean(0) if len(inside) else (torch.tensor(w.shape, dtype=torch.float64) - 1) / 2
-                self.brains.append((w, a[:3, :3].double() @ vox + a[:3, 3].double()))
+                self.brains.append((w, apply_affine(a.double(), vox[None])[0]))
 
     def grid_affine(self, index: int) -> torch.Tensor:
         """Network-grid affine of map ``index`` (its storage grid's centre, network voxel size)."""

@@ -281,10 +281,15 @@ def random_affine(batch: int, generator: torch.Generator, center: torch.Tensor,
     scale = torch.diag_embed(1 + _uniform((batch, 3), -s.scale, s.scale, g, device).double())
     shear = torch.eye(3, dtype=torch.float64, device=device).repeat(batch, 1, 1)
     shear[:, 0, 1], shear[:, 0, 2], shear[:, 1, 2] = _uniform((3, batch), -s.shear, s.shear, g, device).double()
-    lin = rot @ scale @ shear
     trans = _uniform((batch, 3), -s.max_translation, s.max_translation, g, device).double()
-    c = center.to(device=device, dtype=torch.float64).reshape(1, 3)
-    out = torch.eye(4, dtype=torch.float64, device=device).repeat(batch, 1, 1)
+    return _about_center(rot @ scale @ shear, center, trans)
+
+
+def _about_center(lin: torch.Tensor, center: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+    """``(B, 4, 4)`` float64 transforms ``x -> lin (x - center) + center + trans`` (``lin`` ``(B, 3, 3)``,
+    ``center`` ``(3,)`` mm, ``trans`` ``(B, 3)`` mm)."""
+    c = center.to(device=lin.device, dtype=torch.float64).reshape(1, 3)
+    out = torch.eye(4, dtype=torch.float64, device=lin.device).repeat(lin.shape[0], 1, 1)
     out[:, :3, :3] = lin
     out[:, :3, 3] = c - (lin @ c[..., None])[..., 0] + trans
     return out
@@ -301,11 +306,7 @@ def random_brain_motion(batch: int, generator: torch.Generator, center: torch.Te
     rot = random_rotation(batch, g, max_degrees=s.brain_rotation, device=device)
     scale = 1 + _uniform((batch, 1, 1), -s.brain_scale, s.brain_scale, g, device).double()
     trans = _uniform((batch, 3), -s.brain_translation, s.brain_translation, g, device).double()
-    lin = rot * scale
-    c = center.to(device=device, dtype=torch.float64).reshape(1, 3)
-    out = torch.eye(4, dtype=torch.float64, device=device).repeat(batch, 1, 1)
-    out[:, :3, :3] = lin
-    out[:, :3, 3] = c - (lin @ c[..., None])[..., 0] + trans
+    out = _about_center(rot * scale, center, trans)
     still = torch.rand((batch, 1, 1), generator=g, device=device) >= s.brain_motion_prob
     return torch.where(still, torch.eye(4, dtype=torch.float64, device=device), out)
 
