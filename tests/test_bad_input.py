@@ -505,6 +505,10 @@ def train_max_displacement_nan(e):
     return _train(e, "--max_displacement", "nan"), r"--max_displacement must be a finite number >= 0"
 
 
+def pretrain_control_spacing_zero(e):
+    return ["pretrain", *_train(e, "--control_spacing", "0")[1:]], r"--control_spacing must be a finite number > 0"
+
+
 def train_corrupt_state_json(e):
     ck = e.out / "checkpoints" / "step_000001"
     ck.mkdir(parents=True)
@@ -710,7 +714,7 @@ CASES = [missing_file, unreadable_file, corrupt_gzip, truncated_data, empty_file
          model_json_is_a_list, model_json_bad_format_version, model_json_string_voxel_size, model_json_nan_voxel_size,
          model_json_string_keypoints, model_json_no_architecture, h5_not_hdf5_nor_torch, h5_real_hdf5, train_lr_nan,
          train_lr_negative, train_max_rotation_nan, pretrain_max_rotation_inf, train_voxel_size_nan,
-         train_max_displacement_nan, train_corrupt_state_json, same_stem_in_a_directory, save_dir_locked_by_another_run,
+         train_max_displacement_nan, pretrain_control_spacing_zero, train_corrupt_state_json, same_stem_in_a_directory, save_dir_locked_by_another_run,
          apply_output_is_its_input, apply_output_is_the_transform, tps_json_nan_keypoint, tps_json_zero_scale,
          tps_json_negative_lambda, tps_json_negative_weights, tps_json_count_mismatch, invert_tps_json_nan_center,
          points_at_1e300, points_nan, apply_pad_value_nan, apply_reference_not_an_image, invert_bad_iterations,

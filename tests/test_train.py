@@ -316,3 +316,21 @@ def test_brain_motion_moves_the_brain_within_the_head(tmp_path):
     assert len(trainer.pairs.brains) == 2 and trainer.pairs.spatial.brain_motion_prob == 1.0
     batch = trainer.pairs.sample(2, torch.Generator().manual_seed(0))
     assert batch.fixed_regions is not None and int(batch.fixed_regions.max()) > 0
+
+
+def test_control_spacing_sets_how_smooth_the_deformation_is(tmp_path):
+    """``--control_spacing``: the spacing of the deformation's control points reaches the sampler, and a
+    wider spacing at the same amplitude is a smoother field (smaller voxel-to-voxel changes)."""
+    from keyreg.train.synth import SpatialAugment, random_smooth_field
+
+    def roughness(spacing: float) -> float:
+        g = torch.Generator().manual_seed(3)
+        f = random_smooth_field(16, (32, 32, 32), 4.0, g, SpatialAugment(max_displacement=8.0, control_spacing=spacing))
+        return float((f[..., 1:] - f[..., :-1]).abs().mean() / f.abs().mean())
+
+    assert roughness(64.0) < 0.6 * roughness(32.0)
+    maps = [str(_write_two_hemisphere_map(tmp_path / f"m_{i}.nii.gz", i)) for i in range(3)]
+    trainer = Trainer(_cfg(maps, tmp_path / "run", mode="pretrain", num_keypoints=None, steps=1, control_spacing=64.0))
+    assert trainer.pairs.spatial.control_spacing == 64.0
+    with pytest.raises(ConfigError, match="control_spacing"):
+        TrainConfig(label_maps=maps, control_spacing=0.0).validate()

@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
                    help="share of images rotated over the whole sphere regardless of --max_rotation")
     o.add_argument("--max_displacement", type=float, default=None,
                    help="amplitude (mm) of the random nonlinear deformation")
+    o.add_argument("--control_spacing", type=float, default=None,
+                   help="mm between the control points of the random nonlinear deformation (default 32; larger: "
+                        "smoother, lobe-sized shape changes)")
     o.add_argument("--mirror_maps", action=argparse.BooleanOptionalAction, default=None,
                    help="also train on the left-right mirror image of every label map (left and right "
                         "structures swapped): twice the subjects")

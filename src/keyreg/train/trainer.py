@@ -73,6 +73,7 @@ class TrainConfig:
     max_translation: float = 10.0
     full_sphere_prob: float = 0.0            # share of images rotated over the whole sphere
     max_displacement: float = 3.0
+    control_spacing: float = 32.0            # mm between the control points of that deformation
     mirror_maps: bool = False                # also train on the left-right mirror image of every label map
     brain_motion: float = 0.0                # share of images whose brain is moved within the head
     regions: str | None = None               # anatomical keypoints: a regions JSON (default: built from the maps)
@@ -120,11 +121,11 @@ class TrainConfig:
             raise ConfigError(f"--max_minutes must be a finite number >= 0, got {self.max_minutes!r}")
         for name, lo, hi in (("lr", 0.0, None), ("max_rotation", 0.0, 180.0), ("max_displacement", 0.0, None),
                              ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None),
-                             ("brain_motion", 0.0, 1.0)):
+                             ("brain_motion", 0.0, 1.0), ("control_spacing", 0.0, None)):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and math.isfinite(v) and v >= lo and (hi is None or v <= hi)
-            if not ok or (name in ("lr", "voxel_size") and v == 0):
-                rng = f"in [{lo:g}, {hi:g}]" if hi is not None else ("> 0" if name in ("lr", "voxel_size") else ">= 0")
+            if not ok or (name in ("lr", "voxel_size", "control_spacing") and v == 0):
+                rng = f"in [{lo:g}, {hi:g}]" if hi is not None else ("> 0" if name in ("lr", "voxel_size", "control_spacing") else ">= 0")
                 raise ConfigError(f"--{name} must be a finite number {rng}, got {v!r}")
 
 
@@ -187,8 +188,8 @@ class Trainer:
         self.model = self._build_model(grid)
         self.grid = self.model.config.preprocessing.grid
         spatial = SpatialAugment(max_rotation=cfg.max_rotation, full_sphere_prob=cfg.full_sphere_prob,
-                                 max_displacement=cfg.max_displacement, max_translation=cfg.max_translation,
-                                 brain_motion_prob=cfg.brain_motion)
+                                 max_displacement=cfg.max_displacement, control_spacing=cfg.control_spacing,
+                                 max_translation=cfg.max_translation, brain_motion_prob=cfg.brain_motion)
         if cfg.data_dir:
             if cfg.kpconsistency_coeff > 0:
                 raise ConfigError("--kpconsistency_coeff needs synthetic contrasts (--label_maps)")
