@@ -335,6 +335,9 @@ def test_invert_output_suffix_decides(scene):
     assert _cli("invert", tmp / "t_matrix.txt", "-o", tmp / "inv.tfm") == 0
     assert (tmp / "inv.tfm").read_text().startswith("#Insight Transform File")
     np.testing.assert_allclose(load_saved_transform(tmp / "inv.tfm").matrix, np.linalg.inv(a), atol=1e-12)
+    # `-t` as `keyreg apply` takes it: the same inverse
+    assert _cli("invert", "-t", tmp / "t_matrix.txt", "-o", tmp / "inv_t.tfm") == 0
+    assert (tmp / "inv_t.tfm").read_text() == (tmp / "inv.tfm").read_text()
 
 
 def test_invert_tps_swapped_keypoints_reports_residual(scene, capsys):

@@ -623,6 +623,15 @@ def invert_bad_iterations(e):
     return ["invert", str(e.src / "t_matrix.txt"), "--iterations", "0"], r"--iterations must be >= 1"
 
 
+def invert_no_transform(e):
+    return ["invert", "-o", str(e.out / "i.txt")], r"give the transform to invert once"
+
+
+def invert_transform_twice(e):
+    t = str(e.src / "t_matrix.txt")
+    return ["invert", t, "-t", t, "-o", str(e.out / "i.txt")], r"give the transform to invert once"
+
+
 # ------------------------------------------------------------------------------------ register options
 
 def register_pad_value_inf(e):
@@ -718,6 +727,7 @@ CASES = [missing_file, unreadable_file, corrupt_gzip, truncated_data, empty_file
          apply_output_is_its_input, apply_output_is_the_transform, tps_json_nan_keypoint, tps_json_zero_scale,
          tps_json_negative_lambda, tps_json_negative_weights, tps_json_count_mismatch, invert_tps_json_nan_center,
          points_at_1e300, points_nan, apply_pad_value_nan, apply_reference_not_an_image, invert_bad_iterations,
+         invert_no_transform, invert_transform_twice,
          register_pad_value_inf, register_field_stride_negative, exclude_leaves_too_few_keypoints, exclude_empty_pattern,
          tps_lambda_nan, moving_dir_without_images, file_and_directory, all_pairs_with_files,
          groupwise_field_stride_zero, groupwise_empty_list_file, evaluate_rotation_nan, evaluate_axis_zero,

@@ -6,8 +6,10 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("transform", help="4x4 matrix .txt, ITK .tfm/.txt, ANTs .mat, .lta, displacement field .nii.gz, "
-                                     "tps.json or an align output directory")
+    what = "4x4 matrix .txt, ITK .tfm/.txt, ANTs .mat, .lta, displacement field .nii.gz, tps.json or an align output directory"
+    p.add_argument("transform", nargs="?", help=what)
+    p.add_argument("-t", "--transform", dest="transform_option", metavar="T",
+                   help="the same, as `keyreg apply` takes it (give it once, either way)")
     p.add_argument("-o", "--output", help="output file; its suffix decides the format (default: <name>_inverse "
                                           "next to the input, in the input's format)")
     p.add_argument("--method", choices=["auto", "swap", "field"], default="auto",
@@ -26,9 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..io import read_grid
 
+    given = [t for t in (args.transform, args.transform_option) if t is not None]
+    if len(given) != 1:
+        raise ConfigError("give the transform to invert once: `keyreg invert T` or `keyreg invert -t T`")
     if args.iterations < 1 or not args.tolerance > 0:
         raise ConfigError("--iterations must be >= 1 and --tolerance > 0")
-    st = load_saved_transform(args.transform)
+    st = load_saved_transform(given[0])
     if args.fixed:
         st.fixed_grid = read_grid(args.fixed)
     if args.moving:
