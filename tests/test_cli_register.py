@@ -65,7 +65,18 @@ def test_single_pair_writes_everything(data, tiny_model_files, tmp_path, capsys)
     seg = np.asarray(nib.load(pair / "tps_0" / "warped_seg.nii.gz").dataobj)
     assert set(np.unique(seg)) <= {0, 2, 41, 17, 53}
     rows = json.loads((out / "metrics.json").read_text())["results"]
-    assert {r["align"] for r in rows} == {"rigid", "affine", "tps_0", "tps_10"}
+    assert [r["align"] for r in rows] == ["none", "rigid", "affine", "tps_0", "tps_10"]  # none: before registration
+    # none: the moving segmentation on the fixed grid through the identity (world), resampled here by scipy
+    from scipy.ndimage import affine_transform
+
+    from keyreg.metrics import dice_per_label, mean_dice
+
+    fix_seg, mov_seg = nib.load(data / "fix_seg/a.nii.gz"), nib.load(data / "mov_seg/a.nii.gz")
+    vox = np.linalg.inv(mov_seg.affine) @ fix_seg.affine  # fixed voxel -> moving voxel
+    before = affine_transform(np.asarray(mov_seg.dataobj), vox, output_shape=fix_seg.shape, order=0, cval=0)
+    dice = mean_dice(dice_per_label(before, np.asarray(fix_seg.dataobj)))
+    assert rows[0]["harddice"] == pytest.approx(dice, abs=1e-9)
+    assert rows[0]["jdstd"] == 0 and rows[0]["harddice"] != rows[2]["harddice"]
     assert all(0 <= r["harddice"] <= 1 for r in rows)
     assert "harddice_per_label" in rows[0]
     header = (out / "metrics.csv").read_text().splitlines()[0]
@@ -84,7 +95,7 @@ def test_directories_all_pairs_and_a_bad_file(data, tiny_model_files, tmp_path, 
     assert rc == 1
     assert "pair(s) failed" in err and "bad.nii.gz" in err
     rows = json.loads((out / "metrics.json").read_text())
-    assert len(rows["results"]) == 4  # a,b x a,b
+    assert len(rows["results"]) == 4  # a,b x a,b (no segmentations: no none row)
     assert len(rows["failures"]) == 5  # a->bad, b->bad, c->a, c->b, c->bad
 
 

@@ -44,7 +44,7 @@ def test_register_batch_writes_confidence_residuals_and_report(data, tiny_model_
     stdout = capsys.readouterr().out
     assert "flagged check" in stdout and "report:" in stdout
     rows = _csv(out / "metrics.csv")
-    assert len(rows) == 4
+    assert len(rows) == 4  # 2 pairs x (affine, tps_0); no segmentations, so no none row
     for r in rows:
         assert 0.0 <= float(r["confidence"]) <= 1.0 and r["flag"] in ("check", "ok")
         assert float(r["median_loo_mm"]) >= 0 and 0 <= float(r["inlier_fraction"]) <= 1

@@ -63,7 +63,7 @@ def test_register_refine_rows_files_resume_invert_apply(pair, tmp_path, capsys):
     for n in names:
         assert f"| {n} |" in stdout
     rows = json.loads((out / "metrics.json").read_text())["results"]
-    assert [r["align"] for r in rows] == names
+    assert [r["align"] for r in rows] == ["none", *names]
     by = {r["align"]: r for r in rows}
     for n in names:  # the same measure stage for every row: Dice, Jacobian statistics
         assert 0 <= by[n]["harddice"] <= 1 and "jdlessthan0" in by[n] and "jdstd" in by[n]

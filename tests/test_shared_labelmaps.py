@@ -79,8 +79,10 @@ def test_register_cli_with_the_bundled_model(pair, tmp_path):
                  "--save_eval_to_disk", "--save_dir", str(out)])
     assert code == 0
     rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert {r["align"] for r in rows} == {"rigid", "tps_10"}
+    assert [r["align"] for r in rows] == ["none", "rigid", "tps_10"]  # none: before registration
     assert all(0 <= float(r["harddice"]) <= 1 for r in rows)
+    dice = {r["align"]: float(r["harddice"]) for r in rows}
+    assert dice["rigid"] > dice["none"] + 0.3, dice  # the known rotation undone: the table reads before -> after
     pair_dir = next((out / "pairs").iterdir())
     warped = nib.load(pair_dir / "rigid" / "warped.nii.gz")
     np.testing.assert_allclose(warped.affine, pair[2], atol=1e-4)  # on the fixed grid

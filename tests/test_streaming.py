@@ -59,8 +59,9 @@ def test_streamed_outputs_equal_the_whole_registration_path(data, tiny_model_fil
     n = _same_files(streamed, tmp_path / "whole", skip={"done.json", "thumbnail.png"})
     assert n > 40
     rows = json.loads((streamed / "done.json").read_text())["rows"]
-    assert [r["align"] for r in rows] == ALIGNS
-    for r in rows:
+    assert [r["align"] for r in rows] == ["none", *ALIGNS]
+    assert rows[0] == {**rows[0], **json_clean(reg_.measure_before(reg, METRICS))}
+    for r in rows[1:]:
         assert {k: r[k] for k in json_clean(whole[r["align"]])} == json_clean(whole[r["align"]])
 
 

@@ -138,14 +138,15 @@ def scalar_metrics(row: dict) -> dict[str, float]:
 
 
 def format_summary(rows: Sequence[dict], aligns: Sequence[str]) -> str:
-    """A markdown table: one row per align, ``mean ± std`` (over pairs) per scalar metric."""
+    """A markdown table: one row per align (``none`` first: before registration, when measured),
+    ``mean ± std`` (over pairs) per scalar metric."""
     names: list[str] = []
     for r in rows:
         for k in scalar_metrics(r):
             if k not in names:
                 names.append(k)
     lines = ["| align | pairs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for align in aligns:
+    for align in ["none", *aligns]:  # none: before registration
         sel = [r for r in rows if r["align"] == align]
         if not sel:
             continue
@@ -230,7 +231,8 @@ def _pair_config(pair: Pair, registrar, metrics: list[str], fingerprint: str, wr
         inputs["fixed_mask"] = file_identity(pair.fixed_mask)
     return {"inputs": inputs,
             "model": fingerprint, "options": registrar.options.to_dict(), "metrics": metrics,
-            "save_eval_to_disk": write_images, "visualize": visualize}
+            "save_eval_to_disk": write_images, "visualize": visualize,
+            "none_row": True}  # rows written before the none row (the pair before registration) are redone
 
 
 def _completed(pair_dir: Path, config: dict) -> list[dict] | None:
@@ -474,7 +476,7 @@ def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config:
     try:
         if staged is not None and files:
             step(lambda tmp: save_pair_keypoints(reg, tmp))
-        per_align = registrar.stream(reg, metrics, each=each)
+        per_align = registrar.stream(reg, metrics, each=each, before=both)  # with segmentations: a none row
         rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **conf,
                  **({"already_aligned": reg.alignment_check["already_aligned"]} if reg.alignment_check else {}),
                  **vals}

@@ -74,21 +74,22 @@ def measure_alignment(metrics: Sequence[str], *, fixed: Volume, moving: Volume, 
         fixed_surfaces=fixed_surfaces)
 
 
-def measure_before(metrics: Sequence[str], *, fixed: Volume, moving: Volume, fixed_seg: Volume,
-                   moving_seg: Volume, label_interp: str, device: torch.device) -> dict[str, Any]:
-    """Metrics of the unregistered pair: the moving image and segmentation resampled onto the fixed
-    grid through the identity (world space), normalised as for a registration."""
+def measure_before(metrics: Sequence[str], *, fixed: Volume, moving: Volume, fixed_seg: Volume | None,
+                   moving_seg: Volume | None, label_interp: str | None, device: torch.device,
+                   pad_value: float | None = None, fixed_surfaces: Any = None) -> dict[str, Any]:
+    """Metrics of the unregistered pair (the ``none`` row of the tables): the moving segmentation,
+    and the moving image when an image metric asks for it, resampled onto the fixed grid through the
+    identity (world space), normalised and padded as for a registration."""
     from .metrics import METRICS
+    from .results import warp_volumes
     from .transforms import AffineTransform
-    from .warp import warp_image, warp_labels
 
     ident = AffineTransform(torch.eye(4, dtype=torch.float64, device=device))
-    warped = None
-    if any(METRICS[m] == "image" for m in metrics):
-        out = warp_image(moving.tensor(device).float(), moving.affine, fixed.shape, fixed.affine)[0, 0]
-        warped = fixed.with_data(out.cpu().numpy())
-    seg = warp_labels(moving_seg.tensor(device)[:, 0], moving_seg.affine, fixed.shape, fixed.affine,
-                      mode=label_interp)[0]  # type: ignore[arg-type]
+    image = moving if any(METRICS[m] == "image" for m in metrics) else None
+    warped = warped_seg = None
+    if image is not None or moving_seg is not None:
+        warped, warped_seg = warp_volumes(image, moving_seg, fixed, ident, seg_interp=label_interp,
+                                          pad_value=pad_value, device=device)
     return measure_alignment(metrics, fixed=fixed, moving=moving, transform=ident, warped=warped,
-                             warped_seg=fixed.with_data(seg.cpu().numpy(), kind="labels"),
-                             fixed_seg=fixed_seg, moving_seg=moving_seg)
+                             warped_seg=warped_seg, fixed_seg=fixed_seg, moving_seg=moving_seg,
+                             fixed_surfaces=fixed_surfaces)

@@ -474,8 +474,14 @@ class Registrar:
         with self.timer("metrics"):
             return reg.evaluate(metrics, aligns=aligns)
 
+    def measure_before(self, reg: Registration, metrics: Sequence[str]) -> dict[str, Any]:
+        """Stage 5 for the pair as it was: the metrics before registration (the ``none`` row)."""
+        with self.timer("metrics"):
+            return reg.evaluate_before(metrics, label_interp=self.options.label_interp,
+                                       pad_value=self.options.pad_value, device=self.device)
+
     def stream(self, reg: Registration, metrics: Sequence[str] = (), *, image: bool = True, seg: bool = True,
-               each: Callable[[Any], None] | None = None) -> dict[str, dict[str, Any]]:
+               each: Callable[[Any], None] | None = None, before: bool = False) -> dict[str, dict[str, Any]]:
         """Stages 3-5 (and the caller's 6) align by align: the dense field, the warp, the metrics,
         then ``each(result)`` (e.g. write its files), then the result's warped volumes and dense field
         are dropped before the next align.  Peak memory holds one align's full-grid arrays instead
@@ -483,9 +489,12 @@ class Registrar:
         (each align's computation does not depend on the others).
 
         Returns:
-            align -> metrics (empty dicts without ``metrics``).
+            align -> metrics (empty dicts without ``metrics``); with ``before`` (and ``metrics``)
+            first ``"none"``: the same metrics before registration (:meth:`measure_before`).
         """
         out: dict[str, dict[str, Any]] = {}
+        if before and metrics:
+            out["none"] = self.measure_before(reg, metrics)
         for res in reg:
             self.warp(reg, image=image, seg=seg, aligns=[res.name])
             out[res.name] = self.measure(reg, metrics, aligns=[res.name])[res.name] if metrics else {}

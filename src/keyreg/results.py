@@ -334,13 +334,8 @@ class Registration:
         """Compute metrics for every alignment, or those named in ``aligns`` (stored in each result's
         ``metrics``)."""
         from .measure import measure_alignment
-        from .metrics import parse_metrics
 
-        names = parse_metrics(list(metrics))
-        if "hausd" in names and self.fixed_seg is not None and self._fixed_surfaces is None:
-            from .metrics import LabelSurfaces  # the fixed map's surfaces, found once for every align
-
-            self._fixed_surfaces = LabelSurfaces(self.fixed_seg.data, self.fixed.spacing)
+        names = self._metric_names(metrics)
         out = {}
         for res in self:
             if aligns is not None and res.name not in aligns:
@@ -353,6 +348,29 @@ class Registration:
                 res.metrics.update(res.refine_metrics())
             out[res.name] = res.metrics
         return out
+
+    def evaluate_before(self, metrics: Sequence[str], *, label_interp: str | None = None,
+                        pad_value: float | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
+        """The same metrics for the pair before registration: the moving segmentation (and image, for
+        image metrics) resampled onto the fixed grid through the identity (world space); the ``none``
+        row of the metric tables (:func:`keyreg.measure.measure_before`)."""
+        from .measure import measure_before
+
+        return measure_before(self._metric_names(metrics), fixed=self.fixed, moving=self.moving,
+                              fixed_seg=self.fixed_seg, moving_seg=self.moving_seg, label_interp=label_interp,
+                              device=torch.device(device or "cpu"), pad_value=pad_value,
+                              fixed_surfaces=self._fixed_surfaces)
+
+    def _metric_names(self, metrics: Sequence[str]) -> list[str]:
+        """Parsed metric names; the fixed map's label surfaces found once for every align (hausd)."""
+        from .metrics import parse_metrics
+
+        names = parse_metrics(list(metrics))
+        if "hausd" in names and self.fixed_seg is not None and self._fixed_surfaces is None:
+            from .metrics import LabelSurfaces
+
+            self._fixed_surfaces = LabelSurfaces(self.fixed_seg.data, self.fixed.spacing)
+        return names
 
     def release_measure_cache(self) -> None:
         """Drop what :meth:`evaluate` keeps across aligns (the fixed map's label surfaces, ~0.2 GB at

@@ -81,7 +81,6 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from ..measure import measure_before
     from ..metrics import METRICS, parse_metrics
     from ..pipeline import Registrar, RegistrationOptions
     from ..transforms import DEFAULT_FIELD_STRIDE
@@ -124,16 +123,13 @@ def evaluate(
             pert = draw_perturbation(seed, pair_name, angle, axis=axis, translation=translation, scaling=scaling)
             with timer("perturb"):
                 moving, moving_seg, p = perturb(mov.image, mov.seg, pert, mode, dev)
-            with timer("metrics"):
-                results = {"none": measure_before(metric_names, fixed=fix.image, moving=moving, fixed_seg=fix.seg,
-                                                  moving_seg=moving_seg, label_interp=options.label_interp,
-                                                  device=dev)}
             # keypoints are cached per image and perturbation; the image is resampled only for image metrics
             reg = registrar.register(moving, fix.image, moving_seg=moving_seg, fixed_seg=fix.seg,
                                      fixed_key=(pair.fixed, np.eye(4).tobytes()),
                                      moving_key=(pair.moving, np.round(p, 9).tobytes()), warp=False)
             # align by align: warp, measure, drop (one align's full-grid arrays at a time)
-            results.update(registrar.stream(reg, metric_names, image=need_image, seg=True))
+            # first "none": the same metrics before registration
+            results = registrar.stream(reg, metric_names, image=need_image, seg=True, before=True)
         except Exception as e:  # noqa: BLE001 - one bad task is recorded; the evaluation goes on
             failures.append((task, failure_message(e)))
             bar.write(f"FAILED {task}: {failure_message(e)}", file=sys.stderr)
