@@ -188,3 +188,22 @@ def test_console_entry_exits_with_mains_status(tmp_path):
                           "--fixed", str(tmp_path / "no.nii.gz"), "--save_dir", str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_refit_with_segmentations_writes_registers_none_row(data, tiny_model_files, tmp_path):
+    """An unedited refit from register's keypoint files reproduces its rows, the none row included."""
+    segs = ("--moving_seg", data / "mov_seg/a.nii.gz", "--fixed_seg", data / "fix_seg/a.nii.gz")
+    out, ref = tmp_path / "out", tmp_path / "refit"
+    assert run("--moving", data / "mov/a.nii.gz", "--fixed", data / "fix/a.nii.gz", *segs, "--load_path",
+               tiny_model_files, "--list_of_aligns", "affine", "--list_of_metrics", "mse", "harddice",
+               "--save_eval_to_disk", "--save_dir", out, "--device", "cpu") == 0
+    pair = out / "pairs" / "a"
+    assert main(["refit", "--moving", str(data / "mov/a.nii.gz"), "--fixed", str(data / "fix/a.nii.gz"),
+                 *map(str, segs), "--fixed_keypoints", str(pair / "keypoints_fixed.csv"),
+                 "--moving_keypoints", str(pair / "keypoints_moving.csv"), "--list_of_aligns", "affine",
+                 "--list_of_metrics", "mse", "harddice", "--save_dir", str(ref), "--device", "cpu"]) == 0
+    reg_rows = json.loads((out / "metrics.json").read_text())["results"]
+    refit_rows = json.loads((ref / "metrics.json").read_text())["results"]
+    assert [r["align"] for r in refit_rows] == [r["align"] for r in reg_rows] == ["none", "affine"]
+    for a, b in zip(reg_rows, refit_rows, strict=True):
+        assert b["harddice"] == pytest.approx(a["harddice"], abs=1e-9) and b["mse"] == pytest.approx(a["mse"], rel=1e-6)

@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
                          fixed_seg=args.fixed_seg if both else None, robust=args.robust,
                          use_weights=not args.no_weights, device=args.device, label_interp=args.label_interp,
                          field_stride=args.field_stride, pad_value=args.pad_value)
-    per_align = reg.evaluate(metrics)
+    # with segmentations first "none": the same metrics before registration, as keyreg register writes
+    per_align = {"none": reg.evaluate_before(metrics, label_interp=args.label_interp,
+                                             pad_value=args.pad_value)} if both else {}
+    per_align.update(reg.evaluate(metrics))
     name = pair_name(Path(args.moving), Path(args.fixed))
     conf = reg.confidence
     rows = [{"pair": name, "moving": str(args.moving), "fixed": str(args.fixed), "align": align, **conf, **vals}
