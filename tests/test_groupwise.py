@@ -174,6 +174,16 @@ def test_groupwise_with_given_keypoints_aligns_the_images(group, tmp_path):
     unaligned = groupwise([img_dir / n for n in names], segs=[seg_dir / n for n in names],
                           keypoints=[kps[0]] * 4, align="rigid", progress=True)
     assert unaligned.metrics["summary"]["pairwise_dice_mean"] < s["pairwise_dice_mean"] - 0.2
+    # before: the label maps as they are, resampled onto the first image's grid (here by scipy)
+    from scipy.ndimage import affine_transform
+
+    ref = nib.load(str(seg_dir / names[0]))
+    segs = [nib.load(str(seg_dir / n)) for n in names]
+    before = [affine_transform(np.asarray(m.dataobj), np.linalg.inv(m.affine) @ ref.affine, output_shape=ref.shape,
+                               order=0, cval=0) for m in segs]
+    want = np.mean([mean_dice(dice_per_label(before[i], before[j])) for i in range(4) for j in range(i + 1, 4)])
+    assert s["pairwise_dice_before_mean"] == pytest.approx(want, abs=1e-9)
+    assert s["pairwise_dice_before_mean"] < s["pairwise_dice_mean"] - 0.2
 
 
 def test_groupwise_cli_tiny_model_one_pass_per_image(group, tmp_path, tiny_model_files, monkeypatch, capsys):

@@ -294,7 +294,8 @@ def groupwise(
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(warp_bar.close)
         work = Path(cleanup.enter_context(stage))
-        rows, seg_files, label_ids = [], [], set()
+        rows, seg_files, before_files, label_ids = [], [], [], set()
+        identity = AffineTransform(torch.eye(4, dtype=torch.float64, device=dev))
         total = np.zeros(grid.shape, dtype=np.float64)
         for i in range(len(images)):
             vol = load_volume(images[i], kind="image")
@@ -316,6 +317,12 @@ def groupwise(
                 seg_files.append(work / f".seg{i}.npy")
                 np.save(seg_files[-1], lab_np)
                 label_ids.update(int(v) for v in np.unique(lab_np))
+                # before: the label map as it is (world space) on the first image's grid
+                before_np = warp_volume(seg, first, identity, kind="labels", interp=registrar.options.label_interp,
+                                        device=dev).data
+                before_files.append(work / f".before{i}.npy")
+                np.save(before_files[-1], before_np)
+                label_ids.update(int(v) for v in np.unique(before_np))
             row = {"image": names[i], "keypoint_residual_mm": float(fit.residuals[i]),
                    **jacobian_determinant_stats(dense)}
             rows.append(row)
@@ -334,11 +341,14 @@ def groupwise(
             dice = pairwise_dice(seg_files, sorted(label_ids))
             off = dice[~np.eye(len(dice), dtype=bool)]
             summary["pairwise_dice_mean"], summary["pairwise_dice_std"] = float(np.nanmean(off)), float(np.nanstd(off))
+            before = pairwise_dice(before_files, sorted(label_ids))[~np.eye(len(dice), dtype=bool)]
+            summary["pairwise_dice_before_mean"] = float(np.nanmean(before))
+            summary["pairwise_dice_before_std"] = float(np.nanstd(before))
             for i, row in enumerate(rows):
                 row["mean_dice_to_others"] = float(np.nanmean(np.delete(dice[i], i)))
         metrics = {"summary": summary, "images": rows,
                    "pairwise_dice": None if dice is None else {"names": names, "matrix": dice.tolist()}}
-        for f in seg_files:
+        for f in seg_files + before_files:
             f.unlink()
         if out_dir is not None:
             save_volume(template.data, grid, work / "template.nii.gz")

@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(images)} images, {len(res.fit.template_keypoints)} keypoints, {s['align']}: {state} after "
           f"{s['iterations']} iteration(s) (last mean shift {res.fit.shifts[-1]:.3g} mm)")
     if "pairwise_dice_mean" in s:
-        print(f"pairwise Dice of the aligned label maps: {s['pairwise_dice_mean']:.4f} ± {s['pairwise_dice_std']:.4f}")
+        print(f"pairwise Dice of the label maps: {s['pairwise_dice_before_mean']:.4f} ± "
+              f"{s['pairwise_dice_before_std']:.4f} before (on the first image's grid), "
+              f"{s['pairwise_dice_mean']:.4f} ± {s['pairwise_dice_std']:.4f} aligned")
     print(f"template, per-image outputs and metrics in {res.save_dir}")
     if not s["converged"]:
         print(f"warning: the mean keypoints still moved {res.fit.shifts[-1]:.3g} mm at the last iteration",
