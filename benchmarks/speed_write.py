@@ -5,6 +5,8 @@ with zlib's deflate and with ISA-L's (``deflate`` column; ISA-L is the default w
 
 The image is the fixed image of ``benchmarks/speed_1mm.py``'s pair (``.bench/speed_1mm/``); the field
 a smooth random displacement (up to ~10 mm) on its grid, like a TPS: fine-grained float32 values.
+Last, the QC figure of one align (``qc.png``, ``--visualize``) from that pair's 256^3 images (the
+moving image standing in for the warped one; 181 keypoints), after one untimed figure (imports).
 
     python benchmarks/speed_write.py
 """
@@ -50,6 +52,28 @@ def main() -> None:
                 write(path)
                 print(f"| {name} | {lib} | {ratio:g} | {time.process_time() - c:.2f} | {time.perf_counter() - w:.2f} | "
                       f"{path.stat().st_size / 2**20:.0f} |", flush=True)
+        qc_figure(paths, Path(tmp))
+
+
+def qc_figure(paths: dict[str, Path], tmp: Path) -> None:
+    """Seconds of one ``qc.png`` (:func:`keyreg.viz.save_qc_figure`) of the 256^3 pair."""
+    import numpy as np
+
+    import keyreg.io as kio
+    from keyreg.viz import save_qc_figure
+
+    fixed, moving = kio.load_volume(paths["fixed"]), kio.load_volume(paths["moving"])
+    kp = fixed.affine[:3, :3] @ (np.random.default_rng(0).random((181, 3)) * fixed.shape).T + fixed.affine[:3, 3:4]
+
+    def figure() -> Path:
+        return save_qc_figure(tmp / "qc.png", fixed, moving, moving, fixed_keypoints=kp.T, moving_keypoints=kp.T,
+                              aligned_keypoints=kp.T, title="qc")
+
+    figure()  # matplotlib's import and first figure, untimed
+    c, w = time.process_time(), time.perf_counter()
+    path = figure()
+    print(f"| qc.png (figure) | - | - | {time.process_time() - c:.2f} | {time.perf_counter() - w:.2f} | "
+          f"{path.stat().st_size / 2**20:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
