@@ -175,7 +175,7 @@ def main() -> None:
                 spath = str(save_volume(m_seg.data.astype(np.int32), m_seg, tmp / f"{jid}_moving_seg.nii.gz"))
                 truth[jid] = (fix, angle)
                 if net is None:  # the before-registration Dice, computed here when keyreg did not run
-                    from keyreg.measure import measure_before
+                    from keyreg.results import measure_before
 
                     before = measure_before(["harddice"], fixed=fix.image, moving=m_img, fixed_seg=fix.seg,
                                             moving_seg=m_seg, label_interp="nearest",

@@ -10,13 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from .errors import ConfigError
 from .io import Volume
 from .metrics import MinMaxScaled
 
-__all__ = ["normalize_like", "metric_intensities", "measure_alignment", "measure_before"]
+__all__ = ["normalize_like", "metric_intensities", "measure_alignment"]
 
 
 def _minmax(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -72,24 +71,3 @@ def measure_alignment(metrics: Sequence[str], *, fixed: Volume, moving: Volume, 
         spacing=fixed.spacing, transform=transform, fixed_shape=fixed.shape, fixed_affine=fixed.affine,
         moving_seg=None if moving_seg is None else moving_seg.data, moving_affine=moving.affine,
         fixed_surfaces=fixed_surfaces)
-
-
-def measure_before(metrics: Sequence[str], *, fixed: Volume, moving: Volume, fixed_seg: Volume | None,
-                   moving_seg: Volume | None, label_interp: str | None, device: torch.device,
-                   pad_value: float | None = None, fixed_surfaces: Any = None) -> dict[str, Any]:
-    """Metrics of the unregistered pair (the ``none`` row of the tables): the moving segmentation,
-    and the moving image when an image metric asks for it, resampled onto the fixed grid through the
-    identity (world space), normalised and padded as for a registration."""
-    from .metrics import METRICS
-    from .results import warp_volumes
-    from .transforms import AffineTransform
-
-    ident = AffineTransform(torch.eye(4, dtype=torch.float64, device=device))
-    image = moving if any(METRICS[m] == "image" for m in metrics) else None
-    warped = warped_seg = None
-    if image is not None or moving_seg is not None:
-        warped, warped_seg = warp_volumes(image, moving_seg, fixed, ident, seg_interp=label_interp,
-                                          pad_value=pad_value, device=device)
-    return measure_alignment(metrics, fixed=fixed, moving=moving, transform=ident, warped=warped,
-                             warped_seg=warped_seg, fixed_seg=fixed_seg, moving_seg=moving_seg,
-                             fixed_surfaces=fixed_surfaces)

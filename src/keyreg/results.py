@@ -21,8 +21,8 @@ from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, Displ
                          map_to_fixed, parse_aligns, sample_field)
 from .warp import ImageInterp, LabelInterp, warp_image_and_labels
 
-__all__ = ["AlignmentResult", "Registration", "warp_volume", "warp_volumes", "image_interp", "label_interp", "pad_value_for",
-           "INVERSE_WARN_MM"]
+__all__ = ["AlignmentResult", "Registration", "warp_volume", "warp_volumes", "measure_before", "image_interp",
+           "label_interp", "pad_value_for", "INVERSE_WARN_MM"]
 
 #: An inverse mapped point whose residual ``|T(p) - q|`` exceeds this (mm) is reported with a warning.
 INVERSE_WARN_MM = 0.01
@@ -118,6 +118,27 @@ def warp_volumes(image: Volume | None, seg: Volume | None, reference: Volume, tr
     if seg_out is not None:
         seg_vol = reference.with_data(seg_out[0].cpu().numpy(), name=seg.name, kind="labels")
     return img_vol, seg_vol
+
+
+def measure_before(metrics: Sequence[str], *, fixed: Volume, moving: Volume, fixed_seg: Volume | None,
+                   moving_seg: Volume | None, label_interp: str | None, device: torch.device,
+                   pad_value: float | None = None, fixed_surfaces: Any = None) -> dict[str, Any]:
+    """Metrics of the unregistered pair (the ``none`` row of the tables): the moving segmentation,
+    and the moving image when an image metric asks for it, resampled onto the fixed grid through the
+    identity (world space), normalised and padded as for a registration."""
+    from .measure import measure_alignment
+    from .metrics import METRICS
+    from .transforms import AffineTransform
+
+    ident = AffineTransform(torch.eye(4, dtype=torch.float64, device=device))
+    image = moving if any(METRICS[m] == "image" for m in metrics) else None
+    warped = warped_seg = None
+    if image is not None or moving_seg is not None:
+        warped, warped_seg = warp_volumes(image, moving_seg, fixed, ident, seg_interp=label_interp,
+                                          pad_value=pad_value, device=device)
+    return measure_alignment(metrics, fixed=fixed, moving=moving, transform=ident, warped=warped,
+                             warped_seg=warped_seg, fixed_seg=fixed_seg, moving_seg=moving_seg,
+                             fixed_surfaces=fixed_surfaces)
 
 
 @dataclass
@@ -353,9 +374,7 @@ class Registration:
                         pad_value: float | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
         """The same metrics for the pair before registration: the moving segmentation (and image, for
         image metrics) resampled onto the fixed grid through the identity (world space); the ``none``
-        row of the metric tables (:func:`keyreg.measure.measure_before`)."""
-        from .measure import measure_before
-
+        row of the metric tables (:func:`measure_before`)."""
         return measure_before(self._metric_names(metrics), fixed=self.fixed, moving=self.moving,
                               fixed_seg=self.fixed_seg, moving_seg=self.moving_seg, label_interp=label_interp,
                               device=torch.device(device or "cpu"), pad_value=pad_value,
