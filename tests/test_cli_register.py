@@ -76,7 +76,8 @@ def test_single_pair_writes_everything(data, tiny_model_files, tmp_path, capsys)
     before = affine_transform(np.asarray(mov_seg.dataobj), vox, output_shape=fix_seg.shape, order=0, cval=0)
     dice = mean_dice(dice_per_label(before, np.asarray(fix_seg.dataobj)))
     assert rows[0]["harddice"] == pytest.approx(dice, abs=1e-9)
-    assert rows[0]["jdstd"] == 0 and rows[0]["harddice"] != rows[2]["harddice"]
+    assert rows[0]["harddice"] != rows[2]["harddice"] and rows[0]["mse"] > 0
+    assert "jdstd" not in rows[0] and "jdlessthan0" not in rows[0]  # no transform before registration
     assert all(0 <= r["harddice"] <= 1 for r in rows)
     assert "harddice_per_label" in rows[0]
     header = (out / "metrics.csv").read_text().splitlines()[0]

@@ -433,6 +433,7 @@ def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config:
     pair never looks complete.  Its steps run in line, or (``deferred``) on the batch's
     :class:`~keyreg.writer.BackgroundWriter` while the next align or pair is computed.  On any error the directory is discarded and the error raised."""
     from .export import save_pair_alignment, save_pair_keypoints, save_pair_residual_plot
+    from .metrics import before_metrics
     from .writer import StagedDir
 
     both = pair.moving_seg is not None and pair.fixed_seg is not None
@@ -476,7 +477,8 @@ def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config:
     try:
         if staged is not None and files:
             step(lambda tmp: save_pair_keypoints(reg, tmp))
-        per_align = registrar.stream(reg, metrics, each=each, before=both)  # with segmentations: a none row
+        before = before_metrics(metrics) if both else []  # with segmentations: a none row
+        per_align = registrar.stream(reg, metrics, each=each, before=before)
         rows = [{"pair": pair.name, "moving": str(pair.moving), "fixed": str(pair.fixed), "align": align, **conf,
                  **({"already_aligned": reg.alignment_check["already_aligned"]} if reg.alignment_check else {}),
                  **vals}

@@ -481,7 +481,7 @@ class Registrar:
                                        pad_value=self.options.pad_value, device=self.device)
 
     def stream(self, reg: Registration, metrics: Sequence[str] = (), *, image: bool = True, seg: bool = True,
-               each: Callable[[Any], None] | None = None, before: bool = False) -> dict[str, dict[str, Any]]:
+               each: Callable[[Any], None] | None = None, before: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
         """Stages 3-5 (and the caller's 6) align by align: the dense field, the warp, the metrics,
         then ``each(result)`` (e.g. write its files), then the result's warped volumes and dense field
         are dropped before the next align.  Peak memory holds one align's full-grid arrays instead
@@ -489,12 +489,12 @@ class Registrar:
         (each align's computation does not depend on the others).
 
         Returns:
-            align -> metrics (empty dicts without ``metrics``); with ``before`` (and ``metrics``)
-            first ``"none"``: the same metrics before registration (:meth:`measure_before`).
+            align -> metrics (empty dicts without ``metrics``); with ``before`` (metric names) first
+            ``"none"``: those metrics before registration (:meth:`measure_before`).
         """
         out: dict[str, dict[str, Any]] = {}
-        if before and metrics:
-            out["none"] = self.measure_before(reg, metrics)
+        if before:
+            out["none"] = self.measure_before(reg, before)
         for res in reg:
             self.warp(reg, image=image, seg=seg, aligns=[res.name])
             out[res.name] = self.measure(reg, metrics, aligns=[res.name])[res.name] if metrics else {}

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..batch import json_clean, write_batch_report, write_metric_tables
     from ..io import atomic_dir, atomic_write_text
-    from ..metrics import parse_metrics
+    from ..metrics import before_metrics, parse_metrics
     from ..pairing import pair_name
     from ..refit import refit
 
@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
                          use_weights=not args.no_weights, device=args.device, label_interp=args.label_interp,
                          field_stride=args.field_stride, pad_value=args.pad_value)
     # with segmentations first "none": the same metrics before registration, as keyreg register writes
-    per_align = {"none": reg.evaluate_before(metrics, label_interp=args.label_interp,
-                                             pad_value=args.pad_value)} if both else {}
+    before = before_metrics(metrics) if both else []
+    per_align = {"none": reg.evaluate_before(before, label_interp=args.label_interp,
+                                             pad_value=args.pad_value)} if before else {}
     per_align.update(reg.evaluate(metrics))
     name = pair_name(Path(args.moving), Path(args.fixed))
     conf = reg.confidence

@@ -129,7 +129,7 @@ def evaluate(
                                      moving_key=(pair.moving, np.round(p, 9).tobytes()), warp=False)
             # align by align: warp, measure, drop (one align's full-grid arrays at a time)
             # first "none": the same metrics before registration
-            results = registrar.stream(reg, metric_names, image=need_image, seg=True, before=True)
+            results = registrar.stream(reg, metric_names, image=need_image, seg=True, before=metric_names)
         except Exception as e:  # noqa: BLE001 - one bad task is recorded; the evaluation goes on
             failures.append((task, failure_message(e)))
             bar.write(f"FAILED {task}: {failure_message(e)}", file=sys.stderr)
