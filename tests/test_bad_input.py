@@ -644,7 +644,7 @@ def register_field_stride_negative(e):
 
 def exclude_leaves_too_few_keypoints(e):
     return (register(e, extra=["--exclude_keypoints", "K-1*", "K-[2-9]"]),
-            r"excluding keypoints K-1\* K-\[2-9\] leaves 0 of 12 keypoints; a affine fit needs at least 4")
+            r"excluding keypoints K-1\* K-\[2-9\] leaves 0 of 12 keypoints; an affine fit needs at least 4")
 
 
 def exclude_empty_pattern(e):

@@ -83,7 +83,7 @@ def test_exclusion_of_an_unnamed_model_uses_default_labels_and_refuses_too_few(p
     net = tiny_model(num_keypoints=6)
     reg = Registrar(net, device="cpu", aligns=("rigid",), exclude_keypoints=("K-[12]",)).register(moving, fixed)
     assert reg.excluded_keypoints == ["K-1", "K-2"]
-    with pytest.raises(DegenerateFitError, match=r"leaves 3 of 6 keypoints; a affine fit needs at least 4"):
+    with pytest.raises(DegenerateFitError, match=r"leaves 3 of 6 keypoints; an affine fit needs at least 4"):
         Registrar(net, device="cpu", aligns=("rigid", "affine"), exclude_keypoints=("K-[123]",)).register(moving, fixed)
 
 

@@ -380,7 +380,7 @@ class Registrar:
         keep = select_keypoints(fixed_kp.names, pats)
         need = max(min_keypoints(s) for s in self.options.specs)
         worst = max(self.options.specs, key=min_keypoints)
-        check_enough(len(keep), len(fixed_kp.names), need, f"a {worst.name} fit", pats)
+        check_enough(len(keep), len(fixed_kp.names), need, f"{'an' if worst.name[0] in 'aeiou' else 'a'} {worst.name} fit", pats)
         dropped = [n for i, n in enumerate(fixed_kp.names) if i not in set(keep)]
         return fixed_kp.subset(keep), moving_kp.subset(keep), dropped
 

@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("outputs")
     o.add_argument("--save_dir", default="./evaluate_output",
                    help="writes evaluation.csv, summary.md, dice_vs_rotation.png (default ./evaluate_output)")
-    o.add_argument("--quiet", action="store_true", help="no progress bar and no per-task lines")
+    o.add_argument("--quiet", "--no_progress", action="store_true", help="no progress bar and no per-task lines")
 
 
 def run(args: argparse.Namespace) -> int:
