@@ -60,6 +60,10 @@ def test_report_content_flagged_first_escaped_and_self_contained(tmp_path):
     assert not re.search(r'(src|href)="(https?:)?//', page)
     assert "<link" not in page and "@import" not in page and "url(" not in page
     assert "affine<br>harddice" in page and "confidence" in page
+    assert "the pair before registration" not in page  # no none column, no legend for it
+    records[0].metrics = {"none": {"harddice": 0.1}, **records[0].metrics}
+    page = render_report(records, title="t", summary="keyreg register", threshold=0.3)
+    assert "none<br>harddice" in page and "Columns <b>none</b>: the pair before registration." in page
 
 
 def _chromium() -> str:

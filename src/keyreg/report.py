@@ -197,6 +197,8 @@ def render_report(records: Sequence[PairRecord], *, title: str = "keyreg report"
                     f'<b>{e(r.name)}</b>{note}<br>{figs or "no figures (run with --visualize)"}</td></tr>')
     thr = "" if threshold is None else (f" Pairs with confidence below {threshold:g} are flagged "
                                         "<b>check</b> and listed first.")
+    if any(a == "none" for a, _ in metrics):
+        thr += " Columns <b>none</b>: the pair before registration."
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
