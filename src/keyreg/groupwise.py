@@ -295,7 +295,6 @@ def groupwise(
         cleanup.callback(warp_bar.close)
         work = Path(cleanup.enter_context(stage))
         rows, seg_files, before_files, label_ids = [], [], [], set()
-        identity = AffineTransform(torch.eye(4, dtype=torch.float64, device=dev))
         total = np.zeros(grid.shape, dtype=np.float64)
         for i in range(len(images)):
             vol = load_volume(images[i], kind="image")
@@ -317,8 +316,8 @@ def groupwise(
                 seg_files.append(work / f".seg{i}.npy")
                 np.save(seg_files[-1], lab_np)
                 label_ids.update(int(v) for v in np.unique(lab_np))
-                # before: the label map as it is (world space) on the first image's grid
-                before_np = warp_volume(seg, first, identity, kind="labels", interp=registrar.options.label_interp,
+                # before: the label map as it is (world space, no transform) on the first image's grid
+                before_np = warp_volume(seg, first, None, kind="labels", interp=registrar.options.label_interp,
                                         device=dev).data
                 before_files.append(work / f".before{i}.npy")
                 np.save(before_files[-1], before_np)
@@ -339,11 +338,10 @@ def groupwise(
                                    "converged": fit.converged, "shifts_mm": fit.shifts}
         if seg_files:
             dice = pairwise_dice(seg_files, sorted(label_ids))
-            off = dice[~np.eye(len(dice), dtype=bool)]
-            summary["pairwise_dice_mean"], summary["pairwise_dice_std"] = float(np.nanmean(off)), float(np.nanstd(off))
-            before = pairwise_dice(before_files, sorted(label_ids))[~np.eye(len(dice), dtype=bool)]
-            summary["pairwise_dice_before_mean"] = float(np.nanmean(before))
-            summary["pairwise_dice_before_std"] = float(np.nanstd(before))
+            for key, matrix in (("pairwise_dice", dice), ("pairwise_dice_before", pairwise_dice(before_files,
+                                                                                            sorted(label_ids)))):
+                off = matrix[~np.eye(len(matrix), dtype=bool)]
+                summary[f"{key}_mean"], summary[f"{key}_std"] = float(np.nanmean(off)), float(np.nanstd(off))
             for i, row in enumerate(rows):
                 row["mean_dice_to_others"] = float(np.nanmean(np.delete(dice[i], i)))
         metrics = {"summary": summary, "images": rows,
