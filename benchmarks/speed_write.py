@@ -26,23 +26,24 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
+    from speed_1mm import CACHE, build_pair
 
     import keyreg.io as kio
+    import keyreg.nifti_gzip as gz
     from keyreg.formats import write_displacement_field
-    from speed_1mm import CACHE, build_pair
 
     paths = build_pair(CACHE)
     ref = kio.load_volume(paths["fixed"])
     g = torch.Generator().manual_seed(0)
     disp = torch.nn.functional.interpolate(torch.randn(1, 3, 9, 9, 9, generator=g) * 5, size=ref.shape,
                                            mode="trilinear", align_corners=True)[0].permute(1, 2, 3, 0).numpy()
-    defaults = kio.ParallelGzipWriter.__init__.__kwdefaults__
+    defaults = gz.ParallelGzipWriter.__init__.__kwdefaults__
     print(f"grid {ref.shape}; threads for deflate: {min(8, os.cpu_count() or 1)}")
     print("| file | deflate | store_ratio | CPU (s) | wall (s) | size (MiB) |")
     print("|---|---|---|---|---|---|")
-    libs = [("zlib", False)] + ([("ISA-L", True)] if kio._DEFLATE.__name__ != "zlib" else [])
+    libs = [("zlib", False)] + ([("ISA-L", True)] if gz._DEFLATE.__name__ != "zlib" else [])
     with tempfile.TemporaryDirectory() as tmp:
-        for (lib, fast), ratio in ((lf, r) for lf in libs for r in (1.0, kio.GZIP_STORE_RATIO)):
+        for (lib, fast), ratio in ((lf, r) for lf in libs for r in (1.0, gz.GZIP_STORE_RATIO)):
             defaults["store_ratio"], defaults["fast"] = ratio, fast
             for name, write in (("warp.nii.gz (field)", lambda p: write_displacement_field(p, disp, ref.affine,
                                                                                              header=ref.header)),

@@ -19,8 +19,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import blob_image, grid_affine, rotation, save_nifti, tiny_model
+
 from keyreg.cli import main
 
 CENTRES = [(-8.0, 4.0, 2.0), (7.0, -5.0, 6.0), (1.0, 9.0, -7.0), (-3.0, -8.0, -4.0)]
@@ -200,7 +200,7 @@ def disk_full(e):
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    e.patch = ("keyreg.io.write_nifti", no_space)  # every NIfTI output goes through it
+    e.patch = ("keyreg.nifti_gzip.write_nifti", no_space)  # every NIfTI output goes through it
     return register(e), r"out/pairs/moving_to_fixed/affine/warped\.nii\.gz: cannot write \(.*No space left on device"
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from keyreg.io import ParallelGzipWriter, Volume, write_nifti
+from keyreg.io import Volume
 from keyreg.metrics import dice_per_label, hausdorff95_per_label, jacobian_determinant
+from keyreg.nifti_gzip import ParallelGzipWriter, write_nifti
 from keyreg.transforms import DisplacementField
 
 
@@ -156,10 +157,10 @@ def test_parallel_gzip_stores_incompressible_blocks_and_round_trips(tmp_path):
 
 
 def test_parallel_gzip_uses_isal_when_installed_and_both_deflates_agree(tmp_path):
-    import keyreg.io as kio
+    import keyreg.nifti_gzip as gz
 
     pytest.importorskip("isal")
-    assert kio._DEFLATE.__name__ == "isal.isal_zlib"  # a dependency: the fast path is the default
+    assert gz._DEFLATE.__name__ == "isal.isal_zlib"  # a dependency: the fast path is the default
     rng = np.random.default_rng(2)
     img = np.cumsum(rng.standard_normal((40, 50, 60)), axis=0).astype(np.float32).round(1)
     data = img.tobytes() + bytes(300_000) + rng.integers(0, 255, 200_000, dtype=np.uint8).tobytes()
@@ -197,9 +198,9 @@ def test_strided_field_is_within_its_stated_bound_of_the_exact_field(stride, p99
     voxel, on a 1 mm grid with lambda 0 (the least smooth TPS) and keypoints 20 mm apart that disagree
     by 1.5 mm: displacement error in the head (99th percentile, max; measured 0.055 / 0.21 mm at
     stride 2, 0.21 / 0.64 mm at stride 4) and the change of any label's Dice (5e-4, 2e-3)."""
+    from keyreg.io import Volume
     from keyreg.results import warp_volumes
     from keyreg.transforms import sample_field
-    from keyreg.io import Volume
 
     tps, shape, affine, labels, head = _brain_like_tps()
     exact = sample_field(tps, shape, affine, stride=1)
@@ -277,8 +278,16 @@ def test_gaussian_prefilter_equals_scipy_nearest(sigma):
 def test_network_source_normalises_after_filtering_as_before():
     """Min-max applied to the pooled, blurred volume equals min-max first (it is affine in the
     intensities); with percentile clipping (not linear) the image is normalised first."""
-    from keyreg.preprocess import (GridSpec, IntensitySpec, PreprocessConfig, _antialias, _box_pool,
-                                   network_grid_affine, network_source, normalize_intensity)
+    from keyreg.preprocess import (
+        GridSpec,
+        IntensitySpec,
+        PreprocessConfig,
+        _antialias,
+        _box_pool,
+        network_grid_affine,
+        network_source,
+        normalize_intensity,
+    )
 
     rng = np.random.default_rng(2)
     vol = Volume((rng.random((40, 36, 30)) * 900 + 100).astype(np.float32), np.diag([1.0, 1.0, 1.2, 1.0]))

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-
 from conftest import rotation
+
 from keyreg.errors import ConfigError, ImageIOError, OutputError, ShapeError
 from keyreg.formats import (
     displacement_from_field,
@@ -583,7 +583,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch, fixed_grid):
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("keyreg.io.write_nifti", boom)  # every NIfTI output goes through it
+    monkeypatch.setattr("keyreg.nifti_gzip.write_nifti", boom)  # every NIfTI output goes through it
     with pytest.raises(RuntimeError):
         write_displacement_field(target, _sin_field(f_shape, f_aff), f_aff)
     assert target.read_bytes() == b"previous"

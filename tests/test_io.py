@@ -8,10 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import save_nifti
+
+from keyreg.atomic import atomic_path
 from keyreg.errors import ImageContentError, ImageIOError, OutputError
-from keyreg.io import Volume, atomic_path, load_volume, save_volume
+from keyreg.io import Volume, load_volume, save_volume
 
 AFF = np.diag([1.5, 1.0, 2.0, 1.0])
 
@@ -152,7 +153,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("keyreg.io.write_nifti", fake_save)  # every NIfTI output goes through it
+    monkeypatch.setattr("keyreg.nifti_gzip.write_nifti", fake_save)  # every NIfTI output goes through it
     with pytest.raises(OutputError, match="No space left"):
         save_volume(ref.data, ref, tmp_path / "w.nii.gz")
     assert list(tmp_path.iterdir()) == []
@@ -170,7 +171,7 @@ def test_volume_repr_shows_geometry():
 
 
 def test_atomic_dir_merge_replaces_its_entries_and_keeps_the_others(tmp_path):
-    from keyreg.io import atomic_dir
+    from keyreg.atomic import atomic_dir
 
     out = tmp_path / "out"
     (out / "images" / "old").mkdir(parents=True)

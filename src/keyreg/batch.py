@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text, remove_stale_temporaries
 from .distributed import distributed_env
 from .errors import ConfigError, OutputError, failure_message
-from .io import atomic_write_text
 from .pairing import Pair, build_pairs
 from .writer import BackgroundWriter
 
@@ -111,24 +110,6 @@ def output_lock(directory: Path, rank: int = 0) -> Iterator[None]:
         if created:  # a run that wrote nothing leaves nothing behind
             with contextlib.suppress(OSError):
                 directory.rmdir()
-
-
-def _clean_stale(pairs_dir: Path, names: Sequence[str]) -> int:
-    """Remove hidden temporaries of these pairs (left by a killed run): ``.<pair>.<random>.tmp|old``."""
-    if not pairs_dir.is_dir():
-        return 0
-    import shutil
-
-    patterns = [re.compile(rf"^\.{re.escape(n)}\.[A-Za-z0-9_]+\.(tmp|old)$") for n in names]
-    removed = 0
-    for entry in pairs_dir.iterdir():
-        if entry.name.startswith(".") and any(p.match(entry.name) for p in patterns):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -306,7 +287,7 @@ def run_batch(
             emit(f"{tag}{len(mine)} of {len(pairs)} pair(s), {out.description}")
         fingerprint = model_fingerprint(registrar.model) if skip_existing else ""
         if skip_existing:
-            _clean_stale(save_dir / "pairs", [pairs[i].name for i in mine])
+            remove_stale_temporaries(save_dir / "pairs", [pairs[i].name for i in mine])
         results: list[tuple[int, list[dict]]] = []
         failures: list[tuple[int, str, str]] = []
         thumbs: dict[str, bytes] = {}

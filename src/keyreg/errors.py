@@ -57,4 +57,12 @@ def failure_message(e: BaseException) -> str:
     message, else ``internal error <type>: <first line>``."""
     if isinstance(e, KeyregError):
         return str(e)
-    return f"internal error {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return f"internal error {type(e).__name__}: {first_line(e, None) if str(e).strip() else ''}"
+
+
+def first_line(e: BaseException, limit: int | None = 200) -> str:
+    """The first line of an exception's message (its type name if empty), cut at ``limit`` characters:
+    the reason quoted in keyreg's one-line errors."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if limit is None else line[:limit]

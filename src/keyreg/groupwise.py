@@ -36,13 +36,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_dir
 from .errors import ConfigError, ImageContentError
 from .geometry import fov_center
-from .io import Volume, atomic_dir, check_same_grid, grid_volume, load_volume, nifti_stem, read_grid, save_volume
+from .io import Volume, check_same_grid, grid_volume, load_volume, nifti_stem, read_grid, save_volume
 from .measure import normalize_like
 from .pairing import unique_names
-from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, ThinPlateSpline, fit_transform,
-                         map_to_fixed, parse_align)
+from .transforms import (
+    DEFAULT_FIELD_STRIDE,
+    AffineTransform,
+    AlignSpec,
+    ThinPlateSpline,
+    fit_transform,
+    map_to_fixed,
+    parse_align,
+)
 
 __all__ = ["GroupwiseFit", "GroupwiseResult", "groupwise_keypoints", "groupwise", "pairwise_dice"]
 
@@ -359,7 +367,7 @@ def _write_metrics(directory: Path, metrics: dict[str, Any]) -> None:
     import csv
     import io
 
-    from .io import atomic_write_text
+    from .atomic import atomic_write_text
 
     rows = metrics["images"]
     keys = list(dict.fromkeys(k for r in rows for k in r))

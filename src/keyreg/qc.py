@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_write_text
+from .atomic import atomic_write_text
 from .transforms import AffineTransform, AlignSpec, ThinPlateSpline
 from .transforms.residuals import CONFIDENCE_THRESHOLD, INLIER_THRESHOLD_MM, keypoint_confidence, loo_errors
 

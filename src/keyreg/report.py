@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Volume, atomic_path, atomic_write_text
+from .atomic import atomic_path, atomic_write_text
+from .io import Volume
 
 __all__ = ["PairRecord", "render_report", "write_report", "overlay_thumbnail", "png_bytes", "save_residual_plot",
            "thumbnail_data_uri"]

@@ -15,8 +15,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .atomic import atomic_path
 from .geometry import fov_center
-from .io import Volume, atomic_path
+from .io import Volume
 
 __all__ = ["canonical_view", "save_qc_figure", "save_keypoint_figure"]
 

@@ -6,7 +6,7 @@ the order they were submitted.  It is bounded: :meth:`BackgroundWriter.submit` b
 being computed.  Every job's outcome is kept (its return value or its exception) and handed back by
 :meth:`BackgroundWriter.finished` / :meth:`BackgroundWriter.close`: nothing is lost or raised on
 the wrong thread.  The jobs themselves must be atomic (keyreg's writers use
-:func:`keyreg.io.atomic_dir` / :func:`keyreg.io.atomic_path`), so a job that fails, or one that
+:func:`keyreg.atomic.atomic_dir` / :func:`keyreg.atomic.atomic_path`), so a job that fails, or one that
 never runs because the batch was interrupted, leaves no half-written file.
 
 zlib (the ``.nii.gz`` compression) and torch release the GIL, so writing and computing overlap.
@@ -117,11 +117,11 @@ class BackgroundWriter:
 
 
 class _Aborted(Exception):
-    """Thrown into an open :func:`~keyreg.io.atomic_dir` to discard it."""
+    """Thrown into an open :func:`~keyreg.atomic.atomic_dir` to discard it."""
 
 
 class StagedDir:
-    """An :func:`~keyreg.io.atomic_dir` written in several steps, e.g. one align at a time by
+    """An :func:`~keyreg.atomic.atomic_dir` written in several steps, e.g. one align at a time by
     :meth:`keyreg.pipeline.Registrar.stream`, in line or as jobs of a :class:`BackgroundWriter`.
 
     :meth:`run` calls ``step(tmp)`` with the temporary directory (created by the first step);
@@ -142,7 +142,7 @@ class StagedDir:
 
     def run(self, step: Callable[[Any], Any]) -> Any:
         """``step(tmp)`` in the temporary directory (``None`` when an earlier step failed)."""
-        from .io import atomic_dir
+        from .atomic import atomic_dir
 
         if self.failed or self.closed:
             return None

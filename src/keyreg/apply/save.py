@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..errors import ConfigError, ShapeError
 from ..formats import save_transform, transform_format, write_displacement_field
-from ..io import atomic_write_text, is_nifti_path
+from ..io import is_nifti_path
 from ..transforms import DisplacementField
 from .inverse import InverseResult
 from .saved import SavedTransform

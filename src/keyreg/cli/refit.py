@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_dir, atomic_write_text
     from ..batch import json_clean, write_batch_report, write_metric_tables
-    from ..io import atomic_dir, atomic_write_text
     from ..metrics import before_metrics, parse_metrics
     from ..pairing import pair_name
     from ..refit import refit

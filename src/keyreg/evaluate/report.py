@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_text
 from .protocol import EvaluationResult
 
 __all__ = ["CSV_COLUMNS", "format_evaluation_summary", "write_outputs"]

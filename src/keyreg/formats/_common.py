@@ -16,19 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageIOError, KeyregError, OutputError, ShapeError
+from ..errors import ImageIOError, KeyregError, OutputError, ShapeError, first_line
 
 PathLike = str | os.PathLike
 
 #: Exceptions that a reader may turn into ImageIOError (anything else is a bug and keeps its traceback).
 _READ_ERRORS = (ValueError, TypeError, IndexError, KeyError, OSError, EOFError, UnicodeError,
                 json.JSONDecodeError, zlib.error, AttributeError, OverflowError)
-
-
-def short(e: BaseException) -> str:
-    """First line of an exception's message (at most 200 characters)."""
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 @contextlib.contextmanager
@@ -39,7 +33,7 @@ def reading(path: Path, what: str) -> Iterator[None]:
     except KeyregError:
         raise
     except _READ_ERRORS as e:
-        raise ImageIOError(f"{path}: cannot read as {what} ({short(e)})") from None
+        raise ImageIOError(f"{path}: cannot read as {what} ({first_line(e)})") from None
 
 
 def existing_file(path: PathLike, what: str) -> Path:
@@ -58,7 +52,7 @@ def read_text(path: PathLike, what: str) -> tuple[Path, str]:
     try:
         raw = p.read_bytes()
     except OSError as e:
-        raise ImageIOError(f"{p}: cannot read ({short(e)})") from None
+        raise ImageIOError(f"{p}: cannot read ({first_line(e)})") from None
     if b"\x00" in raw:
         raise ImageIOError(f"{p}: binary content, expected {what} (a text file)")
     try:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageIOError
+from ..atomic import atomic_path
+from ..errors import ImageIOError, first_line
 from ..geometry import LPS_FROM_RAS
-from ..io import atomic_path
-from ._common import PathLike, as_matrix, check_suffix, existing_file, reading, short
+from ._common import PathLike, as_matrix, check_suffix, existing_file, reading
 from .itk import itk_linear_to_matrix
 
 __all__ = ["write_ants_mat", "read_ants_mat"]
@@ -71,7 +71,7 @@ def read_ants_mat(path: PathLike) -> np.ndarray:
         except OSError:
             raise
         except Exception as e:  # MatReadError, NotImplementedError (v7.3 files), struct errors, ...
-            raise ValueError(f"not a MATLAB v4/v5 file: {short(e)}") from None
+            raise ValueError(f"not a MATLAB v4/v5 file: {first_line(e)}") from None
         names = [k for k in data if not k.startswith("__") and k != "fixed"]
         if len(names) != 1:
             raise ImageIOError(f"{p}: expected one transform variable and 'fixed', found {sorted(data)}"

@@ -17,10 +17,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .. import nifti_gzip
+from ..atomic import atomic_path
 from ..errors import ImageIOError, OutputError, ShapeError
 from ..geometry import as_affine_tensor, voxel_sizes
-from .. import io as keyreg_io
-from ..io import atomic_path, is_nifti_path
+from ..io import check_affine, is_nifti_path
 from ..transforms.field import DisplacementField
 from ._common import PathLike, existing_file, reading
 
@@ -35,7 +36,7 @@ _FLIP = np.array([-1.0, -1.0, 1.0], dtype=np.float32)
 
 
 def _check_affine(affine, name: str = "displacement field") -> np.ndarray:
-    return keyreg_io.check_affine(affine, name, ShapeError)
+    return check_affine(affine, name, ShapeError)
 
 
 def _check_displacement(displacement_ras) -> np.ndarray:
@@ -94,7 +95,7 @@ def write_displacement_field(path: PathLike, displacement_ras, affine,
     h.set_xyzt_units(xyz="mm", t="unknown")
     h["descrip"] = b"keyreg displacement u, LPS mm"
     with atomic_path(path) as tmp:
-        keyreg_io.write_nifti(img, tmp)  # looked up at call time: one place writes NIfTI files
+        nifti_gzip.write_nifti(img, tmp)  # looked up at call time: one place writes NIfTI files
     return Path(path)
 
 

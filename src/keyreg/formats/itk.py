@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..errors import ImageIOError
 from ..geometry import LPS_FROM_RAS
-from ..io import atomic_write_text
 from ._common import PathLike, as_matrix, fmt, read_text, reading
 
 __all__ = ["write_itk_affine", "read_itk_affine", "itk_linear_to_matrix", "ITK_HEADER"]

@@ -10,16 +10,16 @@ FreeSurfer / mri_vol2vol convention).  Each geometry block describes a grid: ``v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..errors import ImageIOError, ShapeError
 from ..geometry import voxel_sizes
-from ..io import atomic_write_text, check_affine, is_valid_affine
+from ..io import check_affine, is_valid_affine
 from ._common import PathLike, as_matrix, fmt, one_line, read_text, reading
 
 __all__ = ["write_lta", "read_lta", "read_lta_file", "LtaFile", "LtaGrid", "lta_geometry_block", "LINEAR_VOX_TO_VOX", "LINEAR_RAS_TO_RAS"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..errors import ImageIOError
-from ..io import atomic_write_text
 from ._common import PathLike, as_matrix, fmt, read_text, reading
 
 __all__ = ["write_matrix_txt", "read_matrix_txt", "MATRIX_HEADER"]

@@ -9,18 +9,17 @@ files, which are LPS) are read in the frame the caller names.  Slicer files decl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..errors import ConfigError, ImageIOError, ShapeError
 from ..geometry import ras_to_lps_points
-from ..io import atomic_write_text
 from ._common import PathLike, as_labels, as_points, check_suffix, fmt, read_text, reading
 
 __all__ = ["write_points_csv", "read_points_csv", "write_markups_json", "write_markups_fcsv",

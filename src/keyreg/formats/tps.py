@@ -121,6 +121,6 @@ def read_tps_json(path: PathLike):
 
 def write_tps_json(path: PathLike, doc: dict[str, Any]):
     """Write a ``tps.json`` document atomically (non-finite numbers are refused)."""
-    from ..io import atomic_write_text
+    from ..atomic import atomic_write_text
 
     return atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_path, atomic_write_text
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_path, atomic_write_text
 from ..preprocess import GridSpec, PreprocessConfig
 from .detector import ArchitectureConfig, KeypointDetector, ModelConfig
 

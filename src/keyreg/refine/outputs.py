@@ -29,12 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from ..errors import ConfigError, OutputError
-from ..io import Volume, atomic_write_text, load_volume, save_volume
+from ..io import Volume, load_volume, save_volume
 from ..metrics import jacobian_determinant
 from ..transforms import AffineTransform, DisplacementField, map_to_fixed, sample_field
-from .run import (STAGES, RefinedTransform, RefineOptions, RefineResult, check_fixed_mask, inverse_field,
-                  refine_transform, refined_name)
+from .run import (
+    STAGES,
+    RefinedTransform,
+    RefineOptions,
+    RefineResult,
+    check_fixed_mask,
+    inverse_field,
+    refine_transform,
+    refined_name,
+)
 
 __all__ = ["RefinedAlignment", "refine_registration", "safeguard_note"]
 
