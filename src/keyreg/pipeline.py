@@ -354,10 +354,6 @@ class Registrar:
                 out[i] = kp
         return out  # type: ignore[return-value]
 
-    def forget(self, key: Any) -> None:
-        """Drop one cached keypoint set."""
-        self._cache.pop(key, None)
-
     @property
     def weighted(self) -> bool:
         """Power-weighted fits: the option, else the model's setting (no model given: unweighted)."""
