@@ -66,6 +66,12 @@ def read_ants_mat(path: PathLike) -> np.ndarray:
 
     p = existing_file(path, "an ANTs .mat transform")
     with reading(p, "an ANTs/ITK .mat transform"):
+        with p.open("rb") as f:
+            head = f.read(128)
+        if b"\x00" not in head:  # every MATLAB v4/v5 header holds zero bytes; text files none
+            what = ("an ITK text transform (read it as .tfm/.txt)" if head.lstrip().startswith(b"#Insight")
+                    else "a text file" if head.strip() else "empty")
+            raise ImageIOError(f"{p}: not a MATLAB v4/v5 .mat file ({what})")
         try:
             data = loadmat(str(p), appendmat=False)
         except OSError:
@@ -76,7 +82,18 @@ def read_ants_mat(path: PathLike) -> np.ndarray:
         if len(names) != 1:
             raise ImageIOError(f"{p}: expected one transform variable and 'fixed', found {sorted(data)}"
                                if names else f"{p}: no transform variable (e.g. AffineTransform_double_3_3)")
-        params = np.asarray(data[names[0]], dtype=np.float64).ravel()
-        fixed = np.asarray(data.get("fixed", np.zeros(0)), dtype=np.float64).ravel()
+        params = _real(p, names[0], data[names[0]])
+        fixed = _real(p, "fixed", data.get("fixed", np.zeros(0)))
         a_lps = itk_linear_to_matrix(names[0], params, fixed)
     return LPS_FROM_RAS @ a_lps @ LPS_FROM_RAS
+
+
+def _real(p: Path, name: str, value) -> np.ndarray:
+    """The numbers of MATLAB variable ``name`` as a flat float64 array; :class:`ImageIOError` for
+    complex, text, cell or struct data."""
+    a = np.asarray(value)
+    if np.iscomplexobj(a):
+        raise ImageIOError(f"{p}: variable {name!r} holds complex numbers; transform parameters must be real")
+    if a.dtype.kind not in "fiu":
+        raise ImageIOError(f"{p}: variable {name!r} is not a numeric array (text, cell or struct data)")
+    return a.astype(np.float64).ravel()

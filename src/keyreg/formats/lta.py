@@ -189,8 +189,8 @@ def read_lta(path: PathLike) -> np.ndarray:
         ``(4, 4)`` float64 ``moving_from_fixed``, world RAS mm: ``inv(R)``.
 
     Raises:
-        ImageIOError: missing or malformed file, another type, a singular matrix, or invalid
-            src/dst geometry for a type-0 file.
+        ImageIOError: missing or malformed file, another type, more than one transform, a singular
+            matrix, or invalid src/dst geometry for a type-0 file.
     """
     return read_lta_file(path).matrix
 
@@ -219,20 +219,31 @@ def read_lta_file(path: PathLike) -> LtaFile:
             if "=" in ln:
                 key, _, value = ln.partition("=")
                 fields[key.strip()] = value.split("#", 1)[0].strip()
-            elif matrix is None and len(words) == 3 and all(w.isdigit() for w in words):
+            elif len(words) == 3 and all(w.isdigit() for w in words):
+                if matrix is not None:
+                    raise ImageIOError(f"{p}: LTA holds more than one matrix; keyreg reads exactly one transform")
                 n, r, c = (int(w) for w in words)
                 if n < 1 or (r, c) != (4, 4):
                     raise ValueError(f"unexpected matrix size line {ln!r}")
-                rows = [[float(v) for v in lines[i + 1 + k].split()] for k in range(4)]
+                rows = []
+                for k in range(4):
+                    row = lines[i + 1 + k].split() if i + 1 + k < len(lines) else []
+                    try:
+                        rows.append([float(v) for v in row])
+                    except ValueError:
+                        rows.append([])
+                    if len(rows[-1]) != 4:
+                        raise ImageIOError(f"{p}: LTA matrix row {k + 1} is not 4 numbers: {' '.join(row)[:80]!r}")
                 matrix = np.array(rows, dtype=np.float64)
-                if matrix.shape != (4, 4):
-                    raise ValueError("the matrix needs 4 rows of 4 numbers")
                 if not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0], atol=1e-6):
                     raise ValueError(f"matrix bottom row is {matrix[3].tolist()}, expected 0 0 0 1")
-                i += 4  # a further transform (nxforms > 1) is ignored: keyreg reads the first
+                i += 4
             i += 1
         if "type" not in fields:
             raise ImageIOError(f"{p}: not a FreeSurfer LTA file (no 'type =' line)")
+        if fields.get("nxforms", "1") != "1":
+            raise ImageIOError(f"{p}: LTA has nxforms = {fields['nxforms'][:40]}; keyreg reads exactly one "
+                               "transform (nxforms = 1)")
         if matrix is None:
             raise ImageIOError(f"{p}: LTA has no '1 4 4' matrix")
         kind = int(fields["type"])

@@ -45,14 +45,16 @@ def _to_ras(points: np.ndarray, space: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- CSV
 
-def write_points_csv(path: PathLike, points_ras, labels=None, weights=None) -> Path:
-    """Write keypoints as ``label,x_ras,y_ras,z_ras[,weight]`` CSV, atomically.
+def write_points_csv(path: PathLike, points_ras, labels=None, weights=None, selected=None) -> Path:
+    """Write keypoints as ``label,x_ras,y_ras,z_ras[,weight][,selected]`` CSV, atomically.
 
     Args:
         path: output ``.csv``.
         points_ras: ``(N, 3)`` world RAS mm.
         labels: ``N`` names (default ``K-1 .. K-N``).
         weights: optional ``(N,)`` per-point weights (adds a ``weight`` column).
+        selected: optional ``(N,)`` bools (adds a ``selected`` column of 1 / 0: 0 = left out of fits,
+            as an unticked point of a Slicer list).
 
     Returns:
         ``path``.  Numbers are written with round-trip (exact float64) precision.
@@ -66,22 +68,36 @@ def write_points_csv(path: PathLike, points_ras, labels=None, weights=None) -> P
         w = np.asarray(weights, dtype=np.float64).reshape(-1)
         if w.shape != (len(pts),) or not np.all(np.isfinite(w)):
             raise ShapeError(f"weights must be {len(pts)} finite numbers, got shape {np.shape(weights)}")
+    sel = _selected(selected, len(pts))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["label", "x_ras", "y_ras", "z_ras"] + (["weight"] if w is not None else []))
+    writer.writerow(["label", "x_ras", "y_ras", "z_ras"] + (["weight"] if w is not None else [])
+                    + (["selected"] if sel is not None else []))
     for n, (lab, p) in enumerate(zip(labs, pts)):
-        writer.writerow([lab, *(fmt(v) for v in p)] + ([fmt(w[n])] if w is not None else []))
+        writer.writerow([lab, *(fmt(v) for v in p)] + ([fmt(w[n])] if w is not None else [])
+                        + ([int(sel[n])] if sel is not None else []))
     return atomic_write_text(path, buf.getvalue())
+
+
+def _selected(selected, n: int) -> np.ndarray | None:
+    if selected is None:
+        return None
+    sel = np.asarray(selected, dtype=bool).reshape(-1)
+    if sel.shape != (n,):
+        raise ShapeError(f"selected must be {n} booleans, got shape {np.shape(selected)}")
+    return sel
 
 
 @dataclass
 class PointSet:
-    """Points read from a file: ``points`` ``(N, 3)`` float64 world RAS mm, ``labels`` (``N`` strings) and
-    ``weights`` (``(N,)`` or ``None``)."""
+    """Points read from a file: ``points`` ``(N, 3)`` float64 world RAS mm, ``labels`` (``N`` strings),
+    ``weights`` (``(N,)`` or ``None``) and ``selected`` (``(N,)`` bools from a CSV ``selected`` column, or
+    ``None``)."""
 
     points: np.ndarray
     labels: list[str]
     weights: np.ndarray | None = None
+    selected: np.ndarray | None = None
 
 
 def read_point_set(path: PathLike, space: str = "RAS") -> PointSet:
@@ -118,7 +134,9 @@ def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
 
     Raises:
         ConfigError: ``space`` is not RAS or LPS.
-        ImageIOError: missing file, no coordinate columns, non-numeric values.
+        ImageIOError: missing file, no coordinate columns, a coordinate, label or weight column
+            named twice, non-numeric values, a row with more values than the header, a negative or
+            non-finite weight.
     """
     space = _space(space)
     p, text = read_text(path, "a points CSV file")
@@ -128,6 +146,9 @@ def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
         if not rows:
             raise ImageIOError(f"{p}: empty CSV file (expected a header such as label,x_ras,y_ras,z_ras)")
         header = [h.strip().lower() for h in rows[0]]
+        for c in ("x_ras", "y_ras", "z_ras", "x_lps", "y_lps", "z_lps", "x", "y", "z", "label", "name", "weight"):
+            if header.count(c) > 1:
+                raise ImageIOError(f"{p}: column {c!r} occurs {header.count(c)} times in the header")
         for cols, frame in ((("x_ras", "y_ras", "z_ras"), "RAS"), (("x_lps", "y_lps", "z_lps"), "LPS"),
                             (("x", "y", "z"), space)):
             if all(c in header for c in cols):
@@ -138,8 +159,12 @@ def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
                                "(expected x_ras,y_ras,z_ras or x_lps,y_lps,z_lps or x,y,z)")
         lab_col = next((header.index(c) for c in ("label", "name") if c in header), None)
         w_col = header.index("weight") if "weight" in header else None
-        pts, labels, weights = [], [], []
+        s_col = header.index("selected") if "selected" in header else None
+        pts, labels, weights, selected = [], [], [], []
         for n, row in enumerate(rows[1:]):
+            if any(c.strip() for c in row[len(header):]):
+                raise ImageIOError(f"{p}: data row {n + 1} has {len(row)} values but the header has "
+                                   f"{len(header)} columns: {','.join(row)[:80]!r}")
             try:
                 pts.append([float(row[i]) for i in idx])
                 if w_col is not None:
@@ -147,18 +172,30 @@ def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
             except (ValueError, IndexError):
                 raise ImageIOError(f"{p}: data row {n + 1} is not numeric or too short: "
                                    f"{','.join(row)[:80]!r}") from None
+            if w_col is not None and not np.isfinite(weights[-1]):
+                raise ImageIOError(f"{p}: data row {n + 1}: weight {row[w_col].strip()!r} is not a finite number")
+            if w_col is not None and weights[-1] < 0:
+                raise ImageIOError(f"{p}: data row {n + 1}: weight {row[w_col].strip()} is negative "
+                                   "(weights must be >= 0)")
             labels.append(row[lab_col].strip() if lab_col is not None and lab_col < len(row)
                           else f"K-{n + 1}")
+            if s_col is not None:
+                flag = row[s_col].strip().lower() if s_col < len(row) else ""
+                if flag not in ("1", "0", "true", "false"):
+                    raise ImageIOError(f"{p}: data row {n + 1}: selected {flag!r} is not 1, 0, true or false")
+                selected.append(flag in ("1", "true"))
         points = np.asarray(pts, dtype=np.float64).reshape(-1, 3)
         if not np.all(np.isfinite(points)):
             raise ImageIOError(f"{p}: coordinates contain NaN or Inf")
         points = _to_ras(points, frame)
-    return PointSet(points, labels, np.asarray(weights, dtype=np.float64) if w_col is not None else None)
+    return PointSet(points, labels, np.asarray(weights, dtype=np.float64) if w_col is not None else None,
+                    np.asarray(selected, dtype=bool) if s_col is not None else None)
 
 
 # ------------------------------------------------------------------------------------ Slicer markups
 
-def write_markups_json(path: PathLike, points_ras, labels=None, coordinate_system: str = "LPS") -> Path:
+def write_markups_json(path: PathLike, points_ras, labels=None, coordinate_system: str = "LPS",
+                       selected=None) -> Path:
     """Write a 3D Slicer point list (``.mrk.json``, schema v1.0.3), atomically.
 
     Args:
@@ -167,6 +204,8 @@ def write_markups_json(path: PathLike, points_ras, labels=None, coordinate_syste
         labels: ``N`` names (default ``K-1 .. K-N``).
         coordinate_system: ``'LPS'`` (Slicer's file default) or ``'RAS'``: the frame of the
             positions written.
+        selected: optional ``(N,)`` bools: Slicer's ``selected`` check box of each point (``False``:
+            left out of fits); default: all selected.
 
     Returns:
         ``path``.  One ``Fiducial`` markup, ``coordinateUnits`` mm, control points with ids
@@ -177,6 +216,8 @@ def write_markups_json(path: PathLike, points_ras, labels=None, coordinate_syste
     pts = as_points(points_ras, "points_ras")
     labs = as_labels(labels, len(pts))
     pos = ras_to_lps_points(pts) if cs == "LPS" else pts
+    sel = _selected(selected, len(pts))
+    sel = np.ones(len(pts), bool) if sel is None else sel
     doc = {
         "@schema": MARKUPS_SCHEMA,
         "markups": [{
@@ -185,7 +226,7 @@ def write_markups_json(path: PathLike, points_ras, labels=None, coordinate_syste
             "coordinateUnits": "mm",
             "controlPoints": [
                 {"id": str(n + 1), "label": lab, "position": [float(v) + 0.0 for v in q],
-                 "positionStatus": "defined"}
+                 "positionStatus": "defined", "selected": bool(sel[n])}
                 for n, (lab, q) in enumerate(zip(labs, pos))
             ],
         }],
@@ -238,17 +279,35 @@ def _read_markups_json(p: Path, text: str) -> tuple[np.ndarray, list[str], list[
             raise ImageIOError(f"{p}: unknown coordinateUnits {units!r} (expected mm or um)")
         scale = 1e-3 if units == "um" else 1.0
         for n, cp in enumerate(mk.get("controlPoints") or []):
-            if cp.get("positionStatus", "defined") == "undefined":
-                continue  # a placeholder without a position
-            q = np.asarray(cp["position"], dtype=np.float64)
+            if not isinstance(cp, dict):
+                raise ImageIOError(f"{p}: control point {n + 1} is not a JSON object")
+            status = cp.get("positionStatus", "defined")
+            if status in ("undefined", "missing"):
+                continue  # a placeholder (not placed yet, or skipped): no position
+            if status not in ("defined", "preview"):
+                raise ImageIOError(f"{p}: control point {n + 1} has unknown positionStatus {status!r} "
+                                   "(expected defined, preview, undefined or missing)")
+            try:
+                q = np.asarray(cp.get("position"), dtype=np.float64)
+            except (ValueError, TypeError):
+                q = np.zeros(0)
             if q.shape != (3,) or not np.all(np.isfinite(q)):
                 raise ImageIOError(f"{p}: control point {n + 1} has no valid 3-number position")
             pts.append(_to_ras(q * scale, cs))
             labels.append(str(cp.get("label", cp.get("id", f"K-{len(labels) + 1}"))))
-            states.append({"selected": bool(cp.get("selected", True)), "locked": bool(cp.get("locked", False))})
+            states.append({"selected": _json_flag(p, cp, n, "selected", True),
+                           "locked": _json_flag(p, cp, n, "locked", False)})
     if not found:
         raise ImageIOError(f"{p}: no point list (markup of type 'Fiducial') in the file")
     return np.asarray(pts, dtype=np.float64).reshape(-1, 3), labels, states
+
+
+def _json_flag(p: Path, cp: dict, n: int, key: str, default: bool) -> bool:
+    value = cp.get(key, default)
+    if not isinstance(value, bool):
+        raise ImageIOError(f"{p}: control point {n + 1}: {key!r} must be true or false (a JSON boolean), "
+                           f"got {value!r:.80}")
+    return value
 
 
 def _read_fcsv(p: Path, text: str) -> tuple[np.ndarray, list[str], list[dict]]:
@@ -305,7 +364,8 @@ def read_markups(path: PathLike, *, with_states: bool = False):
     """Read the points of a 3D Slicer markups file (``.mrk.json`` / ``.json`` or legacy ``.fcsv``).
 
     JSON: every ``Fiducial`` markup; positions in its ``coordinateSystem`` (default LPS) and
-    ``coordinateUnits`` (mm or um); points whose ``positionStatus`` is ``undefined`` are skipped.
+    ``coordinateUnits`` (mm or um); points whose ``positionStatus`` is ``undefined`` or ``missing``
+    are skipped; ``selected`` / ``locked`` must be JSON booleans.
     FCSV: the ``# CoordinateSystem =`` line (``LPS``/``1`` or ``RAS``/``0``; RAS when absent, as in
     files older than Slicer 4.11) and the ``# columns =`` line are honoured.
 
