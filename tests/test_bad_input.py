@@ -785,6 +785,57 @@ CASES += [refine_unknown_stage, refine_seconds_negative, refine_iterations_negat
           fixed_mask_missing]
 
 
+def exclude_pattern_matches_nothing(e):
+    return (register(e, extra=["--exclude_keypoints", "Left-Hippocampus"]),
+            r"--exclude_keypoints 'Left-Hippocampus' matches no keypoint name \(names are case-sensitive, e\.g\. 'K-1'")
+
+
+def exclude_none_with_patterns(e):
+    return register(e, extra=["--exclude_keypoints", "none", "K-1"]), r"none \(use every keypoint\) cannot be combined"
+
+
+def input_inside_the_pair_directory(e):
+    inside = e.out / "pairs" / "m_to_fixed" / "m.nii.gz"  # the pair directory is replaced as a whole
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes((e.src / "moving.nii.gz").read_bytes())
+    e.keep = [inside]
+    return register(e, moving=inside), r"m\.nii\.gz: an input inside the output directory .*pairs/m_to_fixed, which is replaced"
+
+
+def apply_output_is_the_reference(e):
+    e.keep = []
+    return (["apply", str(e.src / "moving.nii.gz"), "-t", str(e.src / "t_matrix.txt"), "-r", str(e.src / "fixed.nii.gz"),
+             "-o", str(e.src / "fixed.nii.gz")], r"fixed\.nii\.gz: the output would overwrite an input")
+
+
+def invert_output_is_its_input(e):
+    return (["invert", str(e.src / "t_matrix.txt"), "-o", str(e.src / "t_matrix.txt")],
+            r"t_matrix\.txt: the output would overwrite an input")
+
+
+def field_of_view_below_a_network_voxel(e):
+    tiny = e.aff.copy()
+    tiny[:3, :] *= 0.001  # a header in metres read as mm
+    return (register(e, moving=_image(e, "tiny.nii.gz", e.img, tiny)),
+            r"tiny: field of view .* mm is smaller than two network voxels \(8 mm\); are the voxel sizes in mm\?")
+
+
+def half_resolution_of_an_anatomical_model(e):
+    return (register(e, model="keyreg-anatomy", extra=["--half_resolution"]),
+            r"--half_resolution is not available for the anatomical model 'keyreg-anatomy'")
+
+
+def train_empty_label_map(e):
+    _image(e, "empty_seg.nii.gz", np.zeros(e.shape, np.int16))
+    return (["pretrain", "--label_maps", str(e.src / "empty_seg.nii.gz"), "--save_dir", str(e.out), "--steps", "1",
+             "--device", "cpu", "--no_progress"], r"empty_seg\.nii\.gz: label map is empty \(all background\)")
+
+
+CASES += [exclude_pattern_matches_nothing, exclude_none_with_patterns, input_inside_the_pair_directory,
+          apply_output_is_the_reference, invert_output_is_its_input, field_of_view_below_a_network_voxel,
+          half_resolution_of_an_anatomical_model, train_empty_label_map]
+
+
 def _outputs(e) -> list[Path]:
     """Files anywhere that a failed command may have left: the output directory, temporaries, inverses
     (minus the files a case placed there itself, ``e.keep``)."""

@@ -184,3 +184,14 @@ def test_one_torchrun_environment_reader(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ConfigError, match="invalid RANK=2"):
         trainer._distributed()
+
+
+def test_skip_existing_reuses_pairs_of_a_run_without_it(data, tiny_model_files, tmp_path, capsys):  # noqa: F811
+    """Every run that writes pair directories records the model, so a later --skip_existing run reuses them."""
+    out = tmp_path / "out"
+    assert main(_args(data, tiny_model_files, out, "--save_eval_to_disk")) == 0
+    done = json.loads(next((out / "pairs").glob("*/done.json")).read_text())
+    assert len(done["config"]["model"]) == 64  # the model's SHA-256
+    capsys.readouterr()
+    assert main(_args(data, tiny_model_files, out, "--save_eval_to_disk", "--skip_existing")) == 0
+    assert "were already complete and skipped" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -208,3 +209,42 @@ def test_refit_with_segmentations_writes_registers_none_row(data, tiny_model_fil
     assert [r["align"] for r in refit_rows] == [r["align"] for r in reg_rows] == ["none", "affine"]
     for a, b in zip(reg_rows, refit_rows, strict=True):
         assert b["harddice"] == pytest.approx(a["harddice"], abs=1e-9) and b["mse"] == pytest.approx(a["mse"], rel=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".mrk.json"])
+def test_refit_leaves_out_what_register_left_out(data, tiny_model_files, tmp_path, suffix):
+    """Points register left out of its fits (--exclude_keypoints, or a model's fit_exclude) are written
+    unselected, so an unedited refit fits the same points: the same rigid and affine matrices."""
+    out, ref = tmp_path / "out", tmp_path / "refit"
+    assert run("--moving", data / "mov/a.nii.gz", "--fixed", data / "fix/a.nii.gz", "--load_path", tiny_model_files,
+               "--list_of_aligns", "rigid", "affine", "--exclude_keypoints", "K-1", "K-1[0-2]",
+               "--save_eval_to_disk", "--save_dir", out, "--device", "cpu") == 0
+    pair = out / "pairs" / "a"
+    used = np.loadtxt(pair / "affine" / "keypoint_residuals.csv", delimiter=",", skiprows=1, usecols=-1)
+    assert used.sum() == 8  # 12 keypoints, 4 left out
+    assert main(["refit", "--moving", str(data / "mov/a.nii.gz"), "--fixed", str(data / "fix/a.nii.gz"),
+                 "--fixed_keypoints", str(pair / f"keypoints_fixed{suffix}"),
+                 "--moving_keypoints", str(pair / f"keypoints_moving{suffix}"), "--list_of_aligns", "rigid", "affine",
+                 "--no_images", "--save_dir", str(ref), "--device", "cpu"]) == 0
+    refit = json.loads((ref / "pairs" / "a" / "refit.json").read_text())
+    assert sorted(refit["left_out"]) == ["K-1", "K-10", "K-11", "K-12"] and len(refit["used"]) == 8
+    for align in ("rigid", "affine"):
+        a = np.loadtxt(pair / align / "transform_matrix.txt")
+        b = np.loadtxt(ref / "pairs" / "a" / align / "transform_matrix.txt")
+        np.testing.assert_allclose(b, a, atol=1e-9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["register", "--field_stride", "abc"], r"^keyreg register: error: argument --field_stride: invalid int value: 'abc'"),
+    (["register", "--fixed", "f.nii.gz"], r"^keyreg register: error: the following arguments are required: --moving"),
+    (["register", "--moving", "m", "--fixed", "f", "--bogus", "1"], r"^keyreg register: error: unrecognized arguments: --bogus 1"),
+    (["apply", "x.nii.gz"], r"^keyreg apply: error: the following arguments are required"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "usage:" not in err, err
+    assert re.search(message, lines[0]) and lines[0].endswith("--help)"), lines[0]

@@ -216,7 +216,7 @@ def test_groupwise_cli_tiny_model_one_pass_per_image(group, tmp_path, tiny_model
     assert sum(calls) == 4  # one network pass per image
     assert max(alive) <= 1  # at most one other volume alive when the next is loaded (image before its labels)
     stdout = capsys.readouterr().out
-    assert "4 images, 12 keypoints, tps_1" in stdout and "pairwise Dice" in stdout
+    assert "4 images, 12 keypoints in the fit, tps_1" in stdout and "pairwise Dice" in stdout
     assert (out / "template.nii.gz").is_file() and (out / "template_keypoints.csv").is_file()
     for n in ("s0", "s1", "s2", "s3"):
         assert (out / "images" / n / "warp.nii.gz").is_file() and (out / "images" / n / "tps.json").is_file()
@@ -234,3 +234,21 @@ def test_groupwise_list_file_and_errors(group, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     rc = main(["groupwise", str(img_dir / "s0.nii.gz"), "--save_dir", str(tmp_path / "o")])
     assert rc == 2 and "at least 2 images" in capsys.readouterr().err
+
+
+def test_groupwise_leaves_out_excluded_keypoints(group, tmp_path):
+    """--exclude_keypoints (and a model's fit_exclude) applies to groupwise fits as to pairwise ones."""
+    img_dir, _, kps = group
+    names = sorted(p.name for p in img_dir.iterdir())
+    images = [img_dir / n for n in names]
+    full = groupwise(images, keypoints=kps, align="rigid", progress=False)
+    res = groupwise(images, keypoints=kps, align="rigid", exclude_keypoints=["K-1"], save_dir=tmp_path / "gw",
+                    progress=False)
+    k = len(kps[0])
+    assert res.metrics["summary"]["keypoints_left_out"] == ["K-1"]
+    assert full.metrics["summary"]["keypoints_left_out"] == []
+    assert res.fit.template_keypoints.shape == (k - 1, 3)
+    labels = (tmp_path / "gw" / "template_keypoints.csv").read_text().splitlines()[1:]
+    assert [ln.split(",")[0] for ln in labels] == [f"K-{i}" for i in range(2, k + 1)]
+    with pytest.raises(ConfigError, match="matches no keypoint name"):
+        groupwise(images, keypoints=kps, align="rigid", exclude_keypoints=["left-*"], progress=False)

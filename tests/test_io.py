@@ -250,3 +250,26 @@ def test_prefetched_inputs_are_read_once_and_never_stale(tmp_path):
     pf.prefetch([path])
     nib.save(nib.Nifti1Image(data + 1, np.eye(4)), path)  # changed after the prefetch
     assert np.array_equal(load_volume(path).data, data + 1)
+
+
+@pytest.mark.parametrize("unit, per_mm", [("meter", 1e-3), ("micron", 1e3)])
+def test_nifti_spatial_units_are_read_as_mm(tmp_path, unit, per_mm):
+    """A header in metres or microns (xyzt_units) gives the same mm geometry as one in mm, and what is
+    written on its grid says mm."""
+    from keyreg.io import read_grid
+
+    aff = np.diag([1.5, 1.2, 2.0, 1.0])
+    aff[:3, 3] = (-20.0, 15.0, 8.0)
+    data = np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8)
+    scaled = aff.copy()
+    scaled[:3, :] *= per_mm
+    img = nib.Nifti1Image(data, scaled)
+    img.header.set_xyzt_units(unit, "sec")
+    nib.save(img, tmp_path / "in.nii.gz")
+    vol = load_volume(tmp_path / "in.nii.gz")
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-9)
+    np.testing.assert_allclose(read_grid(tmp_path / "in.nii.gz").affine, aff, atol=1e-9)
+    save_volume(vol.data, vol, tmp_path / "out.nii.gz")
+    out = nib.load(tmp_path / "out.nii.gz")
+    assert out.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(out.affine, aff, atol=1e-5)

@@ -16,9 +16,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import OutputError, first_line
+from .errors import ConfigError, OutputError, first_line
 
-__all__ = ["atomic_path", "atomic_dir", "atomic_write_text", "remove_stale_temporaries"]
+__all__ = ["atomic_path", "atomic_dir", "atomic_write_text", "remove_stale_temporaries", "check_not_overwriting",
+           "check_inputs_outside"]
 
 
 @contextlib.contextmanager
@@ -137,3 +138,26 @@ def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str])
                 entry.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def check_not_overwriting(output: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """:class:`ConfigError` if writing ``output`` would replace one of ``inputs`` (the same file, a link
+    to it, or a file already inside an input directory such as an align directory; a hard link is safe:
+    the output replaces the name, not the file)."""
+    out = Path(output)
+    for src in inputs:
+        if src is None:
+            continue
+        s = Path(src)
+        if out.resolve() == s.resolve() or (s.is_dir() and out.exists() and s.resolve() in out.resolve().parents):
+            raise ConfigError(f"{output}: the output would overwrite an input ({src}); choose another output name")
+
+
+def check_inputs_outside(directory: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """:class:`ConfigError` if an input lies inside ``directory``, an output directory that is replaced
+    as a whole (:func:`atomic_dir`): the input would be deleted with it."""
+    d = Path(directory).resolve()
+    for src in inputs:
+        if src is not None and d in Path(src).resolve().parents:
+            raise ConfigError(f"{src}: an input inside the output directory {directory}, which is replaced as a "
+                              "whole; move the input or choose another --save_dir")

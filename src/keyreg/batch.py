@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text, remove_stale_temporaries
+from .atomic import atomic_write_text, check_inputs_outside, remove_stale_temporaries
 from .distributed import distributed_env
 from .errors import ConfigError, OutputError, failure_message
 from .pairing import Pair, build_pairs
@@ -285,7 +285,8 @@ def run_batch(
         out.description = registrar.describe()
         if not single:
             emit(f"{tag}{len(mine)} of {len(pairs)} pair(s), {out.description}")
-        fingerprint = model_fingerprint(registrar.model) if skip_existing else ""
+        # recorded by every run that writes pair directories, so that a later skip_existing run can reuse them
+        fingerprint = model_fingerprint(registrar.model) if write_pairs else ""
         if skip_existing:
             remove_stale_temporaries(save_dir / "pairs", [pairs[i].name for i in mine])
         results: list[tuple[int, list[dict]]] = []
@@ -418,6 +419,8 @@ def _one_pair(registrar, pair: Pair, metrics: list[str], pair_dir: Path, config:
     from .writer import StagedDir
 
     both = pair.moving_seg is not None and pair.fixed_seg is not None
+    if write_pairs:
+        check_inputs_outside(pair_dir, [pair.moving, pair.fixed, pair.moving_seg, pair.fixed_seg, pair.fixed_mask])
     reg = registrar.register(pair.moving, pair.fixed, moving_seg=pair.moving_seg if both else None,
                              fixed_seg=pair.fixed_seg if both else None, fixed_mask=pair.fixed_mask,
                              moving_key=_key(pair.moving), fixed_key=_key(pair.fixed), warp=False)

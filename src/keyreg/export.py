@@ -43,16 +43,20 @@ __all__ = ["save_alignment", "save_linear", "save_registration", "save_keypoints
 
 
 def save_keypoints(directory: Path, stem: str, points: np.ndarray,
-                   weights: np.ndarray | None = None, names: list[str] | None = None) -> dict[str, Path]:
+                   weights: np.ndarray | None = None, names: list[str] | None = None,
+                   excluded: list[str] | None = None) -> dict[str, Path]:
     """``stem.csv`` (RAS) and ``stem.mrk.json`` (Slicer, LPS) for ``(K, 3)`` world points, labelled
-    with ``names`` (default ``K-1 .. K-N``)."""
+    with ``names`` (default ``K-1 .. K-N``); the names in ``excluded`` (left out of the fits) are
+    written unselected (CSV ``selected`` 0, Slicer's check box unticked), so that a refit from the
+    files leaves them out too."""
     from .formats import write_markups_json, write_points_csv
 
     labels = [f"K-{i + 1}" for i in range(len(points))] if names is None else list(names)
     if weights is not None and len(weights) != len(points):
         weights = None
-    csv = write_points_csv(directory / f"{stem}.csv", points, labels=labels, weights=weights)
-    mrk = write_markups_json(directory / f"{stem}.mrk.json", points, labels=labels)
+    selected = [lab not in set(excluded) for lab in labels] if excluded else None
+    csv = write_points_csv(directory / f"{stem}.csv", points, labels=labels, weights=weights, selected=selected)
+    mrk = write_markups_json(directory / f"{stem}.mrk.json", points, labels=labels, selected=selected)
     return {f"{stem}_csv": Path(csv), f"{stem}_mrk": Path(mrk)}
 
 
@@ -144,10 +148,8 @@ def save_registration(reg: "Registration", directory: Path, *, write_images: boo
 def save_pair_keypoints(reg: "Registration", directory: Path) -> dict[str, Path]:
     """The keypoints of both images (``keypoints_fixed`` / ``keypoints_moving``, CSV and Slicer)."""
     out: dict[str, Path] = {}
-    out.update(save_keypoints(directory, "keypoints_fixed", reg.fixed_keypoints.numpy(), reg.weights,
-                              reg.fixed_keypoints.names))
-    out.update(save_keypoints(directory, "keypoints_moving", reg.moving_keypoints.numpy(), reg.weights,
-                              reg.moving_keypoints.names))
+    for stem, kp in (("keypoints_fixed", reg.fixed_keypoints), ("keypoints_moving", reg.moving_keypoints)):
+        out.update(save_keypoints(directory, stem, kp.numpy(), reg.weights, kp.names, reg.excluded_keypoints))
     return out
 
 

@@ -222,6 +222,7 @@ def groupwise(
     device: str | torch.device | None = None,
     use_amp: bool = False,
     orientation_search: str | None = None,
+    exclude_keypoints: Sequence[str] | None = None,
     progress: bool = True,
 ) -> GroupwiseResult:
     """Register a group of images to the mean of their keypoints (see the module docstring).
@@ -240,6 +241,8 @@ def groupwise(
         label_interp: ``nearest`` or ``labelwise``.
         field_stride: sub-grid stride of the dense TPS field.
         orientation_search: ``always``, ``auto`` or ``off`` for an anatomical model (``None``: the model's).
+        exclude_keypoints: fnmatch patterns of keypoint names left out of the fits, as in pairwise
+            registration (``None``: the model's default, ``fit_exclude``; ``()``: none).
         progress: tqdm progress bars on stderr.
 
     Returns:
@@ -248,14 +251,15 @@ def groupwise(
     from tqdm import tqdm
 
     from .export import save_keypoints
-    from .keypoints import tps_frame
+    from .keypoints import default_keypoint_names, tps_frame
     from .metrics import jacobian_determinant_stats
     from .pipeline import Registrar
     from .results import AlignmentResult, warp_volume
 
     spec = parse_align(align)
     registrar = Registrar(model, device=device, aligns=(spec.name,), label_interp=label_interp,
-                          field_stride=field_stride, use_amp=use_amp, orientation_search=orientation_search)
+                          field_stride=field_stride, use_amp=use_amp, orientation_search=orientation_search,
+                          exclude_keypoints=None if exclude_keypoints is None else tuple(exclude_keypoints))
     if len(images) < 2:
         raise ConfigError(f"groupwise registration needs at least 2 images, got {len(images)}")
     if segs is not None and len(segs) != len(images):
@@ -285,6 +289,11 @@ def groupwise(
                     center, scale = tps_frame(kp.world_from_net, kp.grid_shape)
                     names_kp = list(kp.names)
         keypoints = kps
+    names_kp = names_kp or default_keypoint_names(len(keypoints[0]))
+    keep, left_out, _ = registrar.fit_keep(names_kp)
+    if left_out and len({np.shape(k) for k in keypoints}) == 1:  # the same exclusion as a pairwise fit: the template is built from the kept keypoints
+        keypoints = [np.asarray(k)[keep] for k in keypoints]
+        names_kp = [names_kp[i] for i in keep]
     first = grids[0] if grids[0] is not None else load_volume(images[0])
     if center is None:
         center, scale = tps_frame(first.affine, first.shape)
@@ -343,7 +352,8 @@ def groupwise(
         template = grid.with_data((total / len(images)).astype(np.float32), name="template")
         dice = None
         summary: dict[str, Any] = {"align": spec.name, "images": len(images), "iterations": fit.iterations,
-                                   "converged": fit.converged, "shifts_mm": fit.shifts}
+                                   "converged": fit.converged, "shifts_mm": fit.shifts,
+                                   "keypoints_left_out": left_out}
         if seg_files:
             dice = pairwise_dice(seg_files, sorted(label_ids))
             for key, matrix in (("pairwise_dice", dice), ("pairwise_dice_before", pairwise_dice(before_files,

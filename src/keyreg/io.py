@@ -269,6 +269,29 @@ def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str
     return data
 
 
+#: NIfTI spatial units (``xyzt_units``) keyreg converts to mm.
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
+
+
+def _geometry_in_mm(img: nib.spatialimages.SpatialImage) -> tuple[np.ndarray, nib.Nifti1Header | None]:
+    """``(affine, header)`` of a nibabel image with world coordinates in mm: a NIfTI header whose
+    spatial unit is metres or microns scales the affine (as ITK reads it), and its copy says mm, so that
+    outputs written on this grid carry a consistent header."""
+    header = img.header if isinstance(img.header, nib.Nifti1Header) else None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if header is None:
+        return affine, None
+    unit, time_unit = header.get_xyzt_units()
+    scale = _MM_PER_UNIT.get(unit, 1.0)
+    if scale != 1.0:
+        affine = np.diag([scale, scale, scale, 1.0]) @ affine
+        header = header.copy()
+        header.set_xyzt_units(xyz="mm", t=time_unit)
+        header.set_qform(affine, code=int(header["qform_code"]) or 1)
+        header.set_sform(affine, code=int(header["sform_code"]) or 1)
+    return affine, header
+
+
 def load_volume(
     source: Any,
     *,
@@ -307,14 +330,12 @@ def load_volume(
         where = str(path)
         img = _read_nifti(path)
         data = _array_from_image(img, where)
-        affine = img.affine
-        header = img.header if isinstance(img.header, nib.Nifti1Header) else None
+        affine, header = _geometry_in_mm(img)
         name = name or nifti_stem(path)
     elif isinstance(source, nib.spatialimages.SpatialImage):
         where = name or "image"
         data = _array_from_image(source, where)
-        affine = source.affine
-        header = source.header if isinstance(source.header, nib.Nifti1Header) else None
+        affine, header = _geometry_in_mm(source)
     else:
         if isinstance(source, tuple) and len(source) == 2 and affine is None:
             source, affine = source
@@ -382,8 +403,8 @@ def read_grid(source: Any, *, name: str | None = None) -> Volume:
     n = int(np.prod(img.shape[:3], dtype=np.int64))
     if n > MAX_VOXELS:
         raise ImageContentError(f"{path}: {img.shape[:3]} is {n:,} voxels, more than the {MAX_VOXELS:,} keyreg accepts")
-    header = img.header if isinstance(img.header, nib.Nifti1Header) else None
-    return grid_volume(img.shape[:3], img.affine, name or nifti_stem(path), header)
+    affine, header = _geometry_in_mm(img)
+    return grid_volume(img.shape[:3], affine, name or nifti_stem(path), header)
 
 
 def nifti_stem(path: str | os.PathLike) -> str:

@@ -99,6 +99,9 @@ def resolve_model(model: Any, device: torch.device, *, half_resolution: bool = F
             from .errors import CheckpointError
             raise CheckpointError(f"model has {a.num_keypoints} keypoints, not the requested {num_keypoints}")
     if half_resolution:
+        if getattr(net.config, "regions", None) is not None:
+            raise ConfigError(f"--half_resolution is not available for the anatomical model {net.config.name!r}: "
+                              "its region keypoints are read on the grid it was trained on")
         pre = net.config.preprocessing
         net = copy.copy(net)  # shares the weights; the configuration below is the copy's own
         net.config = dataclasses.replace(net.config,
@@ -295,7 +298,7 @@ class Registrar:
     """The registration pipeline for one model, device and set of options.
 
     Example:
-        >>> reg = Registrar("keyreg-starter", device="cpu", aligns=["affine"])  # doctest: +SKIP
+        >>> reg = Registrar("keyreg-anatomy", device="cpu", aligns=["affine"])  # doctest: +SKIP
         >>> r = reg.register("moving.nii.gz", "fixed.nii.gz")                  # doctest: +SKIP
         >>> reg.measure(r, ["mse"]); reg.save(r, "out/")                        # doctest: +SKIP
 
@@ -364,20 +367,38 @@ class Registrar:
             return False
         return self.model.config.weighting == "power"
 
-    def select(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints) -> tuple[ImageKeypoints, ImageKeypoints, list[str]]:
-        """Drop the keypoints named by ``exclude_keypoints`` from both sets; returns the kept sets and
-        the names dropped."""
+    def fit_keep(self, names: Sequence[str]) -> tuple[list[int], list[str], tuple[str, ...]]:
+        """Which of the keypoints ``names`` enter fits: ``(kept indices, dropped names, patterns)``
+        under ``exclude_keypoints`` (``None``: the model's default ``fit_exclude``).
+
+        Raises:
+            ConfigError: a pattern that matches none of ``names`` (a typo would silently fit every point).
+            DegenerateFitError: too few keypoints left for the widest align.
+        """
         pats = self.options.exclude_keypoints
-        if pats is None:  # the model's default exclusion (no model given: none)
+        default = pats is None
+        if default:  # the model's default exclusion (no model given: none)
             model = self._net if self._net is not None or self._model_arg is None else self.model
             pats = tuple(getattr(getattr(model, "config", None), "fit_exclude", ()) or ())
         if not pats:
-            return fixed_kp, moving_kp, []
-        keep = select_keypoints(fixed_kp.names, pats)
+            return list(range(len(names))), [], ()
+        for p in () if default else pats:
+            if len(select_keypoints(names, [p])) == len(names):
+                raise ConfigError(f"--exclude_keypoints {p!r} matches no keypoint name (names are case-sensitive, "
+                                  f"e.g. {names[0]!r}; `keyreg models NAME --keypoints` lists them)")
+        keep = select_keypoints(names, pats)
         need = max(min_keypoints(s) for s in self.options.specs)
         worst = max(self.options.specs, key=min_keypoints)
-        check_enough(len(keep), len(fixed_kp.names), need, f"{'an' if worst.name[0] in 'aeiou' else 'a'} {worst.name} fit", pats)
-        dropped = [n for i, n in enumerate(fixed_kp.names) if i not in set(keep)]
+        check_enough(len(keep), len(names), need, f"{'an' if worst.name[0] in 'aeiou' else 'a'} {worst.name} fit", pats)
+        kept = set(keep)
+        return keep, [n for i, n in enumerate(names) if i not in kept], pats
+
+    def select(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints) -> tuple[ImageKeypoints, ImageKeypoints, list[str]]:
+        """Drop the keypoints named by ``exclude_keypoints`` from both sets (:meth:`fit_keep`); returns
+        the kept sets and the names dropped."""
+        keep, dropped, pats = self.fit_keep(fixed_kp.names)
+        if not pats:
+            return fixed_kp, moving_kp, []
         return fixed_kp.subset(keep), moving_kp.subset(keep), dropped
 
     def fit(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints,

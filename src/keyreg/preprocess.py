@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .geometry import fov_center
+from .errors import ConfigError, ImageContentError
+from .geometry import fov_center, voxel_sizes
 from .io import Volume
 from .warp import resample_affine
 
@@ -232,6 +232,12 @@ def network_source(volume: Volume, config: PreprocessConfig, world_from_net: np.
     img_from_net = np.linalg.inv(volume.affine) @ world_from_net
     # down-sampling factor along each image axis: how many image voxels one network step spans
     factors = np.sqrt((img_from_net[:3, :3] ** 2).sum(axis=1))
+    spans = np.asarray(volume.shape[:3], dtype=np.float64) / factors  # the image's extent in network voxels
+    if (spans < 2).any():
+        fov = " x ".join(f"{v:.3g}" for v in voxel_sizes(volume.affine) * np.asarray(volume.shape[:3]))
+        raise ImageContentError(f"{volume.name}: field of view {fov} mm is smaller than two network voxels "
+                                f"({float(np.sqrt((world_from_net[:3, 0] ** 2).sum())):.3g} mm); are the voxel "
+                                "sizes in mm?")
     pooled, img_from_pooled, box_var = _box_pool(src, factors)
     step = np.diag(img_from_pooled)[:3]
     sigma0 = np.sqrt(box_var) / step  # the box's blur, in pooled voxels

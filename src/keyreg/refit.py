@@ -1,6 +1,6 @@
 """Refit transforms from keypoint files (possibly edited by hand in 3D Slicer), without the network.
 
-Keypoint files: keyreg CSVs (``label,x_ras,y_ras,z_ras[,weight]``), Slicer ``.mrk.json`` (LPS or
+Keypoint files: keyreg CSVs (``label,x_ras,y_ras,z_ras[,weight][,selected]``), Slicer ``.mrk.json`` (LPS or
 RAS, as declared) or legacy ``.fcsv``.
 
 Matching rule (:func:`match_keypoints`):
@@ -9,10 +9,12 @@ Matching rule (:func:`match_keypoints`):
   ``K-1 .. K-N`` (the keypoint's index) for unnamed models, so matching by label is matching by
   index for those; a CSV without a label column gets ``K-1 .. K-N`` by row;
 * a label present in only one file (a point deleted in the other) is left out;
-* Slicer point states: a point that is **unselected** (``"selected": false``, the check box of
-  the point list unticked) is left out; **locked** points are used like any other (locking only
-  protects a point from being moved); points whose ``positionStatus`` is ``undefined`` have no
-  position and are left out;
+* a point that is **unselected** is left out: in Slicer ``"selected": false`` (the check box of
+  the point list unticked), in a CSV a ``selected`` column of 0.  ``keyreg register`` writes the
+  points it left out of its fits (the model's default exclusion or ``--exclude_keypoints``) that way,
+  so an unedited refit leaves them out too; **locked** points are used like any other (locking only
+  protects a point from being moved); points whose ``positionStatus`` is ``undefined`` or
+  ``missing`` have no position and are left out;
 * a label that occurs twice in one file is an error;
 * weights: the ``weight`` column of the fixed CSV (else the moving CSV) when present, so that a
   refit of unedited ``keyreg register`` keypoints reproduces the weighted fit; Slicer files carry
@@ -38,7 +40,7 @@ class KeypointFile:
     Attributes:
         points: ``(N, 3)`` world RAS mm.
         labels: ``N`` names.
-        selected: ``(N,)`` bool (Slicer's "selected"; ``True`` for CSVs).
+        selected: ``(N,)`` bool (Slicer's "selected"; a CSV's ``selected`` column, else ``True``).
         locked: ``(N,)`` bool (Slicer's "locked"; ``False`` for CSVs).
         weights: ``(N,)`` or ``None``.
         path: where it was read from.
@@ -81,7 +83,8 @@ def read_keypoint_file(path: str | Path) -> KeypointFile:
         ps = read_point_set(p)
         pts, labels, w = ps.points, ps.labels, ps.weights
         n = len(pts)
-        kf = KeypointFile(pts, list(labels), np.ones(n, bool), np.zeros(n, bool), w, str(p))
+        sel = np.ones(n, bool) if ps.selected is None else ps.selected
+        kf = KeypointFile(pts, list(labels), sel, np.zeros(n, bool), w, str(p))
     elif name.endswith((".json", ".fcsv")):
         pts, labels, states = read_markups(p, with_states=True)
         kf = KeypointFile(pts, list(labels), np.array([s["selected"] for s in states], dtype=bool).reshape(-1),

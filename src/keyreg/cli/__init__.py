@@ -29,20 +29,29 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with keyreg's one-line errors: ``keyreg <command>: error: <message> (see ... --help)``,
+    exit status 2, without the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib import import_module
 
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="keyreg", description="Robust multi-modal image registration through learned keypoints.")
+    parser = _Parser(prog="keyreg", description="Robust multi-modal image registration through learned keypoints.")
     parser.add_argument("--version", action="version", version=f"keyreg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}  # type: ignore[attr-defined]
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod = import_module(f".{module}", __name__)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
+        parser.commands[name] = p  # type: ignore[attr-defined]
     return parser
 
 
@@ -69,7 +78,9 @@ def no_hugepage_advice() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     no_hugepage_advice()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the sub-command's parser, so the message names the command
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_device_arguments", "add_search_argument"]
+__all__ = ["add_device_arguments", "add_search_argument", "add_exclude_argument", "parse_exclusions"]
 
 
 def add_device_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -19,3 +19,24 @@ def add_search_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) ->
                         "first; when that reading fails its checks, the search, half turns first, stopping at the "
                         "first pose that passes them; fast on upright images) "
                         "or off (default: the model's setting, auto for keyreg-anatomy)")
+
+
+def add_exclude_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--exclude_keypoints", nargs="+", default=None, metavar="PATTERN",
+                   help="leave keypoints whose name matches any of these globs out of every fit (fnmatch: "
+                        "'Left-Hippocampus', '*Cortex/anterior*', 'K-1*'; unnamed models have the names "
+                        "K-1 .. K-N); replaces the model's default list (keyreg-anatomy: 'Extracerebral-*'); "
+                        "'none' uses every keypoint")
+
+
+def parse_exclusions(patterns: list[str] | None) -> tuple[str, ...] | None:
+    """``--exclude_keypoints``: not given -> ``None`` (the model's default); ``none`` -> ``()`` (every keypoint)."""
+    from ..errors import ConfigError
+
+    if patterns is None:
+        return None
+    if any(p.lower() == "none" for p in patterns):
+        if len(patterns) > 1:
+            raise ConfigError("--exclude_keypoints none (use every keypoint) cannot be combined with patterns")
+        return ()
+    return tuple(patterns)

@@ -40,11 +40,11 @@ def _is_points(path: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     from ..apply import apply_transform, load_saved_transform, transform_points
     from ..errors import ConfigError
+    from ..atomic import check_not_overwriting
     from ..io import is_nifti_path, save_volume
 
     src, out = Path(args.input), Path(args.output)
-    if out.resolve() == src.resolve() or any(out.resolve() == Path(t).resolve() for t in args.transform):
-        raise ConfigError(f"{out}: the output would overwrite an input; choose another output name")
+    check_not_overwriting(out, [src, *args.transform, args.reference])
     points = _is_points(src)
     if points and not _is_points(out):
         raise ConfigError(f"{out}: points are written as .csv, .mrk.json or .fcsv")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_device_arguments, add_search_argument
+from ._common import add_device_arguments, add_exclude_argument, add_search_argument, parse_exclusions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sub-grid stride of dense TPS fields (default: the library's, 2; 1 = exact at every voxel)")
     p.add_argument("--save_dir", default="./groupwise_output", help="output directory (default ./groupwise_output)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars (they are shown on terminals only)")
+    add_exclude_argument(p)
     add_search_argument(p)
     add_device_arguments(p)
 
@@ -74,11 +75,14 @@ def run(args: argparse.Namespace) -> int:
                     tolerance=args.tolerance, max_iterations=args.max_iterations,
                     template_grid=args.template_grid, label_interp=args.label_interp,
                     field_stride=DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride, device=args.device, use_amp=args.use_amp,
-                    orientation_search=args.orientation_search, progress=not args.no_progress and sys.stderr.isatty())
+                    orientation_search=args.orientation_search,
+                    exclude_keypoints=parse_exclusions(args.exclude_keypoints), progress=not args.no_progress and sys.stderr.isatty())
     s = res.metrics["summary"]
     state = "converged" if s["converged"] else "did NOT converge"
-    print(f"{len(images)} images, {len(res.fit.template_keypoints)} keypoints, {s['align']}: {state} after "
-          f"{s['iterations']} iteration(s) (last mean shift {res.fit.shifts[-1]:.3g} mm)")
+    left_out = s["keypoints_left_out"]
+    print(f"{len(images)} images, {len(res.fit.template_keypoints)} keypoints in the fit"
+          f"{f' ({len(left_out)} left out by --exclude_keypoints or the model default)' if left_out else ''}, "
+          f"{s['align']}: {state} after {s['iterations']} iteration(s) (last mean shift {res.fit.shifts[-1]:.3g} mm)")
     if "pairwise_dice_mean" in s:
         print(f"pairwise Dice of the label maps: {s['pairwise_dice_before_mean']:.4f} ± "
               f"{s['pairwise_dice_before_std']:.4f} before (on the first image's grid), "

@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..apply import invert_saved_transform, load_saved_transform, save_inverse
+    from ..atomic import check_not_overwriting
     from ..errors import ConfigError
     from ..io import read_grid
 
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give the transform to invert once: `keyreg invert T` or `keyreg invert -t T`")
     if args.iterations < 1 or not args.tolerance > 0:
         raise ConfigError("--iterations must be >= 1 and --tolerance > 0")
+    if args.output:
+        check_not_overwriting(args.output, [given[0], args.fixed, args.moving])
     st = load_saved_transform(given[0])
     if args.fixed:
         st.fixed_grid = read_grid(args.fixed)

@@ -37,12 +37,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_dir, atomic_write_text
+    from ..atomic import atomic_dir, atomic_write_text, check_inputs_outside
     from ..batch import json_clean, write_batch_report, write_metric_tables
     from ..metrics import before_metrics, parse_metrics
     from ..pairing import pair_name
     from ..refit import refit
 
+    name = pair_name(Path(args.moving), Path(args.fixed))
+    pair_dir = Path(args.save_dir) / "pairs" / name
+    check_inputs_outside(pair_dir, [args.fixed, args.moving, args.fixed_keypoints, args.moving_keypoints,
+                                    args.fixed_seg, args.moving_seg])
     both = bool(args.fixed_seg) and bool(args.moving_seg)
     if bool(args.fixed_seg) != bool(args.moving_seg):
         print("warning: a segmentation is ignored without the other one", file=sys.stderr)
@@ -57,12 +61,10 @@ def run(args: argparse.Namespace) -> int:
     per_align = {"none": reg.evaluate_before(before, label_interp=args.label_interp,
                                              pad_value=args.pad_value)} if before else {}
     per_align.update(reg.evaluate(metrics))
-    name = pair_name(Path(args.moving), Path(args.fixed))
     conf = reg.confidence
     rows = [{"pair": name, "moving": str(args.moving), "fixed": str(args.fixed), "align": align, **conf, **vals}
             for align, vals in per_align.items()]
     save_dir = Path(args.save_dir)
-    pair_dir = save_dir / "pairs" / name
     with atomic_dir(pair_dir) as tmp:
         reg.save(tmp, write_images=not args.no_images, visualize=args.visualize)
         atomic_write_text(tmp / "refit.json", json.dumps(json_clean({
@@ -80,8 +82,19 @@ def run(args: argparse.Namespace) -> int:
     from ..batch import format_summary
 
     print(format_summary(rows, list(per_align)))
-    print(f"\n{len(matched.labels)} keypoint pair(s) used" +
-          (f"; left out: {', '.join(f'{k} ({v})' for k, v in matched.left_out.items())}" if matched.left_out else ""))
+    print(f"\n{len(matched.labels)} keypoint pair(s) used" + _left_out_summary(matched.left_out))
     print(f"confidence {conf['confidence']:.3f} ({conf['flag']})")
     print(f"\noutputs in {pair_dir}; metrics in {tables[0]}; report: {report}")
     return 0
+
+
+def _left_out_summary(left_out: dict[str, str], listed: int = 8) -> str:
+    """``; left out: A (why), B (why)``; beyond ``listed`` points, a count per reason (refit.json has them all)."""
+    if not left_out:
+        return ""
+    if len(left_out) <= listed:
+        return f"; left out: {', '.join(f'{k} ({v})' for k, v in left_out.items())}"
+    reasons: dict[str, int] = {}
+    for why in left_out.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return f"; left out: {', '.join(f'{n} {why}' for why, n in reasons.items())} (listed in refit.json)"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_device_arguments, add_search_argument
+from ._common import add_device_arguments, add_exclude_argument, add_search_argument, parse_exclusions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ".h5/.pth.tar checkpoint (default: the bundled default model)")
     m.add_argument("--num_keypoints", type=int, help="check that the model has this many keypoints")
     m.add_argument("--backbone", choices=["conv", "unet", "truncatedunet"], help="check the model's backbone")
-    m.add_argument("--half_resolution", action="store_true", help="run the network at half its resolution")
+    m.add_argument("--half_resolution", action="store_true", help="run the network at half its resolution (KeyMorph-style models; not anatomical ones such as keyreg-anatomy)")
     m.add_argument("--weighted_kp_align", nargs="?", const="power", default=None, choices=["power", "none"],
                    help="weight keypoints by heatmap power in the fits (default: the model's setting)")
     add_search_argument(m)
@@ -43,11 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "interpolated trilinearly in between (default 2: 8x fewer kernel evaluations, error under "
                         "0.1 mm and Dice within 0.001 of exact at 1 mm, measured in docs/benchmarks.md; 1 = exact "
                         "at every voxel)")
-    a.add_argument("--exclude_keypoints", nargs="+", default=None, metavar="PATTERN",
-                   help="leave keypoints whose name matches any of these globs out of every fit (fnmatch: "
-                        "'Left-Hippocampus', '*Cortex/anterior*', 'K-1*'; unnamed models have the names "
-                        "K-1 .. K-N); replaces the model's default list (keyreg-anatomy: 'Extracerebral-*'); "
-                        "'none' uses every keypoint")
+    add_exclude_argument(a)
     a.add_argument("--robust", action="store_true",
                    help="robust fits: leave out keypoints that the other keypoints do not predict (leave-one-out "
                         "error above 4 robust standard deviations, at most half of them); a pair without such "
@@ -107,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         args.weighted_kp_align == "power", label_interp=args.label_interp,
         field_stride=DEFAULT_FIELD_STRIDE if args.field_stride is None else args.field_stride,
         half_resolution=args.half_resolution, use_amp=args.use_amp, pad_value=args.pad_value,
-        exclude_keypoints=_exclusions(args.exclude_keypoints), robust=args.robust, refine=tuple(args.refine),
+        exclude_keypoints=parse_exclusions(args.exclude_keypoints), robust=args.robust, refine=tuple(args.refine),
         refine_similarity=args.refine_similarity, refine_seconds=args.refine_seconds,
         orientation_search=args.orientation_search,
         **{k: v for k, v in (("refine_iterations", args.refine_iterations),
@@ -156,10 +152,3 @@ def report(res, save_dir: Path, per_pair: bool) -> int:
         for name, msg in res.failures:
             print(f"  {name}: {msg}", file=sys.stderr)
     return 1 if res.failures else 0
-
-
-def _exclusions(patterns: list[str] | None) -> tuple[str, ...] | None:
-    """``--exclude_keypoints``: not given -> the model's default; ``none`` -> every keypoint."""
-    if patterns is None:
-        return None
-    return () if [p.lower() for p in patterns] == ["none"] else tuple(patterns)

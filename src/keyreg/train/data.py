@@ -100,6 +100,8 @@ class LabelMapBank:
             vol = load_volume(p, kind="labels")
             if int(vol.data.max()) >= ID_TABLE or int(vol.data.min()) < 0:
                 raise ConfigError(f"{p}: label ids must be in [0, {ID_TABLE})")
+            if not vol.data.any():
+                raise ConfigError(f"{p}: label map is empty (all background), nothing to learn from")
             out_aff = network_grid_affine(vol.affine, vol.shape, grid)
             src = torch.from_numpy(vol.data.astype(np.int16)).to(self.device)[None, None]
             lab = warp_labels_on_grid(src, torch.from_numpy(vol.affine), grid.shape, torch.from_numpy(out_aff),
