@@ -418,3 +418,19 @@ def test_apply_api_returns_volume_on_reference(scene):
     # the reference grid read back from float32 NIfTI headers differs by ~1e-6 mm; sampled positions are
     # float32 (keyreg.warp: within ~3e-5 voxel), and the image falls to 0 over one voxel at its edges
     np.testing.assert_allclose(vol.data, _direct(moving, ma, fs, fa, AffineTransform(torch.from_numpy(a))), atol=5e-5)
+
+
+def test_invert_field_counts_apart_points_without_an_inverse(tmp_path):
+    """A field that shifts everything by 5 mm: the grid points whose preimage lies off the field have no
+    inverse (the iteration wanders there without converging) and are counted apart; every counted point
+    converges."""
+    from keyreg.formats import write_displacement_field
+
+    shape, aff = (20, 22, 18), np.diag([2.0, 2.0, 2.0, 1.0])
+    disp = np.zeros((*shape, 3), np.float32)
+    disp[..., 0] = 5.0  # T(p) = p + 5 mm along x (RAS)
+    path = write_displacement_field(tmp_path / "warp.nii.gz", disp, aff)
+    res = invert_saved_transform(path, method="field", tolerance=1e-4)
+    assert res.excluded > 0 and res.excluded_max_mm > 1.0
+    assert res.residual_max_mm < 1e-3
+    assert res.points + res.excluded == int(np.prod(shape))

@@ -58,8 +58,9 @@ class InverseResult:
             ``inverse_warp.nii.gz`` of a refined align: ``exp(-v)`` integrated with the refinement).
         residual_max_mm, residual_mean_mm: ``|T(S(q)) - q|`` over the evaluation points ``q``
             (0 for ``exact``).  For a displacement field, points whose inverse falls within one
-            voxel of the field's border or beyond (where ``u`` drops to 0 and no inverse exists)
-            are counted apart, in ``excluded`` and ``excluded_max_mm``.
+            voxel of the field's border or beyond (where ``u`` drops to 0 and no inverse exists),
+            or whose iteration went there and did not converge, are counted apart, in ``excluded``
+            and ``excluded_max_mm``.
         points: number of evaluation points.
         fixed_grid, moving_grid: grids of the inverse (the original moving and fixed grids).
         tps: the ``tps.json`` document of a swapped-keypoint TPS.
@@ -146,8 +147,11 @@ def invert_saved_transform(
     target = moving_grid if moving_grid is not None else st.fixed_grid if st.format == "field" else None
     if target is None:
         raise ConfigError(f"{st.path}: a numerical inverse needs the grid of the moving image; pass --moving")
-    inv_field, residual = invert_on_grid(st.transform, target, iterations=iterations, tolerance=tolerance)
-    inside = _in_domain(st.transform, inv_field, target)
+    inv_field, residual, edge = _invert_on_grid(st.transform, target.shape, target.affine, iterations=iterations,
+                                                tolerance=tolerance, track_domain=True)
+    # no inverse on the field: the inverse point at its border or beyond, or an iteration that went
+    # there and did not converge (it may end inside, on a point that does not map to q)
+    inside = _in_domain(st.transform, inv_field, target) & ~(edge & (residual >= tolerance))
     kept, out = residual[inside], residual[~inside]
     return InverseResult(inv_field, "fixed_point", float(kept.max(initial=0.0)), float(kept.mean()) if kept.size else 0.0,
                          int(kept.size), fixed_grid=target, moving_grid=st.fixed_grid,

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({how}); residual |T(inverse(q)) - q| over {inv.points} points: "
           f"max {inv.residual_max_mm:.4g} mm, mean {inv.residual_mean_mm:.4g} mm")
     if inv.excluded:
-        print(f"{inv.excluded} grid points whose inverse falls at or beyond the field's border (no inverse "
-              f"there) are not counted; their residual reaches {inv.excluded_max_mm:.4g} mm")
+        print(f"{inv.excluded} grid points whose inverse falls at or beyond the field's border, or whose iteration "
+              f"went there without converging (no inverse there), are not counted; their residual reaches "
+              f"{inv.excluded_max_mm:.4g} mm")
     return 0

@@ -112,7 +112,8 @@ def invert_on_grid(
     iterations: int = 50,
     tolerance: float = 1e-3,
     slab_points: int = 1 << 18,
-) -> tuple[Any, np.ndarray]:
+    track_domain: bool = False,
+) -> tuple[Any, np.ndarray] | tuple[Any, np.ndarray, np.ndarray]:
     """Numerical inverse of ``T`` as a displacement field on a grid of the MOVING space (``shape``,
     world-from-voxel ``affine``).
 
@@ -123,7 +124,10 @@ def invert_on_grid(
 
     Returns:
         ``(inverse, residual)``: a batch-1 :class:`DisplacementField` ``(1, 3, I, J, K)`` float32 on
-        ``grid`` (``T^-1(q) = q + v(q)``, world RAS mm) and ``|T(q + v(q)) - q|`` ``(I, J, K)`` mm.
+        ``grid`` (``T^-1(q) = q + v(q)``, world RAS mm) and ``|T(q + v(q)) - q|`` ``(I, J, K)`` mm;
+        with ``track_domain`` (``T`` a displacement field) also ``(I, J, K)`` bools: where an iterate
+        came within one voxel of the field's border or beyond (``u`` is not defined there, so a point
+        that went there and did not converge has no inverse on the field).
     """
     from ..geometry import apply_affine, as_affine_tensor
     from .field import DisplacementField
@@ -134,15 +138,25 @@ def invert_on_grid(
     total = int(np.prod(shape))
     disp = torch.empty(total, 3, dtype=torch.float32)
     residual = torch.empty(total, dtype=torch.float64)
+    track = track_domain and isinstance(transform, DisplacementField)
+    edge = torch.zeros(total, dtype=torch.bool)
+    if track:
+        vox_from_world = torch.linalg.inv(transform.grid_affine.double())
+        hi = torch.tensor(transform.shape, dtype=torch.float64) - 2
     for start in range(0, total, slab_points):  # memory: a few (slab_points, 3) arrays
-        q = apply_affine(aff, voxel_indices(shape, start, min(total, start + slab_points))).unsqueeze(0)
+        stop = min(total, start + slab_points)
+        q = apply_affine(aff, voxel_indices(shape, start, stop)).unsqueeze(0)
         p = q.clone()
         for _ in range(iterations):
+            if track:
+                vox = apply_affine(vox_from_world, p[0])
+                edge[start:stop] |= ~((vox >= 1) & (vox <= hi)).all(-1)
             r = transform.map_points(p).double() - q
             if float(r.norm(dim=-1).max()) < tolerance:
                 break
             p = p - r @ pre.T
-        residual[start : start + slab_points] = (transform.map_points(p).double() - q).norm(dim=-1)[0]
-        disp[start : start + slab_points] = (p - q)[0].float()
+        residual[start:stop] = (transform.map_points(p).double() - q).norm(dim=-1)[0]
+        disp[start:stop] = (p - q)[0].float()
     field_t = disp.T.reshape(1, 3, *shape).contiguous()
-    return DisplacementField(field_t, aff), residual.reshape(shape).numpy()
+    out = DisplacementField(field_t, aff), residual.reshape(shape).numpy()
+    return (*out, edge.reshape(shape).numpy()) if track_domain else out
