@@ -195,3 +195,14 @@ def test_skip_existing_reuses_pairs_of_a_run_without_it(data, tiny_model_files, 
     capsys.readouterr()
     assert main(_args(data, tiny_model_files, out, "--save_eval_to_disk", "--skip_existing")) == 0
     assert "were already complete and skipped" in capsys.readouterr().err
+
+
+def test_a_broken_link_fails_its_pair_only(data, tiny_model_files, tmp_path, capsys):  # noqa: F811
+    (data / "mov" / "c.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    (data / "fix" / "c.nii.gz").write_bytes((data / "fix" / "a.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    rc = main(["register", "--moving", str(data / "mov"), "--fixed", str(data / "fix"), "--load_path",
+               str(tiny_model_files), "--list_of_aligns", "affine", "--save_dir", str(out), "--device", "cpu"])
+    assert rc == 1
+    assert "c.nii.gz: broken symbolic link" in capsys.readouterr().err
+    assert [r["pair"] for r in json.loads((out / "metrics.json").read_text())["results"]] == ["a", "b"]

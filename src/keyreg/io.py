@@ -131,6 +131,8 @@ class Volume:
 def _read_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     """A NIfTI-1/2 or MGH/MGZ image, its header checked (zero voxel sizes are refused, not set to 1 mm)."""
     if not path.exists():
+        if path.is_symlink():
+            raise ImageIOError(f"{path}: broken symbolic link (to {os.readlink(path)})")
         raise ImageIOError(f"{path}: file does not exist")
     if path.is_dir():
         raise ImageIOError(f"{path}: is a directory, expected a NIfTI file")

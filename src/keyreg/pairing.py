@@ -61,7 +61,9 @@ def list_nifti(directory: Path) -> list[Path]:
     """
     from .io import is_image_path, nifti_stem
 
-    files = sorted(p for p in directory.iterdir() if p.is_file() and is_image_path(p))
+    # a broken link is listed: its pair then fails with the reading error, instead of the image vanishing
+    files = sorted(p for p in directory.iterdir() if (p.is_file() or (p.is_symlink() and not p.exists()))
+                   and is_image_path(p))
     if not files:
         raise ImageIOError(f"{directory}: no .nii, .nii.gz or .mgz files in this directory")
     seen: dict[str, Path] = {}
