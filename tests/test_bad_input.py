@@ -831,6 +831,14 @@ def train_empty_label_map(e):
              "--device", "cpu", "--no_progress"], r"empty_seg\.nii\.gz: label map is empty \(all background\)")
 
 
+def header_scaling_overflows_float32(e):
+    img = nib.Nifti1Image((np.asarray(e.img) * 200).astype(np.uint8), e.aff)
+    img.header.set_slope_inter(1e38, 0)
+    nib.save(img, e.src / "slope.nii.gz")
+    return register(e, moving=e.src / "slope.nii.gz"), r"slope\.nii\.gz: \d+ voxels exceed float32's range .*scl_slope"
+
+
+CASES += [header_scaling_overflows_float32]
 CASES += [exclude_pattern_matches_nothing, exclude_none_with_patterns, input_inside_the_pair_directory,
           apply_output_is_the_reference, invert_output_is_its_input, field_of_view_below_a_network_voxel,
           half_resolution_of_an_anatomical_model, train_empty_label_map]

@@ -259,9 +259,14 @@ def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str
         if rounded.size and float(np.abs(rounded).max()) >= 2.0**63:
             raise ImageContentError(f"{where}: label ids beyond +-2^63 cannot be kept exactly")
         return rounded.astype(_integer_dtype(rounded) if compact else np.int64, order="C")
-    data = _c_order(np.asarray(data, dtype=np.float32))
+    source = data
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, as one line
+        data = _c_order(np.asarray(data, dtype=np.float32))
     if not np.all(np.isfinite(data)):
         bad = int((~np.isfinite(data)).sum())
+        if np.all(np.isfinite(source)):
+            raise ImageContentError(f"{where}: {bad} voxels exceed float32's range (up to "
+                                    f"{float(np.abs(source).max()):.3g}; check the header's scl_slope / scl_inter)")
         raise ImageContentError(f"{where}: {bad} voxels are NaN or Inf")
     lo, hi = float(data.min()), float(data.max())
     if hi == lo:
