@@ -838,7 +838,19 @@ def header_scaling_overflows_float32(e):
     return register(e, moving=e.src / "slope.nii.gz"), r"slope\.nii\.gz: \d+ voxels exceed float32's range .*scl_slope"
 
 
-CASES += [header_scaling_overflows_float32]
+def points_with_image_options(e):
+    (e.src / "p.csv").write_text("label,x_ras,y_ras,z_ras\nA,1,2,3\n")
+    return (["apply", str(e.src / "p.csv"), "-t", str(e.src / "t_matrix.txt"), "--labels", "-o", str(e.out / "q.csv")],
+            r"--labels: for images and label maps, not for points")
+
+
+def points_frame_contradicts_csv_space(e):
+    (e.src / "p.csv").write_text("label,x_ras,y_ras,z_ras\nA,1,2,3\n")
+    return (["apply", str(e.src / "p.csv"), "-t", str(e.src / "t_matrix.txt"), "--csv_space", "LPS", "-o",
+             str(e.out / "q.csv")], r"p\.csv: the columns x_ras,y_ras,z_ras are RAS, not the LPS given")
+
+
+CASES += [header_scaling_overflows_float32, points_with_image_options, points_frame_contradicts_csv_space]
 CASES += [exclude_pattern_matches_nothing, exclude_none_with_patterns, input_inside_the_pair_directory,
           apply_output_is_the_reference, invert_output_is_its_input, field_of_view_below_a_network_voxel,
           half_resolution_of_an_anatomical_model, train_empty_label_map]

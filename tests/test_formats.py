@@ -629,7 +629,10 @@ def test_points_csv_spaces(tmp_path, points):
 
     rows = ["label,x_lps,y_lps,z_lps"] + [f"P{i},{q[0]!r},{q[1]!r},{q[2]!r}" for i, q in enumerate(lps)]
     tmp_path.joinpath("lps.csv").write_text("\n".join(rows) + "\n")
-    np.testing.assert_array_equal(read_points_csv(tmp_path / "lps.csv", space="RAS")[0], points)
+    np.testing.assert_array_equal(read_points_csv(tmp_path / "lps.csv")[0], points)
+    np.testing.assert_array_equal(read_points_csv(tmp_path / "lps.csv", space="LPS")[0], points)
+    with pytest.raises(ImageIOError, match="the columns x_lps,y_lps,z_lps are LPS, not the RAS given"):
+        read_points_csv(tmp_path / "lps.csv", space="RAS")  # a contradiction is not silently resolved
 
     with pytest.raises(ConfigError, match="RAS"):
         read_points_csv(tmp_path / "lps.csv", space="XYZ")

@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="points: moving_to_fixed (default) maps moving-space points into the fixed space with the "
                         "INVERSE of the stored moving_from_fixed transform (so they follow the warped image); "
                         "fixed_to_moving applies the transform itself")
-    p.add_argument("--csv_space", choices=["RAS", "LPS"], default="RAS",
-                   help="frame of plain x,y,z CSV columns (x_ras/x_lps columns say their own frame)")
+    p.add_argument("--csv_space", choices=["RAS", "LPS"], default=None,
+                   help="frame of plain x,y,z CSV columns (default RAS; x_ras/x_lps columns say their own frame, "
+                        "and --csv_space must agree with it)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] for resampling")
     p.add_argument("--pad_value", type=float, default=None,
                    help="image intensity outside the input (default: 0, or the input's minimum when its background "
@@ -54,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--interp {args.interp} would blend label ids: use nearest or labelwise with --labels")
     if not args.labels and args.interp == "labelwise":
         raise ConfigError("--interp labelwise is for label maps: add --labels")
+    if points:
+        image_only = [opt for opt, v in (("--labels", args.labels), ("--interp", args.interp), ("-r", args.reference),
+                                         ("--pad_value", args.pad_value)) if v]
+        if image_only:
+            raise ConfigError(f"{' and '.join(image_only)}: for images and label maps, not for points")
+    elif args.csv_space is not None:
+        raise ConfigError("--csv_space is for points CSV files")
     saved = [load_saved_transform(t) for t in args.transform]
     if points:
         return _apply_points(args, src, out, saved, transform_points)

@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="resume an interrupted batch: a pair whose directory pairs/<pair>/ is complete (its done.json, "
                         "written last, records the same inputs and options) is not redone; its metrics are reused")
     o.add_argument("--no_progress", action="store_true",
-                   help="no progress bars (the refinement's bars are shown on terminals only)")
+                   help="no progress bars (they are shown on terminals only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                          fixed_mask=args.fixed_mask, all_pairs=args.all_pairs, model=args.load_path, device=args.device, backbone=args.backbone,
                          num_keypoints=args.num_keypoints, options=options, save_dir=args.save_dir,
                          metrics=args.list_of_metrics, save_eval_to_disk=args.save_eval_to_disk,
-                         visualize=args.visualize, skip_existing=args.skip_existing, progress=not args.no_progress)
+                         visualize=args.visualize, skip_existing=args.skip_existing,
+                         progress=not args.no_progress and sys.stderr.isatty())
     return report(res, Path(args.save_dir), args.save_eval_to_disk or args.visualize)
 
 

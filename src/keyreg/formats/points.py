@@ -100,7 +100,7 @@ class PointSet:
     selected: np.ndarray | None = None
 
 
-def read_point_set(path: PathLike, space: str = "RAS") -> PointSet:
+def read_point_set(path: PathLike, space: str | None = None) -> PointSet:
     """Points of a keypoint CSV (``space`` for plain ``x,y,z`` columns), a Slicer ``.mrk.json`` or an
     ``.fcsv`` file, always as a :class:`PointSet` (weights only from a CSV ``weight`` column)."""
     if str(path).lower().endswith(".csv"):
@@ -109,14 +109,14 @@ def read_point_set(path: PathLike, space: str = "RAS") -> PointSet:
     return PointSet(pts, labels, None)
 
 
-def read_points_csv(path: PathLike, space: str = "RAS") -> tuple[np.ndarray, list[str]]:
+def read_points_csv(path: PathLike, space: str | None = None) -> tuple[np.ndarray, list[str]]:
     """``(points_ras, labels)`` of a points CSV (see :func:`_read_points_csv`; :func:`read_point_set`
     also gives the weights)."""
     ps = _read_points_csv(path, space)
     return ps.points, ps.labels
 
 
-def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
+def _read_points_csv(path: PathLike, space: str | None = None) -> PointSet:
     """Read points from a CSV file with a header row.
 
     Coordinate columns (case-insensitive): ``x_ras,y_ras,z_ras`` (RAS), ``x_lps,y_lps,z_lps`` (LPS)
@@ -126,7 +126,8 @@ def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
 
     Args:
         path: the CSV file.
-        space: ``'RAS'`` or ``'LPS'``, the frame of plain ``x,y,z`` columns.
+        space: ``'RAS'`` or ``'LPS'``, the frame of plain ``x,y,z`` columns (``None``: RAS); given
+            for a file whose columns name their frame (``x_ras``, ``x_lps``), it must agree.
 
     Returns:
         A :class:`PointSet`: ``(N, 3)`` float64 world RAS mm, ``N`` labels, weights (``None``
@@ -134,11 +135,12 @@ def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
 
     Raises:
         ConfigError: ``space`` is not RAS or LPS.
-        ImageIOError: missing file, no coordinate columns, a coordinate, label or weight column
+        ImageIOError: missing file, no coordinate columns, columns of another frame than ``space``, a coordinate, label or weight column
             named twice, non-numeric values, a row with more values than the header, a negative or
             non-finite weight.
     """
-    space = _space(space)
+    given = None if space is None else _space(space)
+    space = given or "RAS"
     p, text = read_text(path, "a points CSV file")
     with reading(p, "a points CSV file"):
         rows = [r for r in csv.reader(io.StringIO(text))
@@ -153,6 +155,9 @@ def _read_points_csv(path: PathLike, space: str = "RAS") -> PointSet:
                             (("x", "y", "z"), space)):
             if all(c in header for c in cols):
                 idx = [header.index(c) for c in cols]
+                if given is not None and frame != given:
+                    raise ImageIOError(f"{p}: the columns {cols[0]},{cols[1]},{cols[2]} are {frame}, not the {given} "
+                                       "given for this file")
                 break
         else:
             raise ImageIOError(f"{p}: no coordinate columns in header {','.join(rows[0])[:80]!r} "
