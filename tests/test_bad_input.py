@@ -850,6 +850,14 @@ def points_frame_contradicts_csv_space(e):
              str(e.out / "q.csv")], r"p\.csv: the columns x_ras,y_ras,z_ras are RAS, not the LPS given")
 
 
+def voxels_too_small_for_an_affine(e):
+    tiny = e.aff.copy()
+    tiny[:3, :3] = np.eye(3) * 1e-5
+    return (register(e, moving=_image(e, "micro.nii.gz", e.img, tiny)),
+            r"micro\.nii\.gz: voxel sizes 1e-05 x 1e-05 x 1e-05 mm are too small .*are the voxel sizes in mm\?")
+
+
+CASES += [voxels_too_small_for_an_affine]
 CASES += [header_scaling_overflows_float32, points_with_image_options, points_frame_contradicts_csv_space]
 CASES += [exclude_pattern_matches_nothing, exclude_none_with_patterns, input_inside_the_pair_directory,
           apply_output_is_the_reference, invert_output_is_its_input, field_of_view_below_a_network_voxel,

@@ -68,6 +68,10 @@ def check_affine(affine: Any, where: str, error: type[KeyregError] = ImageConten
     except (TypeError, ValueError):
         a = None
     if a is None or not is_valid_affine(a):
+        if a is not None and a.shape == (4, 4) and np.all(np.isfinite(a)) and np.linalg.matrix_rank(a[:3, :3]) == 3:
+            sizes = " x ".join(f"{v:.3g}" for v in voxel_sizes(a))
+            raise error(f"{where}: voxel sizes {sizes} mm are too small (the affine's determinant is under 1e-12); "
+                        "are the voxel sizes in mm?")
         raise error(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)")
     return a
 
