@@ -2,7 +2,8 @@
 
 Algorithm (BrainMorph's groupwise mode, in world RAS mm):
 
-1. detect keypoints once per image (one network pass each; images are loaded one at a time);
+1. detect keypoints once per image (images are loaded one at a time); leave out the keypoints the
+   model (or ``exclude_keypoints``) leaves out of fits;
 2. start from the plain mean ``M0`` of the keypoint sets;
 3. iterate: fit each image's transform ``T_i`` (``moving_from_fixed``: template point -> image
    point) from the current mean ``M`` to the image's ORIGINAL keypoints ``P_i``; map the keypoints

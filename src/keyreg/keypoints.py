@@ -94,8 +94,8 @@ def detect_keypoints(
     """Keypoints in world mm: one network pass per image (batched ``batch_size`` at a time), or, for
     anatomical models, the test-time orientation search (:mod:`keyreg.models.inference`), the
     images in lockstep (their passes batched).  An image's keypoints do not depend on the images it
-    is processed with (:meth:`~keyreg.models.detector.KeypointDetector.infer`), so a pair's result
-    does not depend on batch order, resumption or sharding.
+    is processed with (:meth:`~keyreg.models.detector.KeypointDetector.infer`), so for a given number
+    of CPU threads a pair's result does not depend on batch order, resumption or sharding.
 
     ``search`` overrides an anatomical model's orientation search (``ModelConfig.orientation_search``):
     ``"always"``, ``"auto"`` or ``"off"`` (one pass on the image's own grid, no canonicalisation);

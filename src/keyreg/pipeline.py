@@ -6,7 +6,7 @@ are explicit methods, run in this order:
 ====================  =====================================================  ============================
 stage                 what                                                   module doing the work
 ====================  =====================================================  ============================
-``keypoints``         one network pass per image, cached per image key       :mod:`keyreg.keypoints`
+``keypoints``         one detection per image, cached per image key          :mod:`keyreg.keypoints`
 ``fit``               every requested transform from the two keypoint sets   :mod:`keyreg.transforms`
 ``refine``            (optional) dense refinement of every align: ``<align>+<stage>`` :mod:`keyreg.refine`
 ``dense``             a TPS sampled as a displacement field on the fixed grid :mod:`keyreg.transforms.field`
