@@ -770,6 +770,14 @@ def fixed_mask_empty(e):
     return register(e, extra=["--refine", "affine", "--fixed_mask", mask]), r"mask: the fixed mask is empty"
 
 
+def fixed_mask_of_one_voxel(e):
+    one = np.zeros(e.shape, np.uint8)
+    one[5, 7, 9] = 1
+    mask = _image(e, "mask.nii.gz", one)
+    return (register(e, extra=["--refine", "deformable", "--fixed_mask", mask]),
+            r"the fixed mask is too small: no voxel of it is left on the refinement's \d+ mm grid; give a larger mask")
+
+
 def fixed_mask_without_refine(e):
     mask = _image(e, "mask.nii.gz", np.ones(e.shape, np.uint8))
     return register(e, extra=["--fixed_mask", mask]), r"fixed mask limits the dense refinement's similarity"
@@ -781,7 +789,7 @@ def fixed_mask_missing(e):
 
 
 CASES += [refine_unknown_stage, refine_seconds_negative, refine_iterations_negative, refine_reg_weight_nan,
-          refine_unknown_similarity, fixed_mask_wrong_grid, fixed_mask_empty, fixed_mask_without_refine,
+          refine_unknown_similarity, fixed_mask_wrong_grid, fixed_mask_empty, fixed_mask_of_one_voxel, fixed_mask_without_refine,
           fixed_mask_missing]
 
 

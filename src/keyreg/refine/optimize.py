@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ImageContentError
 from .similarity import SIMILARITIES, gaussian_blur, lncc_loss, mind_loss, mind_ssc
 from .velocity import (
     DEFAULT_SQUARINGS,
@@ -216,12 +216,24 @@ def _levels(base: float, count: int) -> list[float]:
     return [base * 2 ** (count - 1 - i) for i in range(count)]
 
 
+def level_mask(mask: torch.Tensor | None, fixed_affine: np.ndarray, shape: Sequence[int],
+               spacing: float) -> torch.Tensor | None:
+    """The fixed mask on a level's grid; :class:`ImageContentError` if nothing of it is left there
+    (a mask of a few voxels: the similarity over it would be 0 / 0)."""
+    if mask is None:
+        return None
+    k = downsample(mask, fixed_affine, shape, blur=False)
+    if not bool((k > 0).any()):
+        raise ImageContentError(f"the fixed mask is too small: no voxel of it is left on the refinement's "
+                                f"{spacing:g} mm grid; give a larger mask")
+    return k
+
+
 def _level_data(fixed, moving, mask, fixed_affine, spacing, similarity):
     shape, aff = level_grid(fixed.shape[2:], fixed_affine, spacing)
     f = downsample(fixed, fixed_affine, shape)
     m = downsample(moving, fixed_affine, shape)
-    k = None if mask is None else downsample(mask, fixed_affine, shape, blur=False)
-    return shape, aff, _Features(similarity, f, m, k)
+    return shape, aff, _Features(similarity, f, m, level_mask(mask, fixed_affine, shape, spacing))
 
 
 class _Progress:

@@ -57,6 +57,7 @@ from .optimize import (
     DeformableConfig,
     _levels,
     downsample,
+    level_mask,
     optimize_affine,
     optimize_velocity,
 )
@@ -238,7 +239,7 @@ class _Measures:
         self.fixed_t, self.mask, self.affine, self.name, self.spacing = fixed_t, mask, fixed_affine, name, spacing
         if spacing is not None:
             self.shape, _ = level_grid(fixed_t.shape[2:], fixed_affine, spacing)
-            self.level_mask = None if mask is None else downsample(mask, fixed_affine, self.shape, blur=False)
+            self.level_mask = level_mask(mask, fixed_affine, self.shape, spacing)
             f = downsample(fixed_t, fixed_affine, self.shape)
             with torch.no_grad():
                 self.fixed_level = mind_ssc(f) if name == "mind" else f
