@@ -211,13 +211,14 @@ def test_refit_with_segmentations_writes_registers_none_row(data, tiny_model_fil
         assert b["harddice"] == pytest.approx(a["harddice"], abs=1e-9) and b["mse"] == pytest.approx(a["mse"], rel=1e-6)
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".mrk.json"])
-def test_refit_leaves_out_what_register_left_out(data, tiny_model_files, tmp_path, suffix):
+@pytest.mark.parametrize("suffix, weighting", [(".csv", []), (".mrk.json", []),
+                                               (".csv", ["--weighted_kp_align", "power"])])
+def test_refit_leaves_out_what_register_left_out(data, tiny_model_files, tmp_path, suffix, weighting):
     """Points register left out of its fits (--exclude_keypoints, or a model's fit_exclude) are written
     unselected, so an unedited refit fits the same points: the same rigid and affine matrices."""
     out, ref = tmp_path / "out", tmp_path / "refit"
     assert run("--moving", data / "mov/a.nii.gz", "--fixed", data / "fix/a.nii.gz", "--load_path", tiny_model_files,
-               "--list_of_aligns", "rigid", "affine", "--exclude_keypoints", "K-1", "K-1[0-2]",
+               "--list_of_aligns", "rigid", "affine", "--exclude_keypoints", "K-1", "K-1[0-2]", *weighting,
                "--save_eval_to_disk", "--save_dir", out, "--device", "cpu") == 0
     pair = out / "pairs" / "a"
     used = np.loadtxt(pair / "affine" / "keypoint_residuals.csv", delimiter=",", skiprows=1, usecols=-1)

@@ -148,8 +148,16 @@ def save_registration(reg: "Registration", directory: Path, *, write_images: boo
 def save_pair_keypoints(reg: "Registration", directory: Path) -> dict[str, Path]:
     """The keypoints of both images (``keypoints_fixed`` / ``keypoints_moving``, CSV and Slicer)."""
     out: dict[str, Path] = {}
+    weights = reg.weights
+    names = list(reg.fixed_keypoints.names)
+    if weights is not None and reg.excluded_keypoints and len(weights) != len(names):
+        # the fit weights cover the keypoints the fits used; those left out get 0 (and are unselected)
+        kept = [n not in set(reg.excluded_keypoints) for n in names]
+        full = np.zeros(len(names))
+        full[np.flatnonzero(kept)] = weights
+        weights = full
     for stem, kp in (("keypoints_fixed", reg.fixed_keypoints), ("keypoints_moving", reg.moving_keypoints)):
-        out.update(save_keypoints(directory, stem, kp.numpy(), reg.weights, kp.names, reg.excluded_keypoints))
+        out.update(save_keypoints(directory, stem, kp.numpy(), weights, kp.names, reg.excluded_keypoints))
     return out
 
 
