@@ -865,6 +865,27 @@ def voxels_too_small_for_an_affine(e):
             r"micro\.nii\.gz: voxel sizes 1e-05 x 1e-05 x 1e-05 mm are too small .*are the voxel sizes in mm\?")
 
 
+def evaluate_label_map_twice(e):
+    (e.src / "copy_seg.nii.gz").write_bytes((e.src / "fixed_seg.nii.gz").read_bytes())
+    return (["evaluate", "--label_maps", str(e.src / "fixed_seg.nii.gz"), str(e.src / "copy_seg.nii.gz"),
+             "--load_path", str(e.model), "--save_dir", str(e.out), "--device", "cpu", *_KIND],
+            r"--label_maps lists the same file twice: .*fixed_seg\.nii\.gz and .*copy_seg\.nii\.gz")
+
+
+def evaluate_csv_empty_seg_path(e):
+    # a spreadsheet's "CSV UTF-8": a byte-order mark and CRLF line ends
+    (e.src / "d.csv").write_bytes(b"\xef\xbb\xbfimg_path,seg_path,modality\r\nfixed.nii.gz,,t1\r\n")
+    return (["evaluate", "--csv", str(e.src / "d.csv"), "--load_path", str(e.model), "--save_dir", str(e.out),
+             "--device", "cpu", *_KIND], r"d\.csv:2: empty seg_path")
+
+
+def evaluate_translation_inf(e):
+    return (["evaluate", "--label_maps", str(e.src / "fixed_seg.nii.gz"), "--load_path", str(e.model),
+             "--save_dir", str(e.out), "--translation", "inf", "--device", "cpu", *_KIND],
+            r"--translation must be a finite number >= 0 mm, got inf")
+
+
+CASES += [evaluate_label_map_twice, evaluate_csv_empty_seg_path, evaluate_translation_inf]
 CASES += [voxels_too_small_for_an_affine]
 CASES += [header_scaling_overflows_float32, points_with_image_options, points_frame_contradicts_csv_space]
 CASES += [exclude_pattern_matches_nothing, exclude_none_with_patterns, input_inside_the_pair_directory,

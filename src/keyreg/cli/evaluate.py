@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     RegistrationOptions(aligns=tuple(args.list_of_aligns), label_interp=args.label_interp,
                         field_stride=1 if args.field_stride is None else args.field_stride)
-    if not args.rotations or not all(math.isfinite(r) for r in args.rotations):
-        raise ConfigError(f"rotation angles must be finite, got {args.rotations}")
+    if not args.rotations or not all(math.isfinite(r) and abs(r) <= 360 for r in args.rotations):
+        raise ConfigError(f"rotation angles must be finite degrees in [-360, 360], got {args.rotations}")
     draw_perturbation(args.seed, "check", 0.0, axis=args.axis, translation=args.translation, scaling=args.scaling)
     aligns = [s.name for s in parse_aligns(args.list_of_aligns)]
     metrics = parse_metrics(args.list_of_metrics)

@@ -4,6 +4,7 @@ synthetic contrasts (:mod:`.contrasts`)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import re
 from collections.abc import Sequence
@@ -97,6 +98,24 @@ def _compile(pattern: str | None) -> re.Pattern | None:
     return regex
 
 
+def _check_distinct(files: Sequence[Path], what: str) -> None:
+    """:class:`ConfigError` for a label map listed twice (the same path, a link to it, or a copy: the
+    same bytes): it would be counted as two subjects, its pairs with itself as cross-subject pairs."""
+    by_size: dict[int, list[Path]] = {}
+    for f in files:
+        try:
+            by_size.setdefault(f.stat().st_size, []).append(f)
+        except OSError:
+            continue  # a missing file fails with its own error when it is read
+    for group in by_size.values():
+        seen: dict[str, Path] = {}
+        for f in group if len(group) > 1 else ():
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            if digest in seen:
+                raise ConfigError(f"{what} the same file twice: {seen[digest]} and {f}")
+            seen[digest] = f
+
+
 def images_from_csv(path: str | Path) -> list[EvalImage]:
     """Images listed in a CSV with columns ``img_path,seg_path,modality`` (optionally ``subject``).
 
@@ -109,7 +128,7 @@ def images_from_csv(path: str | Path) -> list[EvalImage]:
     if not path.is_file():
         raise ImageIOError(f"{path}: CSV file does not exist")
     try:
-        rows = [r for r in csv.reader(io.StringIO(path.read_text())) if r and any(c.strip() for c in r)]
+        rows = [r for r in csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))) if r and any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ImageIOError(f"{path}: cannot read as CSV ({e})") from None
     if not rows:
@@ -129,6 +148,9 @@ def images_from_csv(path: str | Path) -> list[EvalImage]:
     for lineno, r in enumerate(rows, start=2 if has_header else 1):
         if len(r) < len(header):
             raise ConfigError(f"{path}:{lineno}: expected {len(header)} columns, got {len(r)}")
+        for c in ("img_path", "seg_path"):
+            if not r[col[c]].strip():
+                raise ConfigError(f"{path}:{lineno}: empty {c}")
         img = Path(r[col["img_path"]].strip())
         seg = Path(r[col["seg_path"]].strip())
         img, seg = (p if p.is_absolute() else base / p for p in (img, seg))
@@ -136,6 +158,11 @@ def images_from_csv(path: str | Path) -> list[EvalImage]:
         entries.append((img, seg, r[col["modality"]].strip() or "image", subject))
     if not entries:
         raise ConfigError(f"{path}: the CSV lists no image")
+    rows_of: dict[Path, int] = {}
+    for n, e in enumerate(entries):  # a repeated row would pair an image with itself
+        if e[0].resolve() in rows_of:
+            raise ConfigError(f"{path}: the CSV lists {e[0]} twice")
+        rows_of[e[0].resolve()] = n
     names = unique_names([nifti_stem(e[0]) for e in entries])
     out = []
     for (img, seg, mod, subject), name in zip(entries, names):
@@ -175,6 +202,7 @@ def images_from_label_maps(paths: Sequence[str | Path], contrasts: Sequence[str]
             files.append(p)
         else:
             raise ImageIOError(f"{p}: label map does not exist")
+    _check_distinct(files, "--label_maps lists")
     subjects = unique_names([nifti_stem(f) for f in files])
     segs = []
     for f, subject in zip(files, subjects):

@@ -60,8 +60,8 @@ def draw_perturbation(seed: int, pair_key: str, rotation_deg: float, *,
         translation: each component uniform in ``[-translation, translation]`` mm.
         scaling: isotropic scale uniform in ``[1 - scaling, 1 + scaling]``.
     """
-    if translation < 0:
-        raise ConfigError(f"--translation must be >= 0 mm, got {translation}")
+    if not (math.isfinite(translation) and translation >= 0):
+        raise ConfigError(f"--translation must be a finite number >= 0 mm, got {translation}")
     if not 0 <= scaling < 1:
         raise ConfigError(f"--scaling must be in [0, 1), got {scaling}")
     if not math.isfinite(rotation_deg):
