@@ -134,10 +134,12 @@ def test_max_minutes_stops_cleanly_and_resumes_the_same_schedule(label_maps, tmp
 
 
 def test_cli_train_and_pretrain(label_maps, tmp_path, capsys):
-    common = ["--label_maps", *label_maps[:2], "--num_keypoints", "8", "--num_levels", "2", "--num_truncated", "1",
+    common = ["--label_maps", *label_maps[:2], "--num_levels", "2", "--num_truncated", "1",
               "--f_maps", "4", "--grid_shape", "16", "--voxel_size", "3", "--steps", "1", "--batch_size", "1", "--no_progress",
               "--val_every", "0"]
     assert main(["pretrain", *common, "--save_dir", str(tmp_path / "p")]) == 0
+    assert main(["pretrain", *common, "--num_keypoints", "8", "--save_dir", str(tmp_path / "p8")]) == 2
+    assert "--num_keypoints does not apply" in capsys.readouterr().err  # the regions set K
     assert main(["train", *common, "--save_dir", str(tmp_path / "t"), "--load_path",
                  str(tmp_path / "p" / "model.safetensors"), "--transform_type", "tps", "--tps_lmbda", "lognormal"]) == 0
     assert "model written to" in capsys.readouterr().out
@@ -334,3 +336,17 @@ def test_control_spacing_sets_how_smooth_the_deformation_is(tmp_path):
     assert trainer.pairs.spatial.control_spacing == 64.0
     with pytest.raises(ConfigError, match="control_spacing"):
         TrainConfig(label_maps=maps, control_spacing=0.0).validate()
+
+
+def test_resume_refuses_changed_options_and_damaged_checkpoints(label_maps, tmp_path):
+    from keyreg.errors import CheckpointError
+
+    train(_cfg(label_maps, tmp_path / "b", steps=2, lr_schedule="cosine"), progress=False)
+    with pytest.raises(CheckpointError, match=r"differ from the checkpoint's run: --lr 0\.5 \(the run: "):
+        train(_cfg(label_maps, tmp_path / "b", steps=2, lr_schedule="cosine", lr=0.5), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"--steps 4 \(the run: 2\)"):  # a cosine schedule spans --steps
+        train(_cfg(label_maps, tmp_path / "b", steps=4, lr_schedule="cosine"), resume=True, progress=False)
+    latest = tmp_path / "b" / "checkpoints" / (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
+    (latest / "optimizer.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot resume from this checkpoint"):
+        train(_cfg(label_maps, tmp_path / "b", steps=2, lr_schedule="cosine"), resume=True, progress=False)

@@ -110,6 +110,11 @@ def run(args: argparse.Namespace, mode: str = "train") -> int:
 
     from ..train.trainer import Trainer, train
 
+    if mode == "pretrain" and args.num_keypoints is not None:
+        from ..errors import ConfigError
+
+        raise ConfigError("pretrain: the regions set the number of keypoints (one per region); --num_keypoints "
+                          "does not apply (--regions chooses the regions)")
     cfg = config_from_args(args, mode)
     if getattr(args, "eval", False):
         if not cfg.load_path:

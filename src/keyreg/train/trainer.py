@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..distributed import distributed_env
-from ..errors import CheckpointError, ConfigError, ImageIOError
+from ..errors import CheckpointError, ConfigError, ImageIOError, first_line
 from ..geometry import apply_affine, fov_center, fov_half_extent, normalized_to_voxel
 from ..models import KeypointDetector, ModelConfig
 from ..models.checkpoint import load_model, save_model
@@ -44,7 +44,8 @@ __all__ = ["TrainConfig", "Trainer", "sample_lambda", "train"]
 
 @dataclass
 class TrainConfig:
-    """Every option of a run (saved in each checkpoint; ``--resume`` reuses it)."""
+    """Every option of a run (saved in each checkpoint; ``--resume`` refuses other values, except those
+    in :data:`RESUMABLE_CHANGES`)."""
 
     mode: str = "train"                      # train | pretrain
     label_maps: list[str] = field(default_factory=list)
@@ -463,11 +464,16 @@ class Trainer:
         except (OSError, UnicodeError, ValueError) as e:
             raise CheckpointError(f"{path / 'state.json'}: corrupt training state ({str(e).splitlines()[0][:120]}); "
                                   f"resume from an earlier checkpoint or start afresh") from None
+        _check_resumed_config(state.get("train_config"), self.cfg, path)
         loaded = load_model(path / "model.safetensors", device=self.device)
-        self.model.load_state_dict(loaded.state_dict())
-        self.opt.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                                      state["optimizer"]))
-        rng = load_file(str(path / "rng.safetensors"))
+        try:
+            self.model.load_state_dict(loaded.state_dict())
+            self.opt.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                                          state["optimizer"]))
+            rng = load_file(str(path / "rng.safetensors"))
+        except Exception as e:  # safetensors' errors, missing files, a model of another shape
+            raise CheckpointError(f"{path}: cannot resume from this checkpoint ({first_line(e, 160)}); resume from "
+                                  "an earlier one or start afresh") from None
         key = f"generator_rank{self.rank}"
         if key not in rng:
             raise CheckpointError(f"{path}: saved with {state['world_size']} processes; cannot resume rank "
@@ -548,6 +554,30 @@ DEFAULT_SPLITS: dict[tuple[int, ...], int] = {
     (3,): 20, (42,): 20, (2,): 10, (41,): 10, (8,): 4, (47,): 4, (24,): 10, (16,): 3, (4,): 3, (43,): 3,
     (507,): 24, (511,): 12, (515,): 12, (516,): 8, (509,): 4,
 }
+
+
+#: Options that may change when a run is resumed: stopping, devices, logging, and paths (the same
+#: files may be named differently from another directory).  Every other option defines the run.
+RESUMABLE_CHANGES = frozenset({"stop_at", "max_minutes", "device", "use_amp", "use_wandb", "checkpoint_every",
+                               "val_every", "num_val_pairs", "save_dir", "label_maps", "val_label_maps",
+                               "data_dir", "load_path", "regions"})
+
+
+def _check_resumed_config(saved: Any, cfg: TrainConfig, path: Path) -> None:
+    """:class:`CheckpointError` if the options of a resumed run differ from the checkpoint's (other
+    than :data:`RESUMABLE_CHANGES`): the weights and optimizer state would silently override some and
+    mix with others."""
+    if not isinstance(saved, dict):
+        return  # a checkpoint from before the config was recorded
+    now = asdict(cfg)
+    free = RESUMABLE_CHANGES | ({"steps"} if cfg.lr_schedule == "constant" else set())  # a constant rate may go on
+    diff = [f"--{k} {now[k]!r} (the run: {saved[k]!r})" for k in sorted(now)
+            if k in saved and k not in free and now[k] != saved[k]
+            and not (isinstance(now[k], (list, tuple)) and list(now[k]) == list(saved[k] or []))]
+    if diff:
+        raise CheckpointError(f"{path}: --resume with options that differ from the checkpoint's run: "
+                              f"{'; '.join(diff)}; resume with the run's options (only stopping, device, "
+                              "logging and paths may change, and --steps with a constant learning rate)")
 
 
 def default_atlas(bank: LabelMapBank, seed: int = 0):
