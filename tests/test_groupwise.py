@@ -252,3 +252,15 @@ def test_groupwise_leaves_out_excluded_keypoints(group, tmp_path):
     assert [ln.split(",")[0] for ln in labels] == [f"K-{i}" for i in range(2, k + 1)]
     with pytest.raises(ConfigError, match="matches no keypoint name"):
         groupwise(images, keypoints=kps, align="rigid", exclude_keypoints=["left-*"], progress=False)
+
+
+def test_groupwise_refuses_a_template_grid_off_the_images(group, tmp_path):
+    img_dir, _, kps = group
+    images = [img_dir / n for n in sorted(p.name for p in img_dir.iterdir())]
+    far = np.diag([5.0, 5.0, 5.0, 1.0])
+    far[0, 3] = 5000.0
+    save_nifti(tmp_path / "far.nii.gz", np.zeros((10, 10, 10), np.float32), far)
+    with pytest.raises(ImageContentError, match="the template grid does not overlap this image"):
+        groupwise(images, keypoints=kps, align="rigid", template_grid=tmp_path / "far.nii.gz",
+                  save_dir=tmp_path / "gw", progress=False)
+    assert not [p for p in (tmp_path / "gw").rglob("*") if p.is_file()]

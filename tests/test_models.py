@@ -186,3 +186,12 @@ def test_model_config_round_trip():
     again = ModelConfig.from_dict(json.loads(cfg.to_json()))
     assert again.to_dict() == cfg.to_dict()
     assert isinstance(KeypointDetector(again), KeypointDetector)
+
+
+def test_model_config_refuses_duplicate_keypoint_names():
+    from keyreg.errors import ConfigError
+
+    d = json.loads(tiny_model().config.to_json())
+    d["keypoint_names"] = ["a"] * d["architecture"]["num_keypoints"]
+    with pytest.raises(ConfigError, match="keypoint_names must be distinct .* 'a' occurs 12 times"):
+        ModelConfig.from_dict(d)

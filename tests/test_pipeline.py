@@ -235,3 +235,26 @@ def test_the_warp_stage_warps_image_and_segmentation_in_one_pass_as_two_warps_wo
         np.testing.assert_array_equal(res.warped.data, img.data)
         np.testing.assert_array_equal(res.warped_seg.data, lab.data)
         assert res.warped_seg.data.dtype == np.int16 and float(res.warped.data.min()) == pytest.approx(-1024)
+
+
+def test_api_refuses_unknown_names_and_reads_a_reference_as_a_grid(pair):
+    from keyreg.errors import ConfigError
+
+    moving, fixed = pair
+    reg = Registrar(tiny_model(), device="cpu", aligns=("affine", "tps_1")).register(moving, fixed)
+    assert reg["tps_1.0"] is reg["tps_1"]
+    with pytest.raises(ConfigError, match="align 'tps_2' was not computed; available: affine, tps_1"):
+        reg["tps_2"]
+    with pytest.raises(ConfigError, match="unknown align 'bogus'"):
+        reg.evaluate(["mse"], aligns=["bogus"])
+    assert list(reg.evaluate(["mse"], aligns="tps_1.0")) == ["tps_1"]
+    res = reg["affine"]
+    with pytest.raises(ConfigError, match="kind must be image, labels or points, got 'label'"):
+        res.apply(moving, kind="label")
+    with pytest.raises(ConfigError, match="points_space must be moving or fixed, got 'world'"):
+        res.apply(np.zeros((2, 3)), points_space="world")
+    pts = np.array([[1.0, 2.0, 3.0], [-4.0, 0.5, 2.0]])
+    np.testing.assert_allclose(res.apply(torch.from_numpy(pts)), res.apply(pts))  # an (N, 3) tensor is points
+    # a reference is a grid: its voxels (here constant) do not matter
+    grid = (np.zeros((12, 13, 11), np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert res.apply(moving, reference=grid).shape == (12, 13, 11)

@@ -39,7 +39,7 @@ import torch
 
 from .atomic import atomic_dir
 from .errors import ConfigError, ImageContentError
-from .geometry import fov_center
+from .geometry import apply_affine, fov_center
 from .io import Volume, check_same_grid, grid_volume, load_volume, nifti_stem, read_grid, save_volume
 from .measure import normalize_like
 from .pairing import unique_names
@@ -198,6 +198,18 @@ def _name(source: Any, i: int) -> str:
     return f"image{i}"
 
 
+def _overlaps(grid: Volume, transform: AffineTransform | ThinPlateSpline, vol: Volume, n: int = 9) -> bool:
+    """Whether some of an ``n^3`` lattice of ``grid`` (the template) lands inside ``vol`` through
+    ``transform`` (template point -> image point)."""
+    axes = [torch.linspace(0, s - 1, n, dtype=torch.float64) for s in grid.shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, 3)
+    world = apply_affine(torch.as_tensor(grid.affine, dtype=torch.float64), idx)
+    img = transform.to("cpu").map_points(world).double()
+    vox = apply_affine(torch.linalg.inv(torch.as_tensor(vol.affine, dtype=torch.float64)), img)[0]
+    hi = torch.tensor(vol.shape, dtype=torch.float64) - 1
+    return bool(((vox >= 0) & (vox <= hi)).all(-1).any())
+
+
 def _template_grid(first: Volume, t0: AffineTransform | ThinPlateSpline) -> Volume:
     """The first image's grid, moved so that its centre is where its own centre lands in the template."""
     c0 = torch.as_tensor(fov_center(first.affine, first.shape), dtype=torch.float64).reshape(1, 1, 3)
@@ -317,6 +329,9 @@ def groupwise(
         for i in range(len(images)):
             vol = load_volume(images[i], kind="image")
             t = fit.transforms[i].to(dev)
+            if not _overlaps(grid, fit.transforms[i], vol):
+                raise ImageContentError(f"{names[i]}: the template grid does not overlap this image "
+                                        "(check --template_grid)")
             res = AlignmentResult(spec, t, grid, vol, fit.template_keypoints, np.asarray(keypoints[i], np.float64),
                                   None, registrar.options.field_stride, keypoint_names=names_kp)
             dense = registrar.dense(res)

@@ -51,8 +51,9 @@ def is_image_path(path: str | os.PathLike) -> bool:
 
 
 def is_valid_affine(a: np.ndarray) -> bool:
-    """True for a finite ``(4, 4)`` matrix whose linear part is invertible (``|det| >= 1e-12``)."""
-    return (a.shape == (4, 4) and bool(np.all(np.isfinite(a)))
+    """True for a finite ``(4, 4)`` matrix with the bottom row ``0 0 0 1`` whose linear part is
+    invertible (``|det| >= 1e-12``)."""
+    return (a.shape == (4, 4) and bool(np.all(np.isfinite(a))) and bool(np.allclose(a[3], (0, 0, 0, 1), atol=1e-6))
             and abs(float(np.linalg.det(a[:3, :3]))) >= 1e-12)
 
 
@@ -68,11 +69,12 @@ def check_affine(affine: Any, where: str, error: type[KeyregError] = ImageConten
     except (TypeError, ValueError):
         a = None
     if a is None or not is_valid_affine(a):
-        if a is not None and a.shape == (4, 4) and np.all(np.isfinite(a)) and np.linalg.matrix_rank(a[:3, :3]) == 3:
+        if a is not None and a.shape == (4, 4) and np.all(np.isfinite(a)) and np.allclose(a[3], (0, 0, 0, 1)) \
+                and np.linalg.matrix_rank(a[:3, :3]) == 3:
             sizes = " x ".join(f"{v:.3g}" for v in voxel_sizes(a))
             raise error(f"{where}: voxel sizes {sizes} mm are too small (the affine's determinant is under 1e-12); "
                         "are the voxel sizes in mm?")
-        raise error(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix)")
+        raise error(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix with the bottom row 0 0 0 1)")
     return a
 
 

@@ -531,6 +531,9 @@ class Registrar:
     def load(self, moving: Any, fixed: Any, moving_seg: Any = None,
              fixed_seg: Any = None) -> tuple[Volume, Volume, Volume | None, Volume | None]:
         """Read and check the inputs: images, and segmentations on their images' grids."""
+        for name, x in (("moving", moving), ("fixed", fixed)):
+            if x is None:
+                raise ConfigError(f"the {name} image is missing (None)")
         with self.timer("load"):
             # read on threads (parallel gzip decompression); a bad input's error in this order
             given = [(fixed, "image"), (moving, "image"), (fixed_seg, "labels"), (moving_seg, "labels")]

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 
 from . import export
 from .errors import ConfigError
-from .io import Volume, load_volume
+from .io import Volume, grid_volume, load_volume, read_grid
 from .keypoints import ImageKeypoints
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, DisplacementField, ThinPlateSpline,
                          map_to_fixed, parse_aligns, sample_field)
@@ -139,6 +140,21 @@ def measure_before(metrics: Sequence[str], *, fixed: Volume, moving: Volume, fix
     return measure_alignment(metrics, fixed=fixed, moving=moving, transform=ident, warped=warped,
                              warped_seg=warped_seg, fixed_seg=fixed_seg, moving_seg=moving_seg,
                              fixed_surfaces=fixed_surfaces)
+
+
+def _grid_of(reference: Any) -> Volume:
+    """The grid of a reference (only its shape and affine matter, not its voxels): a path, a nibabel
+    image, ``(array, affine)`` or a :class:`Volume`."""
+    if isinstance(reference, Volume):
+        return reference
+    if isinstance(reference, (str, os.PathLike)):
+        return read_grid(reference)
+    if isinstance(reference, tuple) and len(reference) == 2:
+        return grid_volume(np.shape(reference[0]), np.asarray(reference[1], dtype=np.float64), "reference")
+    if hasattr(reference, "affine") and hasattr(reference, "shape"):
+        return grid_volume(reference.shape, np.asarray(reference.affine, dtype=np.float64), "reference")
+    raise ConfigError(f"a reference grid is a path, a nibabel image, (array, affine) or a Volume, got "
+                      f"{type(reference).__name__}")
 
 
 @dataclass
@@ -269,7 +285,13 @@ class AlignmentResult:
         Returns:
             A :class:`Volume` on the reference grid, or ``(N, 3)`` points.
         """
+        if kind not in (None, "image", "labels", "points"):
+            raise ConfigError(f"kind must be image, labels or points, got {kind!r}")
+        if points_space not in ("moving", "fixed"):
+            raise ConfigError(f"points_space must be moving or fixed, got {points_space!r}")
         if kind is None:
+            if torch.is_tensor(x):
+                x = x.detach().cpu().numpy()
             arr = np.asarray(x) if isinstance(x, (np.ndarray, list)) else None
             kind = "points" if arr is not None and arr.ndim == 2 and arr.shape[1] == 3 else "image"
         if kind == "points":
@@ -284,8 +306,7 @@ class AlignmentResult:
                 warnings.warn(f"{self.name}: inverse residual up to {float(res.max()):.3g} mm", stacklevel=2)
             return p[0].numpy()
         vol = load_volume(x, kind="labels" if kind == "labels" else "image")
-        ref = self.fixed if reference is None else reference if isinstance(reference, Volume) \
-            else load_volume(reference, kind="image")
+        ref = self.fixed if reference is None else _grid_of(reference)
         return warp_volume(vol, ref, self._transform_for(ref), kind=vol.kind, interp=interp, pad_value=self.pad_value)
 
     def _transform_for(self, ref: Volume):
@@ -345,7 +366,7 @@ class Registration:
         base, plus, stage = align.partition("+")
         key = parse_aligns([base])[0].name + plus + stage
         if key not in self.results:
-            raise KeyError(f"{align!r} was not computed; available: {', '.join(self.results)}")
+            raise ConfigError(f"align {align!r} was not computed; available: {', '.join(self.results)}")
         return self.results[key]
 
     def __iter__(self) -> Iterator[AlignmentResult]:
@@ -357,9 +378,12 @@ class Registration:
         from .measure import measure_alignment
 
         names = self._metric_names(metrics)
+        if isinstance(aligns, str):
+            aligns = [aligns]
+        wanted = None if aligns is None else {self[a].name for a in aligns}  # ConfigError for an unknown one
         out = {}
         for res in self:
-            if aligns is not None and res.name not in aligns:
+            if wanted is not None and res.name not in wanted:
                 continue
             res.metrics = measure_alignment(
                 names, fixed=self.fixed, moving=self.moving, transform=res.dense_transform(), warped=res.warped,

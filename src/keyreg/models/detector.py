@@ -136,6 +136,10 @@ class ModelConfig:
         if names is not None and (not isinstance(names, list) or len(names) != arch.num_keypoints
                                   or not all(isinstance(n, str) for n in names)):
             raise ConfigError(f"keypoint_names must be a list of {arch.num_keypoints} strings")
+        if names is not None and len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ConfigError(f"keypoint_names must be distinct (keypoints are matched by name), {twice!r} occurs "
+                              f"{names.count(twice)} times")
         search = d.get("orientation_search", False)
         if search not in (True, False, "auto", "always"):
             raise ConfigError(f"orientation_search must be true, false, 'auto' or 'always', got {search!r}")
