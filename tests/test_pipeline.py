@@ -258,3 +258,13 @@ def test_api_refuses_unknown_names_and_reads_a_reference_as_a_grid(pair):
     # a reference is a grid: its voxels (here constant) do not matter
     grid = (np.zeros((12, 13, 11), np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
     assert res.apply(moving, reference=grid).shape == (12, 13, 11)
+
+
+def test_a_cache_key_reused_for_another_grid_detects_anew(pair):
+    moving, fixed = pair
+    r = Registrar(tiny_model(), device="cpu", aligns=("affine",))
+    r.register(moving, fixed, moving_key="m", fixed_key="f")
+    shifted = make_volume(np.asarray(fixed.data), fixed.affine @ np.array(
+        [[1, 0, 0, 3.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), "fixed")
+    r.register(moving, shifted, moving_key="m", fixed_key="f")  # the same key, another grid
+    assert r.network_passes == 3

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, DegenerateFitError
@@ -344,6 +345,10 @@ class Registrar:
     def keypoints_of(self, volumes: Sequence[Volume], keys: Sequence[Any]) -> list[ImageKeypoints]:
         """Stage 1 for several images: those not cached under their key are detected together (their
         network passes batched; the result of each is what it would be alone)."""
+        # a key names one image: its grid is part of the cache key, so another image under the same
+        # key (a caller's slip) is detected anew instead of silently given the first one's keypoints
+        keys = [None if k is None else (k, v.shape, np.asarray(v.affine, np.float64).round(6).tobytes())
+                for k, v in zip(keys, volumes)]
         out: list[ImageKeypoints | None] = [self._cache.get(k) if k is not None else None for k in keys]
         todo = [i for i, kp in enumerate(out) if kp is None]
         if todo:
