@@ -304,7 +304,8 @@ def groupwise(
         keypoints = kps
     names_kp = names_kp or default_keypoint_names(len(keypoints[0]))
     keep, left_out, _ = registrar.fit_keep(names_kp)
-    if left_out and len({np.shape(k) for k in keypoints}) == 1:  # the same exclusion as a pairwise fit: the template is built from the kept keypoints
+    # the same exclusion as a pairwise fit: the template is built from the kept keypoints
+    if left_out and len({np.shape(k) for k in keypoints}) == 1:
         keypoints = [np.asarray(k)[keep] for k in keypoints]
         names_kp = [names_kp[i] for i in keep]
     first = grids[0] if grids[0] is not None else load_volume(images[0])
