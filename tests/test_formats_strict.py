@@ -180,3 +180,9 @@ def test_ants_mat_still_reads_real_files(tmp_path):
     a = np.eye(4)
     a[:3, 3] = [7.0, -1.5, 2.0]
     np.testing.assert_allclose(read_ants_mat(write_ants_mat(tmp_path / "a.mat", a)), a, atol=1e-12)
+
+
+def test_csv_with_two_frames_is_refused(tmp_path):
+    path = tmp_path / "both.csv"
+    path.write_text("label,x_ras,y_ras,z_ras,x_lps,y_lps,z_lps\nA,1,2,3,-1,-2,3\n")
+    _raises(read_point_set, path, "both x_ras,y_ras,z_ras and x_lps,y_lps,z_lps columns")

@@ -151,6 +151,8 @@ def _read_points_csv(path: PathLike, space: str | None = None) -> PointSet:
         for c in ("x_ras", "y_ras", "z_ras", "x_lps", "y_lps", "z_lps", "x", "y", "z", "label", "name", "weight"):
             if header.count(c) > 1:
                 raise ImageIOError(f"{p}: column {c!r} occurs {header.count(c)} times in the header")
+        if all(c in header for c in ("x_ras", "y_ras", "z_ras", "x_lps", "y_lps", "z_lps")):
+            raise ImageIOError(f"{p}: both x_ras,y_ras,z_ras and x_lps,y_lps,z_lps columns; keep the points of one frame")
         for cols, frame in ((("x_ras", "y_ras", "z_ras"), "RAS"), (("x_lps", "y_lps", "z_lps"), "LPS"),
                             (("x", "y", "z"), space)):
             if all(c in header for c in cols):
