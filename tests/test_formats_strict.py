@@ -186,3 +186,10 @@ def test_csv_with_two_frames_is_refused(tmp_path):
     path = tmp_path / "both.csv"
     path.write_text("label,x_ras,y_ras,z_ras,x_lps,y_lps,z_lps\nA,1,2,3,-1,-2,3\n")
     _raises(read_point_set, path, "both x_ras,y_ras,z_ras and x_lps,y_lps,z_lps columns")
+
+
+def test_lta_comment_names_the_src_and_dst_images(tmp_path):
+    """The comment follows the file's own src/dst (an inverse swaps them), not a fixed wording."""
+    path = write_lta(tmp_path / "t.lta", np.eye(4), (4, 5, 6), np.eye(4), (6, 5, 4), np.eye(4),
+                     moving_name="fixed_of_the_pair", fixed_name="moving_of_the_pair")
+    assert "maps src RAS mm (fixed_of_the_pair) to dst RAS mm (moving_of_the_pair)" in path.read_text()

@@ -66,6 +66,10 @@ def lta_geometry_block(shape: Sequence[int], affine, filename: str = "") -> str:
     )
 
 
+def _named(name: str) -> str:
+    return f" ({one_line(name)})" if name else ""
+
+
 def write_lta(path: PathLike, matrix, moving_shape: Sequence[int], moving_affine,
               fixed_shape: Sequence[int], fixed_affine, moving_name: str = "",
               fixed_name: str = "") -> Path:
@@ -91,7 +95,7 @@ def write_lta(path: PathLike, matrix, moving_shape: Sequence[int], moving_affine
     rows = "".join(" ".join(fmt(v) for v in row) + "\n" for row in lta)
     text = (
         f"# transform file {one_line(Path(path).name)}\n"
-        "# created by keyreg: maps src (moving) RAS mm to dst (fixed) RAS mm\n"
+        f"# created by keyreg: maps src RAS mm{_named(moving_name)} to dst RAS mm{_named(fixed_name)}\n"
         f"type      = {LINEAR_RAS_TO_RAS} # LINEAR_RAS_TO_RAS\n"
         "nxforms   = 1\n"
         "mean      = 0.0000 0.0000 0.0000\n"
