@@ -13,12 +13,11 @@ import torch
 
 from ..errors import ConfigError, ImageContentError
 from ..formats.tps import tps_from_dict
-from ..geometry import apply_affine, as_affine_tensor, voxel_grid
+from ..geometry import apply_affine, voxel_grid
 from ..io import Volume, read_grid
 from ..transforms import AffineTransform, DisplacementField, ThinPlateSpline
 from ..transforms.field import coarse_grid_affine
 from ..transforms.invert import invert_on_grid as _invert_on_grid
-from ..transforms.invert import voxel_indices as _voxel_indices
 from .saved import SavedTransform, Transform, as_saved
 
 __all__ = ["InverseResult", "inverse_matrix", "invert_on_grid", "invert_saved_transform"]
@@ -147,11 +146,9 @@ def invert_saved_transform(
     target = moving_grid if moving_grid is not None else st.fixed_grid if st.format == "field" else None
     if target is None:
         raise ConfigError(f"{st.path}: a numerical inverse needs the grid of the moving image; pass --moving")
-    inv_field, residual, edge = _invert_on_grid(st.transform, target.shape, target.affine, iterations=iterations,
-                                                tolerance=tolerance, track_domain=True)
-    # no inverse on the field: the inverse point at its border or beyond, or an iteration that went
-    # there and did not converge (it may end inside, on a point that does not map to q)
-    inside = _in_domain(st.transform, inv_field, target) & ~(edge & (residual >= tolerance))
+    inv_field, residual, off_field = _invert_on_grid(st.transform, target.shape, target.affine,
+                                                     iterations=iterations, tolerance=tolerance, track_domain=True)
+    inside = ~off_field
     kept, out = residual[inside], residual[~inside]
     return InverseResult(inv_field, "fixed_point", float(kept.max(initial=0.0)), float(kept.mean()) if kept.size else 0.0,
                          int(kept.size), fixed_grid=target, moving_grid=st.fixed_grid,
@@ -173,23 +170,9 @@ def _stored_inverse(st: SavedTransform) -> InverseResult:
     residual = (st.transform.map_points(p.to(torch.float32)).double() - q).norm(dim=-1)[0].numpy()
     inside = np.ones(residual.shape, dtype=bool)
     if isinstance(st.transform, DisplacementField):  # no inverse where p leaves the forward field's grid
-        vox = apply_affine(torch.linalg.inv(st.transform.grid_affine.double()), p)[0]
-        hi = torch.tensor(st.transform.shape, dtype=torch.float64) - 2
-        inside = ((vox >= 1) & (vox <= hi)).all(-1).numpy()
+        inside = st.transform.interior(p)[0].numpy()
     kept, out = residual[inside], residual[~inside]
     return InverseResult(inv, "stored", float(kept.max(initial=0.0)), float(kept.mean()) if kept.size else 0.0,
                          int(kept.size), fixed_grid=grid, moving_grid=st.fixed_grid, excluded=int(out.size),
                          excluded_max_mm=float(out.max(initial=0.0)))
 
-
-def _in_domain(transform: Any, inverse: DisplacementField, grid: Volume) -> np.ndarray:
-    """``(I, J, K)``: where the inverse point ``q + v(q)`` lies at least one voxel inside the field's
-    grid (everywhere for transforms defined in all of space)."""
-    if not isinstance(transform, DisplacementField):
-        return np.ones(grid.shape, dtype=bool)
-    f = transform
-    idx = _voxel_indices(grid.shape, 0, int(np.prod(grid.shape)))
-    p = apply_affine(as_affine_tensor(grid.affine), idx) + inverse.displacement[0].reshape(3, -1).T.double()
-    vox = apply_affine(torch.linalg.inv(f.grid_affine.double()), p)
-    hi = torch.tensor(f.shape, dtype=torch.float64) - 2
-    return ((vox >= 1) & (vox <= hi)).all(-1).reshape(grid.shape).numpy()

@@ -72,6 +72,13 @@ class DisplacementField:
                           padding_mode="zeros", align_corners=True)  # (B, 3, M, 1, 1)
         return points + u[..., 0, 0].transpose(1, 2).to(points.dtype)
 
+    def interior(self, points: torch.Tensor) -> torch.Tensor:
+        """``(..., N)`` bools for world points ``(..., N, 3)``: at least one voxel inside the field's grid,
+        where ``u`` is interpolated (at the border and beyond it drops to 0: no inverse reaches there)."""
+        vox = apply_affine(torch.linalg.inv(self.grid_affine.double()).to(points.device), points.double())
+        hi = torch.tensor(self.shape, dtype=torch.float64, device=vox.device) - 2
+        return ((vox >= 1) & (vox <= hi)).all(-1)
+
     def upsample(self, shape: Sequence[int], affine: np.ndarray | torch.Tensor) -> "DisplacementField":
         """The same field on a finer grid that shares its corners (e.g. the full fixed grid)."""
         up = F.interpolate(self.displacement, size=tuple(shape), mode="trilinear", align_corners=True)

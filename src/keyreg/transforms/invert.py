@@ -125,9 +125,9 @@ def invert_on_grid(
     Returns:
         ``(inverse, residual)``: a batch-1 :class:`DisplacementField` ``(1, 3, I, J, K)`` float32 on
         ``grid`` (``T^-1(q) = q + v(q)``, world RAS mm) and ``|T(q + v(q)) - q|`` ``(I, J, K)`` mm;
-        with ``track_domain`` (``T`` a displacement field) also ``(I, J, K)`` bools: where an iterate
-        came within one voxel of the field's border or beyond (``u`` is not defined there, so a point
-        that went there and did not converge has no inverse on the field).
+        with ``track_domain`` also ``(I, J, K)`` bools, where ``q`` has no inverse on a displacement
+        field ``T`` (:meth:`DisplacementField.interior`): the inverse point off the field's interior, or
+        an iteration that went there and did not converge (all ``False`` for other transforms).
     """
     from ..geometry import apply_affine, as_affine_tensor
     from .field import DisplacementField
@@ -139,24 +139,23 @@ def invert_on_grid(
     disp = torch.empty(total, 3, dtype=torch.float32)
     residual = torch.empty(total, dtype=torch.float64)
     track = track_domain and isinstance(transform, DisplacementField)
-    edge = torch.zeros(total, dtype=torch.bool)
-    if track:
-        vox_from_world = torch.linalg.inv(transform.grid_affine.double())
-        hi = torch.tensor(transform.shape, dtype=torch.float64) - 2
+    off_field = torch.zeros(total, dtype=torch.bool)
     for start in range(0, total, slab_points):  # memory: a few (slab_points, 3) arrays
         stop = min(total, start + slab_points)
         q = apply_affine(aff, voxel_indices(shape, start, stop)).unsqueeze(0)
         p = q.clone()
+        edge = torch.zeros(stop - start, dtype=torch.bool)
         for _ in range(iterations):
             if track:
-                vox = apply_affine(vox_from_world, p[0])
-                edge[start:stop] |= ~((vox >= 1) & (vox <= hi)).all(-1)
+                edge |= ~transform.interior(p[0])
             r = transform.map_points(p).double() - q
             if float(r.norm(dim=-1).max()) < tolerance:
                 break
             p = p - r @ pre.T
         residual[start:stop] = (transform.map_points(p).double() - q).norm(dim=-1)[0]
         disp[start:stop] = (p - q)[0].float()
+        if track:
+            off_field[start:stop] = ~transform.interior(p[0]) | (edge & (residual[start:stop] >= tolerance))
     field_t = disp.T.reshape(1, 3, *shape).contiguous()
     out = DisplacementField(field_t, aff), residual.reshape(shape).numpy()
-    return (*out, edge.reshape(shape).numpy()) if track_domain else out
+    return (*out, off_field.reshape(shape).numpy()) if track_domain else out
