@@ -848,8 +848,8 @@ def header_scaling_overflows_float32(e):
 
 def points_with_image_options(e):
     (e.src / "p.csv").write_text("label,x_ras,y_ras,z_ras\nA,1,2,3\n")
-    return (["apply", str(e.src / "p.csv"), "-t", str(e.src / "t_matrix.txt"), "--labels", "-o", str(e.out / "q.csv")],
-            r"--labels: for images and label maps, not for points")
+    return (["apply", str(e.src / "p.csv"), "-t", str(e.src / "t_matrix.txt"), "--labels", "--pad_value", "0", "-o",
+             str(e.out / "q.csv")], r"--labels and --pad_value: for images and label maps, not for points")
 
 
 def points_frame_contradicts_csv_space(e):

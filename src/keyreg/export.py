@@ -54,7 +54,8 @@ def save_keypoints(directory: Path, stem: str, points: np.ndarray,
     labels = [f"K-{i + 1}" for i in range(len(points))] if names is None else list(names)
     if weights is not None and len(weights) != len(points):
         weights = None
-    selected = [lab not in set(excluded) for lab in labels] if excluded else None
+    left_out = set(excluded or ())
+    selected = [lab not in left_out for lab in labels] if left_out else None
     csv = write_points_csv(directory / f"{stem}.csv", points, labels=labels, weights=weights, selected=selected)
     mrk = write_markups_json(directory / f"{stem}.mrk.json", points, labels=labels, selected=selected)
     return {f"{stem}_csv": Path(csv), f"{stem}_mrk": Path(mrk)}
@@ -152,7 +153,8 @@ def save_pair_keypoints(reg: "Registration", directory: Path) -> dict[str, Path]
     names = list(reg.fixed_keypoints.names)
     if weights is not None and reg.excluded_keypoints and len(weights) != len(names):
         # the fit weights cover the keypoints the fits used; those left out get 0 (and are unselected)
-        kept = [n not in set(reg.excluded_keypoints) for n in names]
+        left_out = set(reg.excluded_keypoints)
+        kept = [n not in left_out for n in names]
         full = np.zeros(len(names))
         full[np.flatnonzero(kept)] = weights
         weights = full

@@ -303,7 +303,7 @@ def groupwise(
                     names_kp = list(kp.names)
         keypoints = kps
     names_kp = names_kp or default_keypoint_names(len(keypoints[0]))
-    keep, left_out, _ = registrar.fit_keep(names_kp)
+    keep, left_out = registrar.fit_keep(names_kp)
     # the same exclusion as a pairwise fit: the template is built from the kept keypoints
     if left_out and len({np.shape(k) for k in keypoints}) == 1:
         keypoints = [np.asarray(k)[keep] for k in keypoints]

@@ -50,11 +50,25 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_SUFFIXES)
 
 
+_INVALID_AFFINE = "invalid affine (must be a finite, invertible 4x4 matrix with the bottom row 0 0 0 1)"
+
+
+def _affine_problem(a: np.ndarray) -> str | None:
+    """Why ``a`` is not a usable world-from-voxel affine (``None``: it is)."""
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or not np.allclose(a[3], (0, 0, 0, 1), atol=1e-6):
+        return _INVALID_AFFINE
+    if abs(float(np.linalg.det(a[:3, :3]))) < 1e-12:
+        if np.linalg.matrix_rank(a[:3, :3]) < 3:
+            return _INVALID_AFFINE
+        sizes = " x ".join(f"{v:.3g}" for v in voxel_sizes(a))
+        return f"voxel sizes {sizes} mm are too small (the affine's determinant is under 1e-12); are the voxel sizes in mm?"
+    return None
+
+
 def is_valid_affine(a: np.ndarray) -> bool:
     """True for a finite ``(4, 4)`` matrix with the bottom row ``0 0 0 1`` whose linear part is
     invertible (``|det| >= 1e-12``)."""
-    return (a.shape == (4, 4) and bool(np.all(np.isfinite(a))) and bool(np.allclose(a[3], (0, 0, 0, 1), atol=1e-6))
-            and abs(float(np.linalg.det(a[:3, :3]))) >= 1e-12)
+    return _affine_problem(a) is None
 
 
 def check_affine(affine: Any, where: str, error: type[KeyregError] = ImageContentError) -> np.ndarray:
@@ -68,13 +82,9 @@ def check_affine(affine: Any, where: str, error: type[KeyregError] = ImageConten
         a = np.asarray(affine, dtype=np.float64)
     except (TypeError, ValueError):
         a = None
-    if a is None or not is_valid_affine(a):
-        if a is not None and a.shape == (4, 4) and np.all(np.isfinite(a)) and np.allclose(a[3], (0, 0, 0, 1)) \
-                and np.linalg.matrix_rank(a[:3, :3]) == 3:
-            sizes = " x ".join(f"{v:.3g}" for v in voxel_sizes(a))
-            raise error(f"{where}: voxel sizes {sizes} mm are too small (the affine's determinant is under 1e-12); "
-                        "are the voxel sizes in mm?")
-        raise error(f"{where}: invalid affine (must be a finite, invertible 4x4 matrix with the bottom row 0 0 0 1)")
+    problem = _INVALID_AFFINE if a is None else _affine_problem(a)
+    if problem is not None:
+        raise error(f"{where}: {problem}")
     return a
 
 

@@ -372,9 +372,9 @@ class Registrar:
             return False
         return self.model.config.weighting == "power"
 
-    def fit_keep(self, names: Sequence[str]) -> tuple[list[int], list[str], tuple[str, ...]]:
-        """Which of the keypoints ``names`` enter fits: ``(kept indices, dropped names, patterns)``
-        under ``exclude_keypoints`` (``None``: the model's default ``fit_exclude``).
+    def fit_keep(self, names: Sequence[str]) -> tuple[list[int], list[str]]:
+        """Which of the keypoints ``names`` enter fits: ``(kept indices, dropped names)`` under
+        ``exclude_keypoints`` (``None``: the model's default ``fit_exclude``).
 
         Raises:
             ConfigError: a pattern that matches none of ``names`` (a typo would silently fit every point).
@@ -386,7 +386,7 @@ class Registrar:
             model = self._net if self._net is not None or self._model_arg is None else self.model
             pats = tuple(getattr(getattr(model, "config", None), "fit_exclude", ()) or ())
         if not pats:
-            return list(range(len(names))), [], ()
+            return list(range(len(names))), []
         for p in () if default else pats:
             if len(select_keypoints(names, [p])) == len(names):
                 raise ConfigError(f"--exclude_keypoints {p!r} matches no keypoint name (names are case-sensitive, "
@@ -396,13 +396,13 @@ class Registrar:
         worst = max(self.options.specs, key=min_keypoints)
         check_enough(len(keep), len(names), need, f"{'an' if worst.name[0] in 'aeiou' else 'a'} {worst.name} fit", pats)
         kept = set(keep)
-        return keep, [n for i, n in enumerate(names) if i not in kept], pats
+        return keep, [n for i, n in enumerate(names) if i not in kept]
 
     def select(self, fixed_kp: ImageKeypoints, moving_kp: ImageKeypoints) -> tuple[ImageKeypoints, ImageKeypoints, list[str]]:
         """Drop the keypoints named by ``exclude_keypoints`` from both sets (:meth:`fit_keep`); returns
         the kept sets and the names dropped."""
-        keep, dropped, pats = self.fit_keep(fixed_kp.names)
-        if not pats:
+        keep, dropped = self.fit_keep(fixed_kp.names)
+        if not dropped:
             return fixed_kp, moving_kp, []
         return fixed_kp.subset(keep), moving_kp.subset(keep), dropped
 

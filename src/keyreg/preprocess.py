@@ -236,7 +236,7 @@ def network_source(volume: Volume, config: PreprocessConfig, world_from_net: np.
     if (spans < 2).any():
         fov = " x ".join(f"{v:.3g}" for v in voxel_sizes(volume.affine) * np.asarray(volume.shape[:3]))
         raise ImageContentError(f"{volume.name}: field of view {fov} mm is smaller than two network voxels "
-                                f"({float(np.sqrt((world_from_net[:3, 0] ** 2).sum())):.3g} mm); are the voxel "
+                                f"({float(voxel_sizes(world_from_net)[0]):.3g} mm); are the voxel "
                                 "sizes in mm?")
     pooled, img_from_pooled, box_var = _box_pool(src, factors)
     step = np.diag(img_from_pooled)[:3]

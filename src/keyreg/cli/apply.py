@@ -40,8 +40,8 @@ def _is_points(path: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from ..apply import apply_transform, load_saved_transform, transform_points
-    from ..errors import ConfigError
     from ..atomic import check_not_overwriting
+    from ..errors import ConfigError
     from ..io import is_nifti_path, save_volume
 
     src, out = Path(args.input), Path(args.output)
@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.labels and args.interp == "labelwise":
         raise ConfigError("--interp labelwise is for label maps: add --labels")
     if points:
-        image_only = [opt for opt, v in (("--labels", args.labels), ("--interp", args.interp), ("-r", args.reference),
-                                         ("--pad_value", args.pad_value)) if v]
+        image_only = [opt for opt, given in (("--labels", args.labels), ("--interp", args.interp is not None),
+                                             ("-r", args.reference is not None),
+                                             ("--pad_value", args.pad_value is not None)) if given]
         if image_only:
             raise ConfigError(f"{' and '.join(image_only)}: for images and label maps, not for points")
     elif args.csv_space is not None:
