@@ -135,9 +135,9 @@ def _read_points_csv(path: PathLike, space: str | None = None) -> PointSet:
 
     Raises:
         ConfigError: ``space`` is not RAS or LPS.
-        ImageIOError: missing file, no coordinate columns, columns of another frame than ``space``, a coordinate, label or weight column
-            named twice, non-numeric values, a row with more values than the header, a negative or
-            non-finite weight.
+        ImageIOError: missing file, no coordinate columns, columns of another frame than ``space`` or
+            of both frames, a column named twice, non-numeric values, a row with more values than the
+            header, a negative or non-finite weight, a ``selected`` value other than 1, 0, true, false.
     """
     given = None if space is None else _space(space)
     space = given or "RAS"
@@ -148,7 +148,8 @@ def _read_points_csv(path: PathLike, space: str | None = None) -> PointSet:
         if not rows:
             raise ImageIOError(f"{p}: empty CSV file (expected a header such as label,x_ras,y_ras,z_ras)")
         header = [h.strip().lower() for h in rows[0]]
-        for c in ("x_ras", "y_ras", "z_ras", "x_lps", "y_lps", "z_lps", "x", "y", "z", "label", "name", "weight"):
+        for c in ("x_ras", "y_ras", "z_ras", "x_lps", "y_lps", "z_lps", "x", "y", "z", "label", "name", "weight",
+                  "selected"):
             if header.count(c) > 1:
                 raise ImageIOError(f"{p}: column {c!r} occurs {header.count(c)} times in the header")
         if all(c in header for c in ("x_ras", "y_ras", "z_ras", "x_lps", "y_lps", "z_lps")):
