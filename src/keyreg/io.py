@@ -23,7 +23,7 @@ import torch
 
 from . import nifti_gzip
 from .atomic import atomic_path
-from .errors import ImageContentError, ImageIOError, KeyregError, OutputError, first_line
+from .errors import ConfigError, ImageContentError, ImageIOError, KeyregError, OutputError, first_line
 from .geometry import voxel_sizes
 from .nifti_gzip import TORCH_COPY_DTYPES
 
@@ -411,15 +411,24 @@ def grid_volume(shape: Any, affine: np.ndarray, name: str = "grid",
 
 
 def read_grid(source: Any, *, name: str | None = None) -> Volume:
-    """The grid of a NIfTI file (shape, affine, header) without reading its voxels.
+    """The grid of a NIfTI file (shape, affine, header) without reading its voxels; also of a nibabel
+    image or an ``(array, affine)`` pair (their voxels are not looked at).
 
     Returns a geometry-only volume (see :func:`grid_volume`); a :class:`Volume` is returned as is.
 
     Raises:
         ImageIOError: missing or unreadable file.  ImageContentError: not 3-D, too large, bad affine.
+        ConfigError: something else.
     """
     if isinstance(source, Volume):
         return source
+    if isinstance(source, tuple) and len(source) == 2:
+        return grid_volume(np.shape(source[0]), np.asarray(source[1], dtype=np.float64), name or "grid")
+    if isinstance(source, nib.spatialimages.SpatialImage):
+        affine, header = _geometry_in_mm(source)
+        return grid_volume(source.shape[:3], affine, name or "grid", header)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"a grid is a path, a nibabel image, (array, affine) or a Volume, got {type(source).__name__}")
     path = Path(source)
     img = _read_nifti(path)
     _check_dims(img.shape, str(path))

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import torch
 
 from . import export
 from .errors import ConfigError
-from .io import Volume, grid_volume, load_volume, read_grid
+from .io import Volume, load_volume, read_grid
 from .keypoints import ImageKeypoints
 from .transforms import (DEFAULT_FIELD_STRIDE, AffineTransform, AlignSpec, DisplacementField, ThinPlateSpline,
                          map_to_fixed, parse_aligns, sample_field)
@@ -140,21 +139,6 @@ def measure_before(metrics: Sequence[str], *, fixed: Volume, moving: Volume, fix
     return measure_alignment(metrics, fixed=fixed, moving=moving, transform=ident, warped=warped,
                              warped_seg=warped_seg, fixed_seg=fixed_seg, moving_seg=moving_seg,
                              fixed_surfaces=fixed_surfaces)
-
-
-def _grid_of(reference: Any) -> Volume:
-    """The grid of a reference (only its shape and affine matter, not its voxels): a path, a nibabel
-    image, ``(array, affine)`` or a :class:`Volume`."""
-    if isinstance(reference, Volume):
-        return reference
-    if isinstance(reference, (str, os.PathLike)):
-        return read_grid(reference)
-    if isinstance(reference, tuple) and len(reference) == 2:
-        return grid_volume(np.shape(reference[0]), np.asarray(reference[1], dtype=np.float64), "reference")
-    if hasattr(reference, "affine") and hasattr(reference, "shape"):
-        return grid_volume(reference.shape, np.asarray(reference.affine, dtype=np.float64), "reference")
-    raise ConfigError(f"a reference grid is a path, a nibabel image, (array, affine) or a Volume, got "
-                      f"{type(reference).__name__}")
 
 
 @dataclass
@@ -306,7 +290,7 @@ class AlignmentResult:
                 warnings.warn(f"{self.name}: inverse residual up to {float(res.max()):.3g} mm", stacklevel=2)
             return p[0].numpy()
         vol = load_volume(x, kind="labels" if kind == "labels" else "image")
-        ref = self.fixed if reference is None else _grid_of(reference)
+        ref = self.fixed if reference is None else read_grid(reference)
         return warp_volume(vol, ref, self._transform_for(ref), kind=vol.kind, interp=interp, pad_value=self.pad_value)
 
     def _transform_for(self, ref: Volume):
