@@ -893,6 +893,42 @@ CASES += [exclude_pattern_matches_nothing, exclude_none_with_patterns, input_ins
           half_resolution_of_an_anatomical_model, train_empty_label_map]
 
 
+def apply_matrix_scaled_by_1e200(e):
+    (e.src / "big.txt").write_text("1e200 0 0 0\n0 1e200 0 0\n0 0 1e200 0\n0 0 0 1\n")
+    return (["apply", str(e.src / "moving.nii.gz"), "-t", str(e.src / "big.txt"), "-r", str(e.src / "fixed.nii.gz"),
+             "-o", str(e.out / "w.nii.gz")], r"big\.txt: the matrix scales lengths by 1e\+200 to 1e\+200")
+
+
+def apply_singular_matrix_to_an_image(e):
+    (e.src / "flat.txt").write_text("1 0 0 0\n0 1 0 0\n0 0 0 0\n0 0 0 1\n")
+    return (["apply", str(e.src / "moving.nii.gz"), "-t", str(e.src / "flat.txt"), "-r", str(e.src / "fixed.nii.gz"),
+             "-o", str(e.out / "w.nii.gz")], r"flat\.txt: the matrix is singular")
+
+
+def apply_matrix_in_metres(e):
+    (e.src / "m.tfm").write_text("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+                                 "Parameters: 0.001 0 0 0 0.001 0 0 0 0.001 0 0 0\nFixedParameters: 0 0 0\n")
+    (e.src / "p.csv").write_text("label,x_ras,y_ras,z_ras\nA,1,2,3\n")
+    return (["apply", str(e.src / "p.csv"), "-t", str(e.src / "m.tfm"), "-o", str(e.out / "q.csv")],
+            r"m\.tfm: the matrix scales lengths by 0\.001 to 0\.001")
+
+
+def apply_lta_translating_200_metres(e):
+    (e.src / "far.lta").write_text("type      = 1 # LINEAR_RAS_TO_RAS\nnxforms   = 1\nmean      = 0 0 0\nsigma     = 1\n"
+                                   "1 4 4\n1 0 0 2e5\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    return (["apply", str(e.src / "moving.nii.gz"), "-t", str(e.src / "far.lta"), "-r", str(e.src / "fixed.nii.gz"),
+             "-o", str(e.out / "w.nii.gz")], r"far\.lta: LTA: the matrix translates by 2e\+05 mm")
+
+
+def field_stride_1000(e):
+    return register(e, extra=["--field_stride", "1000"]), r"the field stride must be at most 8 voxels, got 1000"
+
+
+CASES += [field_stride_1000]
+CASES += [apply_matrix_scaled_by_1e200, apply_singular_matrix_to_an_image, apply_matrix_in_metres,
+          apply_lta_translating_200_metres]
+
+
 def _outputs(e) -> list[Path]:
     """Files anywhere that a failed command may have left: the output directory, temporaries, inverses
     (minus the files a case placed there itself, ``e.keep``)."""

@@ -125,6 +125,8 @@ def test_mgz_is_read_like_nifti(pair, tmp_path):
 def test_options_are_validated_once():
     with pytest.raises(Exception, match="field stride"):
         RegistrationOptions(field_stride=0)
+    with pytest.raises(Exception, match="at most 8"):
+        RegistrationOptions(field_stride=9)
     with pytest.raises(Exception, match="unknown label interpolation"):
         RegistrationOptions(label_interp="linear")
     assert RegistrationOptions(aligns=("tps_1.0", "affine")).aligns == ("tps_1", "affine")

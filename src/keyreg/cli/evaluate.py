@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--label_interp", choices=["nearest", "labelwise"], default="nearest",
                    help="resampling of segmentations")
     m.add_argument("--field_stride", type=int, default=None, help="sub-grid stride of the dense TPS field, trilinear in between "
-                        "(default: keyreg's default, 2; 1 = exact at every voxel)")
+                        "(default: keyreg's default, 2; 1 = exact at every voxel; at most 8)")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--save_dir", default="./evaluate_output",

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template_grid", help="output grid (NIfTI); default: the first image's grid, moved to the template")
     p.add_argument("--label_interp", choices=["nearest", "labelwise"], default="nearest")
     p.add_argument("--field_stride", type=int, default=None,
-                   help="sub-grid stride of dense TPS fields (default: the library's, 2; 1 = exact at every voxel)")
+                   help="sub-grid stride of dense TPS fields (default: the library's, 2; 1 = exact at every voxel; at most 8)")
     p.add_argument("--save_dir", default="./groupwise_output", help="output directory (default ./groupwise_output)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars (they are shown on terminals only)")
     add_exclude_argument(p)

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--robust", action="store_true", help="robust fits (see keyreg register --robust)")
     a.add_argument("--no_weights", action="store_true", help="ignore the weight column of keypoint CSVs")
     a.add_argument("--label_interp", choices=["nearest", "labelwise"], default="nearest")
-    a.add_argument("--field_stride", type=int, default=None, help="sub-grid stride of the dense TPS field")
+    a.add_argument("--field_stride", type=int, default=None, help="sub-grid stride of the dense TPS field "
+                   "(default 2; 1 = exact at every voxel; at most 8)")
     a.add_argument("--pad_value", type=float, default=None, help="intensity outside the moving image")
     a.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sub-grid stride of the dense TPS field: the TPS is evaluated every STRIDE voxels and "
                         "interpolated trilinearly in between (default 2: 8x fewer kernel evaluations, error under "
                         "0.1 mm and Dice within 0.001 of exact at 1 mm, measured in docs/benchmarks.md; 1 = exact "
-                        "at every voxel)")
+                        "at every voxel; at most 8)")
     add_exclude_argument(a)
     a.add_argument("--robust", action="store_true",
                    help="robust fits: leave out keypoints that the other keypoints do not predict (leave-one-out "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ._common import read_text
+from ._common import check_transform_matrix, read_text
 from .ants import read_ants_mat, write_ants_mat
 from .displacement import (
     displacement_from_field,
@@ -136,10 +136,11 @@ def load_transform(path: str | os.PathLike, *, fmt: str | None = None) -> np.nda
         ``(4, 4)`` float64 ``moving_from_fixed``, world RAS mm.
 
     Raises:
-        ConfigError: unknown extension or ``fmt``.  ImageIOError: missing or unreadable file.
+        ConfigError: unknown extension or ``fmt``.  ImageIOError: missing or unreadable file, or an
+            implausible matrix (:func:`~keyreg.formats._common.check_transform_matrix`).
     """
     if fmt is not None and fmt not in _FORMATS:
         raise ConfigError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")
     kind = fmt or transform_format(path, for_reading=True)
     reader = {"itk": read_itk_affine, "ants": read_ants_mat, "lta": read_lta, "matrix": read_matrix_txt}[kind]
-    return reader(path)
+    return check_transform_matrix(reader(path), str(path))

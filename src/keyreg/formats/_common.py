@@ -88,6 +88,32 @@ def as_matrix(matrix, name: str = "matrix") -> np.ndarray:
     return out
 
 
+#: the largest factor by which a transform between two head images may scale lengths (and 1 / it the
+#: smallest): a file beyond it is in other units, a voxel matrix or damaged, and would resample silently
+#: to a blank or smeared image
+MAX_TRANSFORM_SCALE = 100.0
+#: the largest translation (mm) of a plausible transform: 100 m
+MAX_TRANSLATION_MM = 1e5
+
+
+def check_transform_matrix(matrix: np.ndarray, where: str) -> np.ndarray:
+    """``matrix`` (a ``(4, 4)`` world-to-world transform read from a file) unless it is implausible:
+    :class:`ImageIOError` when its linear part is singular, scales lengths by more than
+    ``MAX_TRANSFORM_SCALE`` or less than its inverse, or it translates by more than ``MAX_TRANSLATION_MM``."""
+    s = np.linalg.svd(matrix[:3, :3], compute_uv=False)
+    if not s[-1] > 1e-12 * max(float(s[0]), 1.0):
+        raise ImageIOError(f"{where}: the matrix is singular, it has no inverse")
+    if s[0] > MAX_TRANSFORM_SCALE or s[-1] < 1 / MAX_TRANSFORM_SCALE:
+        raise ImageIOError(f"{where}: the matrix scales lengths by {s[-1]:.3g} to {s[0]:.3g}; a transform between "
+                           f"two images in mm scales them by less than {MAX_TRANSFORM_SCALE:g} either way "
+                           "(is it in other units, or a voxel-to-world matrix?)")
+    shift = float(np.linalg.norm(matrix[:3, 3]))
+    if shift > MAX_TRANSLATION_MM:
+        raise ImageIOError(f"{where}: the matrix translates by {shift:.3g} mm (more than {MAX_TRANSLATION_MM:g} mm; "
+                           "is it in other units?)")
+    return matrix
+
+
 def as_points(points, name: str = "points") -> np.ndarray:
     """Finite ``(N, 3)`` float64 points from an array or tensor; :class:`ShapeError` otherwise."""
     if hasattr(points, "detach"):

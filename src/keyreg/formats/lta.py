@@ -20,7 +20,7 @@ from ..atomic import atomic_write_text
 from ..errors import ImageIOError, ShapeError
 from ..geometry import voxel_sizes
 from ..io import check_affine, is_valid_affine
-from ._common import PathLike, as_matrix, fmt, one_line, read_text, reading
+from ._common import PathLike, as_matrix, check_transform_matrix, fmt, one_line, read_text, reading
 
 __all__ = ["write_lta", "read_lta", "read_lta_file", "LtaFile", "LtaGrid", "lta_geometry_block", "LINEAR_VOX_TO_VOX", "LINEAR_RAS_TO_RAS"]
 
@@ -267,8 +267,7 @@ def read_lta_file(path: PathLike) -> LtaFile:
             name = _TYPE_NAMES.get(kind, "unknown")
             raise ImageIOError(f"{p}: LTA type {kind} ({name}) is not supported; keyreg reads types "
                                "0 (LINEAR_VOX_TO_VOX) and 1 (LINEAR_RAS_TO_RAS)")
-        if not is_valid_affine(ras):
-            raise ImageIOError(f"{p}: LTA matrix is singular")
+        check_transform_matrix(ras, f"{p}: LTA")
         out = np.linalg.inv(ras)
         out[3] = [0.0, 0.0, 0.0, 1.0]
     return LtaFile(out, _grid(blocks.get("dst", {}), "dst"), _grid(blocks.get("src", {}), "src"))

@@ -88,12 +88,22 @@ class DisplacementField:
         return DisplacementField(self.displacement.to(device), self.grid_affine.to(device))
 
 
-def check_field_stride(stride: object) -> int:
-    """The field stride as an int >= 1 (:class:`~keyreg.errors.ConfigError` otherwise)."""
+#: The coarsest sub-grid allowed: on the real 1 mm pair of ``benchmarks/speed_field_stride.py`` the
+#: field errs by up to 0.33 mm at stride 4, 0.85 mm at 8, 1.06 mm at 16 and 2.0 mm at 32
+#: (docs/benchmarks.md); a coarser field is not the transform the run reports.
+MAX_FIELD_STRIDE = 8
+
+
+def check_field_stride(stride: object, limit: int | None = MAX_FIELD_STRIDE) -> int:
+    """The field stride as an int in ``1 .. limit`` (:class:`~keyreg.errors.ConfigError` otherwise);
+    ``limit=None`` for internal sub-grids (e.g. the lattice on which an inverse is measured)."""
     from ..errors import ConfigError
 
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ConfigError(f"the field stride must be an integer >= 1, got {stride!r}")
+    if limit is not None and stride > limit:
+        raise ConfigError(f"the field stride must be at most {limit} voxels, got {stride} (the dense "
+                          f"field errs by up to 0.85 mm at stride 8 on a 1 mm grid, more beyond)")
     return int(stride)
 
 
@@ -104,7 +114,7 @@ def coarse_grid_affine(shape: Sequence[int], affine: np.ndarray | torch.Tensor,
     Along an axis of ``n`` voxels the sub-grid has ``m = ceil((n - 1) / stride) + 1`` points at
     fine indices ``o (n - 1) / (m - 1)``: both end voxels are on it, spacing is uniform.
     """
-    check_field_stride(stride)
+    check_field_stride(stride, limit=None)
     shape = tuple(int(s) for s in shape[:3])
     coarse = tuple(math.ceil((n - 1) / stride) + 1 for n in shape)
     steps = [(n - 1) / (m - 1) for n, m in zip(shape, coarse)]
