@@ -273,3 +273,24 @@ def test_nifti_spatial_units_are_read_as_mm(tmp_path, unit, per_mm):
     out = nib.load(tmp_path / "out.nii.gz")
     assert out.header.get_xyzt_units() == ("mm", "sec")
     np.testing.assert_allclose(out.affine, aff, atol=1e-5)
+
+
+def test_header_fixes_of_nibabel_become_one_warning_naming_the_file(tmp_path, capfd):
+    """nibabel prints its header repairs (here a negative pixdim) without a file name; keyreg turns
+    each into one warning naming the file, and the CLI prints it as one line."""
+    from keyreg.cli import main
+
+    img = nib.Nifti1Image(np.random.default_rng(0).random((12, 12, 12)).astype(np.float32), np.diag([2.0, 2, 2, 1]))
+    img.header["pixdim"][1] = -2.0
+    path = tmp_path / "negpix.nii.gz"
+    nib.save(img, path)
+    with pytest.warns(UserWarning, match=r"negpix\.nii\.gz: nibabel repaired the header while reading: pixdim"):
+        vol = load_volume(path)
+    np.testing.assert_allclose(vol.affine, np.diag([2.0, 2, 2, 1]))
+    assert capfd.readouterr().err == ""  # nibabel's own unnamed line is not printed
+
+    (tmp_path / "id.txt").write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    rc = main(["apply", str(path), "-t", str(tmp_path / "id.txt"), "-r", str(path), "-o", str(tmp_path / "w.nii.gz")])
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 0
+    assert len(err) == 1 and err[0].startswith("keyreg apply: warning: ") and "negpix.nii.gz" in err[0], err

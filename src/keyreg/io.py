@@ -8,11 +8,14 @@ through :func:`load_volume`, which validates it once, at the boundary.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import logging
 import os
+import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -158,7 +161,8 @@ def _read_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     what = "MGH/MGZ" if mgh else "NIfTI"
     try:
         data = _inflated_nifti(path)
-        img = nib.load(str(path)) if data is None else _nifti_from_bytes(data)
+        with _nibabel_reports() as fixes:
+            img = nib.load(str(path)) if data is None else _nifti_from_bytes(data)
         raw = None if mgh else _raw_nifti_header(path if data is None else data, type(img.header))
     except Exception as e:  # nibabel raises many types for bad headers (HeaderDataError, KeyError, ...)
         raise ImageIOError(f"{path}: cannot read as {what} ({first_line(e)})") from None
@@ -169,7 +173,38 @@ def _read_nifti(path: Path) -> nib.spatialimages.SpatialImage:
         if not np.all(np.isfinite(pix)) or np.any(pix == 0):
             raise ImageContentError(f"{path}: voxel size (pixdim) {pix.tolist()} has a zero or non-finite value "
                                     f"and there is no sform: the image has no valid geometry")
+    _warn_header_fixes(path, fixes)
     return img
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().strip())
+
+
+@contextlib.contextmanager
+def _nibabel_reports() -> Iterator[list[str]]:
+    """The reports nibabel logs inside the block (the header fixes it makes while reading, e.g. a
+    negative pixdim made positive), collected instead of printed: nibabel prints them on its own,
+    without the file's name."""
+    logger = nib.imageglobals.logger
+    records, handlers, propagate = _Records(), logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [records], False
+    try:
+        yield records.messages
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+def _warn_header_fixes(path: Path, messages: list[str]) -> None:
+    """One warning per header fix of a file that was read (issued from here, so a file read twice
+    warns once)."""
+    for message in dict.fromkeys(m for m in messages if m):
+        warnings.warn(f"{path}: nibabel repaired the header while reading: {message}", stacklevel=1)
 
 
 def _inflated_nifti(path: Path) -> bytes | None:

@@ -7,10 +7,12 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
-from ..errors import KeyregError
+from ..errors import KeyregError, first_line
 
 __all__ = ["main", "entry", "build_parser", "no_hugepage_advice"]
 
@@ -75,6 +77,18 @@ def no_hugepage_advice() -> None:
         setter(False)
 
 
+@contextlib.contextmanager
+def one_line_warnings(prefix: str) -> Iterator[None]:
+    """Warnings raised while a command runs are printed as ``<prefix>: warning: <first line>``, not
+    as Python's two-line report with a source line."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+        print(f"{prefix}: warning: {first_line(message, None)}", file=sys.stderr if file is None else file)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     no_hugepage_advice()
     parser = build_parser()
@@ -85,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with one_line_warnings(f"keyreg {args.command}"):
+            return int(args._run(args) or 0)
     except KeyregError as e:
         print(f"keyreg {args.command}: error: {e}", file=sys.stderr)
         return 2
