@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from keyreg.train.synth import (IntensityAugment, SpatialAugment, random_affine, random_means, random_rotation,
-                                random_smooth_field, synthesize_image, warp_labels_on_grid)
+from keyreg.train.synth import (IntensityAugment, SpatialAugment, cut_field_of_view, random_affine, random_means,
+                                random_rotation, random_smooth_field, synthesize_image, warp_labels_on_grid)
 
 NO_AUG = IntensityAugment(std_range=(0, 0), noise_std=0, blur_sigma=0, bias_std=0, gamma_std=0,
                           resolution_prob=0, skull_strip_prob=0)
@@ -34,6 +34,28 @@ def test_synthesis_is_seeded_normalised_and_piecewise_by_label():
         for i in (0, 2, 3, 24, 502):
             vals = clean[b][lab[b] == i]
             assert float(vals.max() - vals.min()) < 1e-6
+
+
+def test_field_of_view_cuts_are_planes_within_the_head_and_off_by_default():
+    """A cut zeroes the image beyond a plane (or outside a slab) that crosses the head, leaves the rest
+    untouched, and is drawn only when asked: seeds reproduce the images of before."""
+    lab = _labels((32, 32, 32))
+    plain = synthesize_image(lab, torch.Generator().manual_seed(5), augment=NO_AUG)
+    again = synthesize_image(lab, torch.Generator().manual_seed(5),
+                             augment=IntensityAugment(**{**NO_AUG.__dict__, "fov_cut_prob": 0.0}))
+    assert torch.equal(plain, again)
+    head = lab > 0
+    image = torch.rand((1, 1, 32, 32, 32), generator=torch.Generator().manual_seed(0)) + 0.1
+    g = torch.Generator().manual_seed(1)
+    removed = []
+    for _ in range(40):
+        out = cut_field_of_view(image, head, g, 1.0)
+        zero = out == 0
+        assert torch.equal(out[~zero], image[~zero])  # the kept part is untouched
+        removed.append(float(zero[head].float().mean()))
+        assert 0 < removed[-1] < 0.8
+    assert np.std(removed) > 0.05  # cuts of different depths
+    assert not (cut_field_of_view(image, head, torch.Generator().manual_seed(2), 0.0) == 0).any()
 
 
 def test_named_contrasts_order_tissues():

@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
                    help="share of training images whose brain is also moved within the head (rotation up to "
                         "4 degrees, translation up to 3 mm, scaling up to 5 %%), so that the network places the "
                         "brain by its own anatomy rather than by the skull (label maps only)")
+    o.add_argument("--fov_cut", type=float, default=None,
+                   help="share of training images whose field of view ends within the head (a plane or a slab "
+                        "cuts the image to 0, as a scan that misses part of the head; targets stay the true "
+                        "positions), so that partial fields of view are read")
     if mode == "pretrain":
         o.add_argument("--regions", help="regions JSON (scripts/build_regions output) defining the anatomical "
                                          "keypoints (default: built from the training label maps)")

@@ -37,6 +37,7 @@ __all__ = [
     "mixed_means",
     "synthesize_image",
     "extracerebral_mask",
+    "cut_field_of_view",
 ]
 
 #: FreeSurfer ids of coarse tissue classes, used for the named ``t1`` / ``t2`` contrasts.
@@ -77,6 +78,8 @@ class IntensityAugment:
         gamma_std: standard deviation of log(gamma).
         resolution_prob: probability of simulating thick slices along a random axis.
         skull_strip_prob: probability of zeroing extra-cerebral labels (skull-stripped look).
+        fov_cut_prob: probability that the field of view ends within the head
+            (:func:`cut_field_of_view`; 0 disables and draws nothing, so seeds reproduce as before).
     """
 
     std_range: tuple[float, float] = (0.0, 0.06)
@@ -86,6 +89,7 @@ class IntensityAugment:
     gamma_std: float = 0.25
     resolution_prob: float = 0.25
     skull_strip_prob: float = 0.5
+    fov_cut_prob: float = 0.0
 
 
 def random_means(batch: int, table_size: int, generator: torch.Generator, *, contrast: str | None = None,
@@ -200,8 +204,49 @@ def synthesize_image(
         img = img.clamp_min(0)
         lo, hi = img.amin(), img.amax()
         img = (img - lo) / (hi - lo).clamp_min(1e-6)
-        out.append(img.pow(math.exp(aug.gamma_std * n_gamma)))
+        img = img.pow(math.exp(aug.gamma_std * n_gamma))
+        if aug.fov_cut_prob > 0:
+            img = cut_field_of_view(img, lab > 0, generator, aug.fov_cut_prob)
+        out.append(img)
     return torch.cat(out).float()
+
+
+def cut_field_of_view(image: torch.Tensor, head: torch.Tensor, generator: torch.Generator, prob: float
+                      ) -> torch.Tensor:
+    """With probability ``prob``, the image as a scan whose field of view ends within the head: 0
+    (what a network grid reads outside an image) beyond one plane, or outside a slab between two.
+
+    The planes' normal is a grid axis tilted by up to 30 degrees (scanners cut along the image axes,
+    and the head lies roughly along the grid's axes); one plane removes 5-45 % of the head's extent
+    along it from one side (70 %), a slab keeps 40-80 % of it (30 %).
+
+    Args:
+        image: ``(1, 1, I, J, K)`` image (isotropic grid).
+        head: ``(1, 1, I, J, K)`` bools, the head (labels > 0).
+        generator: source of randomness (always draws the same count of numbers).
+        prob: probability of a cut.
+    """
+    dev = image.device
+    u = torch.rand(8, generator=generator, device=dev).tolist()
+    if u[0] >= prob or not bool(head.any()):
+        return image
+    axis = torch.zeros(3, dtype=torch.float64)
+    axis[min(int(3 * u[1]), 2)] = 1.0 if u[2] < 0.5 else -1.0
+    tilt = torch.tensor([u[3] - 0.5, u[4] - 0.5, u[5] - 0.5], dtype=torch.float64)
+    normal = axis + 1.15 * tilt * (1 - axis.abs())  # up to ~30 degrees off the axis
+    normal = (normal / normal.norm()).to(device=dev, dtype=torch.float32)
+    idx = [torch.arange(n, device=dev, dtype=torch.float32) for n in image.shape[2:]]
+    depth = (idx[0][:, None, None] * normal[0] + idx[1][None, :, None] * normal[1]
+             + idx[2][None, None, :] * normal[2])  # (I, J, K) along the normal
+    inside = depth[head[0, 0]]
+    lo, hi = float(inside.min()), float(inside.max())
+    if u[6] < 0.7:  # one plane: the side of larger depth is cut away
+        keep = depth <= hi - (0.05 + 0.40 * u[7]) * (hi - lo)
+    else:  # a slab of 40-80 % of the extent, anywhere within it
+        width = (0.4 + 0.4 * u[7]) * (hi - lo)
+        start = lo + (u[6] - 0.7) / 0.3 * (hi - lo - width)
+        keep = (depth >= start) & (depth <= start + width)
+    return image * keep[None, None]
 
 
 def contrast_image(labels: torch.Tensor, contrast: str, seed: int) -> np.ndarray:

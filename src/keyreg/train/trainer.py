@@ -37,7 +37,7 @@ from ..transforms import AlignSpec, fit_transform
 from .data import (ImagePairs, LabelMapBank, PairBatch, SyntheticPairs, brain_label_table, list_label_maps,
                    read_image_table)
 from .losses import keypoint_consistency_loss, mse_loss, one_hot, soft_dice_loss, warp_on_grid
-from .synth import SpatialAugment
+from .synth import IntensityAugment, SpatialAugment
 
 __all__ = ["TrainConfig", "Trainer", "sample_lambda", "train"]
 
@@ -77,6 +77,7 @@ class TrainConfig:
     control_spacing: float = 32.0            # mm between the control points of that deformation
     mirror_maps: bool = False                # also train on the left-right mirror image of every label map
     brain_motion: float = 0.0                # share of images whose brain is moved within the head
+    fov_cut: float = 0.0                     # share of images whose field of view ends within the head
     regions: str | None = None               # anatomical keypoints: a regions JSON (default: built from the maps)
     dense_coeff: float = 1.0                 # weight of the heatmap-vs-region-mask term (pretrain)
     # optimisation
@@ -122,7 +123,7 @@ class TrainConfig:
             raise ConfigError(f"--max_minutes must be a finite number >= 0, got {self.max_minutes!r}")
         for name, lo, hi in (("lr", 0.0, None), ("max_rotation", 0.0, 180.0), ("max_displacement", 0.0, None),
                              ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None),
-                             ("brain_motion", 0.0, 1.0), ("control_spacing", 0.0, None)):
+                             ("brain_motion", 0.0, 1.0), ("fov_cut", 0.0, 1.0), ("control_spacing", 0.0, None)):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and math.isfinite(v) and v >= lo and (hi is None or v <= hi)
             if not ok or (name in ("lr", "voxel_size", "control_spacing") and v == 0):
@@ -201,7 +202,8 @@ class Trainer:
             if cfg.mode == "pretrain":
                 self.bank.set_regions(self.model.config.regions)
             self.pairs = SyntheticPairs(self.bank, self.grid, spatial=spatial, mix_modalities=cfg.mix_modalities,
-                                        consistency=cfg.kpconsistency_coeff > 0)
+                                        consistency=cfg.kpconsistency_coeff > 0,
+                                        intensity=IntensityAugment(fov_cut_prob=cfg.fov_cut))
         self.lut, self.classes = brain_label_table(self.bank.ids)
         self.lut = self.lut.to(self.device)
         self.model.to(memory_format=torch.channels_last_3d)
