@@ -522,3 +522,33 @@ def test_register_cli_orientation_search_flag(atlas, tmp_path):
     with pytest.raises(SystemExit) as e:
         main([*args, "--orientation_search", "sometimes"])
     assert e.value.code == 2
+
+
+def test_detection_facts_reach_the_confidence_and_flag_a_head_not_read_whole(atlas, monkeypatch):
+    """An anatomical model's pair confidence says how its keypoints were detected: the larger template
+    residual of the two images and which of them needed the orientation search; a residual beyond
+    ``DETECTION_RESIDUAL_LIMIT_MM`` flags the pair (an image not read as a whole head)."""
+    from conftest import tiny_model
+
+    import keyreg
+    import keyreg.qc
+    from keyreg.io import Volume
+
+    a, _ = atlas
+    model = tiny_model(num_keypoints=len(a))
+    model.config.regions, model.config.orientation_search = a, "off"
+    img = Volume(_map(0).astype(np.float32) / 600, AFF, name="img")
+    plain = keyreg.register(img, img, model=model, aligns=["affine"], exclude_keypoints=[]).confidence
+    assert "detection_residual_mm" not in plain  # one pass, no template fit: nothing to say
+    model.config.orientation_search = "always"
+    reg = keyreg.register(img, img, model=model, aligns=["affine"], exclude_keypoints=[])
+    conf = reg.confidence
+    assert conf["orientation_searched"] == "fixed moving"
+    expected = max(kp.template_residual_mm for kp in (reg.fixed_keypoints, reg.moving_keypoints))
+    assert conf["detection_residual_mm"] == expected and expected > 0
+    monkeypatch.setattr(keyreg.qc, "DETECTION_RESIDUAL_LIMIT_MM", expected - 1e-9)
+    reg._confidence = None
+    assert reg.confidence["flag"] == "check"
+    monkeypatch.setattr(keyreg.qc, "DETECTION_RESIDUAL_LIMIT_MM", expected + 1e-9)
+    reg._confidence = None
+    assert reg.confidence["flag"] == ("check" if conf["confidence"] < keyreg.qc.CONFIDENCE_THRESHOLD else "ok")

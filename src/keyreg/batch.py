@@ -114,8 +114,13 @@ def output_lock(directory: Path, rank: int = 0) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ tables
 
+#: per-pair facts of a row, in metrics.csv beside the pair's names, not averaged in summaries
+PAIR_FACTS = ("flag", "already_aligned", "orientation_searched")
+
+
 def scalar_metrics(row: dict) -> dict[str, float]:
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in PAIR_FACTS}
 
 
 def format_summary(rows: Sequence[dict], aligns: Sequence[str]) -> str:
@@ -148,7 +153,7 @@ def write_metric_tables(save_dir: Path, rows: Sequence[dict],
                         failures: Sequence[tuple[str, str]] = ()) -> tuple[Path, Path]:
     """``metrics.csv`` (one row per pair and align, scalar metrics) and ``metrics.json`` (everything,
     per-label values and failures included), both written atomically."""
-    keys = ["pair", "moving", "fixed", "align"] + [k for k in ("flag", "already_aligned") if any(k in r for r in rows)]
+    keys = ["pair", "moving", "fixed", "align"] + [k for k in PAIR_FACTS if any(k in r for r in rows)]
     for r in rows:
         for k in scalar_metrics(r):
             if k not in keys:

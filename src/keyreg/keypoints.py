@@ -20,7 +20,7 @@ from .io import Volume
 from .preprocess import to_network_input
 
 __all__ = ["ImageKeypoints", "detect_keypoints", "default_keypoint_names", "model_keypoint_names",
-           "select_keypoints", "tps_frame"]
+           "select_keypoints", "tps_frame", "inside_grid"]
 
 
 def default_keypoint_names(k: int) -> list[str]:
@@ -48,6 +48,10 @@ class ImageKeypoints:
         grid_shape: the network grid shape.
         names: ``K`` keypoint names (the model's ``keypoint_names``, else ``K-1 .. K-N``).
         passes: network passes it took (the orientation search looks at an image several times).
+        searched: the orientation search ran (the image as it is failed its checks; anatomical models).
+        template_residual_mm: median distance (mm) of the keypoints to the model's template after a
+            similarity fit (anatomical models; ``None`` otherwise): a layout read from a whole head
+            fits it within a few mm.
     """
 
     points: torch.Tensor
@@ -56,6 +60,8 @@ class ImageKeypoints:
     grid_shape: tuple[int, int, int]
     names: list[str] = field(default_factory=list)
     passes: int = 1
+    searched: bool = False
+    template_residual_mm: float | None = None
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -120,8 +126,9 @@ def detect_keypoints(
                 raise ImageContentError(
                     f"{v.name}: the model gives non-finite keypoints for this image (intensities "
                     f"out of range, or a model with invalid weights)")
+            residual = None if det.template_residual_mm is None else float(np.median(det.template_residual_mm))
             out.append(ImageKeypoints(det.points.to(device), det.mass.to(device), det.world_from_net,
-                                      pre.grid.shape, list(names), det.passes))
+                                      pre.grid.shape, list(names), det.passes, det.searched, residual))
         return out
     for start in range(0, len(volumes), batch_size):
         chunk = volumes[start : start + batch_size]
@@ -136,6 +143,16 @@ def detect_keypoints(
                     f"out of range, or a model with invalid weights)")
             out.append(ImageKeypoints(world, mass[b].float(), aff, pre.grid.shape, list(names)))
     return out
+
+
+def inside_grid(points: np.ndarray, shape: Sequence[int], affine: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
+    """``(N,)`` bools: which world points ``(N, 3)`` (mm) lie inside an image's grid (voxel centres
+    ± half a voxel, shrunk by ``margin_mm``): where a keypoint can be seen, not guessed."""
+    aff = np.asarray(affine, dtype=np.float64)
+    vox = (np.asarray(points, dtype=np.float64) - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T
+    size = np.linalg.norm(aff[:3, :3], axis=0)
+    pad = 0.5 - margin_mm / size
+    return ((vox >= -pad) & (vox <= np.asarray(shape[:3], dtype=np.float64) - 1 + pad)).all(1)
 
 
 def select_keypoints(names: Sequence[str], exclude: Sequence[str]) -> list[int]:

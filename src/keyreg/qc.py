@@ -20,11 +20,17 @@ from .atomic import atomic_write_text
 from .transforms import AffineTransform, AlignSpec, ThinPlateSpline
 from .transforms.residuals import CONFIDENCE_THRESHOLD, INLIER_THRESHOLD_MM, keypoint_confidence, loo_errors
 
-__all__ = ["CONFIDENCE_KEYS", "alignment_residuals", "pair_confidence_of", "pair_record", "read_residuals_csv",
-           "save_pair_residual_plot", "write_residuals_csv"]
+__all__ = ["CONFIDENCE_KEYS", "DETECTION_RESIDUAL_LIMIT_MM", "alignment_residuals", "detection_facts",
+           "pair_confidence_of", "pair_record", "read_residuals_csv", "save_pair_residual_plot", "write_residuals_csv"]
 
-#: Columns a pair's confidence adds to every metric row.
-CONFIDENCE_KEYS = ("confidence", "median_loo_mm", "inlier_fraction", "flag")
+#: Columns a pair's confidence adds to every metric row (the last two: anatomical models' detections).
+CONFIDENCE_KEYS = ("confidence", "median_loo_mm", "inlier_fraction", "flag", "detection_residual_mm",
+                   "orientation_searched")
+#: A pair is flagged ``check`` when an image's keypoints lie further than this (median, mm) from the
+#: model's template after a similarity fit: the network did not read a whole head there (a field of
+#: view that misses part of it, an image that is not a head).  Held-out whole heads, 4 contrasts,
+#: upright and turned: 2.9-4.4 mm (docs/models.md, "Partial fields of view").
+DETECTION_RESIDUAL_LIMIT_MM = 6.0
 
 
 def _t(a: np.ndarray | None) -> torch.Tensor | None:
@@ -56,6 +62,18 @@ def pair_confidence_of(fixed_keypoints: np.ndarray, moving_keypoints: np.ndarray
     conf = float(c["confidence"][0])
     return {"confidence": conf, "median_loo_mm": float(c["median_loo_mm"][0]),
             "inlier_fraction": float(c["inlier_fraction"][0]), "flag": "check" if conf < CONFIDENCE_THRESHOLD else "ok"}
+
+
+def detection_facts(fixed: Any, moving: Any) -> dict[str, Any]:
+    """How the two images' keypoints were detected (:class:`~keyreg.keypoints.ImageKeypoints`):
+    ``detection_residual_mm``, the larger of their template residuals, and ``orientation_searched``
+    (``none``, ``fixed``, ``moving`` or ``fixed moving``); ``{}`` when the model has no template."""
+    residuals = [kp.template_residual_mm for kp in (fixed, moving)
+                 if getattr(kp, "template_residual_mm", None) is not None]
+    if not residuals:
+        return {}
+    searched = [role for role, kp in (("fixed", fixed), ("moving", moving)) if getattr(kp, "searched", False)]
+    return {"detection_residual_mm": max(residuals), "orientation_searched": " ".join(searched) or "none"}
 
 
 def write_residuals_csv(path: str | Path, labels: Sequence[str], residual: np.ndarray, loo: np.ndarray,
@@ -118,7 +136,8 @@ def pair_record(name: str, rows: Sequence[dict], pair_dir: Path | None, report_d
     metrics = {r["align"]: {k: v for k, v in r.items() if k not in skip} for r in rows}
     rec = PairRecord(name=name, metrics=metrics, confidence=first.get("confidence"),
                      flagged=first.get("flag") == "check", note=note,
-                     details={k: first[k] for k in ("median_loo_mm", "inlier_fraction") if k in first})
+                     details={k: first[k] for k in ("median_loo_mm", "inlier_fraction", "detection_residual_mm",
+                                                    "orientation_searched") if k in first})
     if fixed is not None and warped is not None:
         rec.thumbnail = thumbnail_data_uri(overlay_thumbnail(fixed, warped))
     if pair_dir is not None:
