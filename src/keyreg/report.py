@@ -196,8 +196,9 @@ def render_report(records: Sequence[PairRecord], *, title: str = "keyreg report"
         note = f"<p>{e(r.note)}</p>" if r.note else ""
         body.append(f'<tr class="detail" id="d-{idx}" hidden><td colspan="{ncols}">'
                     f'<b>{e(r.name)}</b>{note}<br>{figs or "no figures (run with --visualize)"}</td></tr>')
-    thr = "" if threshold is None else (f" Pairs with confidence below {threshold:g} are flagged "
-                                        "<b>check</b> and listed first.")
+    thr = "" if threshold is None else (f" Pairs with confidence below {threshold:g} (or, with an anatomical model, "
+                                        "an image not read as a whole head: detection_residual_mm above its "
+                                        "limit) are flagged <b>check</b> and listed first.")
     if any(a == "none" for a, _ in metrics):
         thr += " Columns <b>none</b>: the pair before registration."
     return (

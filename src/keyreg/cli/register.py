@@ -131,11 +131,15 @@ def report(res, save_dir: Path, per_pair: bool) -> int:
     if res.rows:
         print(format_summary(res.rows, res.aligns))
     if res.rows:
+        from ..qc import DETECTION_RESIDUAL_LIMIT_MM
         from ..transforms.residuals import CONFIDENCE_THRESHOLD
 
         flagged = res.flagged
         n_pairs = len({r["pair"] for r in res.rows})
-        print(f"\nconfidence below {CONFIDENCE_THRESHOLD:g}, flagged check: {len(flagged)} of {n_pairs} pair(s)"
+        why = f"confidence below {CONFIDENCE_THRESHOLD:g}" + (
+            f" or detection_residual_mm above {DETECTION_RESIDUAL_LIMIT_MM:g}"
+            if any("detection_residual_mm" in r for r in res.rows) else "")
+        print(f"\n{why}, flagged check: {len(flagged)} of {n_pairs} pair(s)"
               + (": " + ", ".join(flagged[:20]) + (" ..." if len(flagged) > 20 else "") if flagged else ""))
     notes = [r for r in res.rows if r.get("refine_safeguard")]
     if notes:  # the refinement safeguard: a kept start (or a Dice drop it missed) is never silent
