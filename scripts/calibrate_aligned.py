@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from keyreg.errors import KeyregError
 from keyreg.io import Volume
 from keyreg.models import load_model
+from keyreg.models.checkpoint import DEFAULT_MODEL, OFFICIAL_SUFFIXES, PRETRAINED_DIR, _pair, _resolve_default
 from keyreg.models.inference import detect_image_keypoints
 from keyreg.train.data import LabelMapBank
 from keyreg.train.synth import contrast_image
@@ -31,6 +33,17 @@ from keyreg.transforms import fit_affine, keypoint_motion_mm
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "labelmaps"
 PAIRS = [("t1", "t2"), ("t2", "t1"), ("t1", "pd"), ("t1", "flair")]
+
+
+def model_json(source: str) -> Path:
+    """The JSON config of a keyreg model given as :func:`keyreg.models.load_model` takes it: a file, a
+    directory or a bundled name (resolved the same way); :class:`SystemExit` for an official checkpoint."""
+    path = Path(source)
+    if not path.exists() and not source.endswith(OFFICIAL_SUFFIXES + (".json", ".safetensors")):
+        path = PRETRAINED_DIR / f"{_resolve_default() if source == DEFAULT_MODEL else source}.json"
+    if not (path.is_dir() or path.suffix in (".json", ".safetensors")):
+        raise SystemExit(f"calibrate_aligned: error: --write needs a keyreg model (.safetensors + .json), not {source}")
+    return _pair(path)[1]
 
 
 def main(argv=None) -> int:
@@ -42,11 +55,23 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write", action="store_true", help="store the tolerance in the model's JSON config")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"calibrate_aligned: error: --threads must be >= 1, got {args.threads}")
+    if not (args.margin > 0 and np.isfinite(args.margin)):
+        raise SystemExit(f"calibrate_aligned: error: --margin must be a finite number > 0, got {args.margin}")
+    missing = [m for m in args.maps if not (args.labelmaps / f"training_seg_{m:02d}.nii.gz").is_file()]
+    if missing:
+        raise SystemExit(f"calibrate_aligned: error: --maps {' '.join(map(str, missing))}: no "
+                         f"training_seg_NN.nii.gz for them in {args.labelmaps}")
     torch.set_num_threads(args.threads)
-    model = load_model(args.model).eval()
+    try:
+        model = load_model(args.model).eval()
+        json_path = model_json(args.model) if args.write else None
+        bank = LabelMapBank([args.labelmaps / f"training_seg_{m:02d}.nii.gz" for m in args.maps],
+                            storage_voxel=2.0, storage_shape=128)
+    except KeyregError as e:
+        raise SystemExit(f"calibrate_aligned: error: {e}") from None
     mask = model.config.fit_mask()
-    bank = LabelMapBank([args.labelmaps / f"training_seg_{m:02d}.nii.gz" for m in args.maps], storage_voxel=2.0,
-                        storage_shape=128)
     motions = []
     print("| map | pair | affine motion (mm) |\n|---|---|---|")
     for i, m in enumerate(args.maps):
@@ -66,8 +91,8 @@ def main(argv=None) -> int:
     tol = round(args.margin * max(motions), 2)
     print(f"\nmotion on aligned pairs: median {np.median(motions):.2f} mm, max {max(motions):.2f} mm "
           f"({len(motions)} pairs); aligned_tolerance_mm = {args.margin:g} x max = {tol:.2f}")
-    if args.write:
-        path = Path(args.model).with_suffix(".json")
+    if json_path is not None:
+        path = json_path
         doc = json.loads(path.read_text())
         doc["aligned_tolerance_mm"] = tol
         path.write_text(json.dumps(doc, indent=2) + "\n")

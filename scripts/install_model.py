@@ -13,8 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from pathlib import Path
 
+from keyreg.errors import KeyregError
 from keyreg.models.checkpoint import PRETRAINED_DIR, load_model, save_model
+
+BACKBONES = {"truncatedunet": "truncated U-Net", "unet": "U-Net", "conv": "convolutional network"}
+
+
+def describe_network(config) -> str:
+    """``truncated U-Net, 64^3 at 4 mm``: the backbone and the network input grid of a model config."""
+    grid = config.preprocessing.grid
+    shape = f"{grid.shape[0]}^3" if len(set(grid.shape)) == 1 else "x".join(map(str, grid.shape))
+    vox = grid.voxel_size
+    at = f"{vox[0]:g} mm" if len(set(vox)) == 1 else "x".join(f"{v:g}" for v in vox) + " mm"
+    return f"{BACKBONES.get(config.architecture.backbone, config.architecture.backbone)}, {shape} at {at}"
 
 
 def main() -> int:
@@ -36,7 +50,21 @@ def main() -> int:
                    help="average the final keypoints with the orientation search's check pass (default: on; "
                         "no extra pass under auto, see docs/models.md)")
     args = p.parse_args()
-    m = load_model(args.model)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", args.name):
+        raise SystemExit(f"install_model: error: --name {args.name!r} must be a plain file stem "
+                         "(letters, digits, '.', '_', '-'; not starting with '.')")
+    stats = None
+    if args.regions_stats:
+        if not Path(args.regions_stats).is_file():
+            raise SystemExit(f"install_model: error: --regions_stats {args.regions_stats} does not exist")
+        try:
+            stats = json.loads(Path(args.regions_stats).read_text())
+        except (OSError, UnicodeError, ValueError) as e:
+            raise SystemExit(f"install_model: error: --regions_stats {args.regions_stats}: not readable JSON ({e})")
+    try:  # a file or a bundled name; a missing or unreadable model is one line
+        m = load_model(args.model)
+    except KeyregError as e:
+        raise SystemExit(f"install_model: error: {e}") from None
     c = m.config
     if c.regions is None:
         raise SystemExit("not an anatomical model (no regions in its config)")
@@ -47,7 +75,7 @@ def main() -> int:
     c.fit_exclude = c.fit_exclude or ("Extracerebral-*",)
     c.aligned_tolerance_mm = 0.0  # depends on the ensembles: calibrated on the installed model
     print(f"next: python scripts/calibrate_aligned.py {PRETRAINED_DIR / args.name}.safetensors --write")
-    c.description = (f"anatomical keypoints: {len(c.regions)} named region centroids; truncated U-Net, 64^3 at 4 mm; "
+    c.description = (f"anatomical keypoints: {len(c.regions)} named region centroids; {describe_network(c)}; "
                      "any orientation (search), any MRI contrast")
     c.training = {
         "data": "../shared/data/labelmaps training_seg_01..12 (synthetic contrasts); validation 13..15",
@@ -55,8 +83,8 @@ def main() -> int:
         "steps": args.steps, "images_seen": args.images, "wall_time": args.wall,
         "batch": "2 pairs (4 images) per step", "model_card": "docs/models.md",
     }
-    if args.regions_stats:
-        c.training["regions_consistency"] = json.load(open(args.regions_stats))
+    if stats is not None:
+        c.training["regions_consistency"] = stats
     weights, config = save_model(m, PRETRAINED_DIR / args.name)
     (PRETRAINED_DIR / "DEFAULT").write_text(args.name + "\n")
     print("installed", weights, config)

@@ -10,7 +10,8 @@
 #   STEPS7:       steps of the seventh stage (0 skips it and the ninth; the final model is then stage 6's)
 #   STEPS9:       steps of the ninth stage's cosine (0 skips it; the final model is then stage 7's); it stops at
 #                 five sixths of them (stage 8 was a trial that was not adopted: docs/models.md)
-# Seeded and resumable: run it again with RESUME=1 to continue exactly from the last checkpoint.
+# Seeded and resumable: a stage whose model.safetensors exists is skipped; run it again with RESUME=1 to continue
+# the unfinished stage exactly from its last checkpoint.
 # Runs on CPU or GPU (on a GPU raise STEPS and BATCH); under `torchrun` the same command trains with DDP.
 set -euo pipefail
 MAPS=${1:-../shared/data/labelmaps}
@@ -51,13 +52,13 @@ if [[ ! -f "$SAVE/stage3/model.safetensors" ]]; then
 fi
 # 4. the same poses again, a warm restart at lr 2e-4 on a cosine over STEPS4 (stage 3 ended on a plateau
 #    set by its decayed learning rate: median keypoint error 6.8 mm over its last 750 steps)
-if [[ "$STEPS4" -gt 0 ]]; then
+if [[ "$STEPS4" -gt 0 && ! -f "$SAVE/stage4/model.safetensors" ]]; then
   keyreg pretrain --label_maps $TRAIN --load_path "$SAVE/stage3/model.safetensors" "${NEAR[@]}" \
       --steps "$STEPS4" --lr 2e-4 --lr_schedule cosine --seed 3 --save_dir "$SAVE/stage4" $(resume "$SAVE/stage4")
 fi
 # 5. a second warm restart from stage 4, the same poses and learning rate, new samples (seed 4), a cosine over
 #    STEPS5 (stage 4 had still gained 0.6 mm of median keypoint error on the held-out maps)
-if [[ "$STEPS4" -gt 0 && "$STEPS5" -gt 0 ]]; then
+if [[ "$STEPS4" -gt 0 && "$STEPS5" -gt 0 && ! -f "$SAVE/stage5/model.safetensors" ]]; then
   keyreg pretrain --label_maps $TRAIN --load_path "$SAVE/stage4/model.safetensors" "${NEAR[@]}" \
       --steps "$STEPS5" --lr 2e-4 --lr_schedule cosine --seed 4 --save_dir "$SAVE/stage5" $(resume "$SAVE/stage5")
 fi
@@ -65,20 +66,20 @@ fi
 #    (up to 4 mm): the held-out keypoints of stage 5 placed an affinely posed layout and read little of the
 #    subject's own anatomy (benchmarks/keypoint_error_parts.py); larger deformations vary the anatomy of the
 #    12 training subjects as much as real subjects differ beyond an affine (about 2 mm at the centroids)
-if [[ "$STEPS4" -gt 0 && "$STEPS5" -gt 0 && "$STEPS6" -gt 0 ]]; then
+if [[ "$STEPS4" -gt 0 && "$STEPS5" -gt 0 && "$STEPS6" -gt 0 && ! -f "$SAVE/stage6/model.safetensors" ]]; then
   keyreg pretrain --label_maps $TRAIN --load_path "$SAVE/stage5/model.safetensors" "${NEAR[@]}" --max_displacement 4 \
       --steps "$STEPS6" --lr 3e-4 --lr_schedule cosine --seed 5 --save_dir "$SAVE/stage6" $(resume "$SAVE/stage6")
 fi
 # 7. a warm restart from stage 6 with its poses and deformations, lr 2e-4 on a cosine over STEPS7, new samples
 #    (seed 6): stage 6's held-out keypoint error was still falling at its end
-if [[ "$STEPS4" -gt 0 && "$STEPS5" -gt 0 && "$STEPS6" -gt 0 && "$STEPS7" -gt 0 ]]; then
+if [[ "$STEPS4" -gt 0 && "$STEPS5" -gt 0 && "$STEPS6" -gt 0 && "$STEPS7" -gt 0 && ! -f "$SAVE/stage7/model.safetensors" ]]; then
   keyreg pretrain --label_maps $TRAIN --load_path "$SAVE/stage6/model.safetensors" "${NEAR[@]}" --max_displacement 4 \
       --steps "$STEPS7" --lr 2e-4 --lr_schedule cosine --seed 6 --save_dir "$SAVE/stage7" $(resume "$SAVE/stage7")
 fi
 # 9. a warm restart from stage 7 on twice the subjects: every training map and its left-right mirror image
 #    (--mirror_maps; stage 7 read the mirrored training subjects about as badly as held-out ones), the same
 #    poses and deformations, lr 1e-4 on a cosine over STEPS9, stopped at five sixths of it (seed 8)
-if [[ "$STEPS4" -gt 0 && "$STEPS5" -gt 0 && "$STEPS6" -gt 0 && "$STEPS7" -gt 0 && "$STEPS9" -gt 0 ]]; then
+if [[ "$STEPS4" -gt 0 && "$STEPS5" -gt 0 && "$STEPS6" -gt 0 && "$STEPS7" -gt 0 && "$STEPS9" -gt 0 && ! -f "$SAVE/stage9/model.safetensors" ]]; then
   keyreg pretrain --label_maps $TRAIN --load_path "$SAVE/stage7/model.safetensors" "${NEAR[@]}" --max_displacement 4 \
       --mirror_maps --steps "$STEPS9" --stop_at $((STEPS9 * 5 / 6)) --lr 1e-4 --lr_schedule cosine --seed 8 \
       --save_dir "$SAVE/stage9" $(resume "$SAVE/stage9")

@@ -140,7 +140,8 @@ def test_cli_train_and_pretrain(label_maps, tmp_path, capsys):
     assert main(["pretrain", *common, "--save_dir", str(tmp_path / "p")]) == 0
     assert main(["pretrain", *common, "--num_keypoints", "8", "--save_dir", str(tmp_path / "p8")]) == 2
     assert "--num_keypoints does not apply" in capsys.readouterr().err  # the regions set K
-    assert main(["train", *common, "--save_dir", str(tmp_path / "t"), "--load_path",
+    loaded = ["--label_maps", *label_maps[:2], "--steps", "1", "--batch_size", "1", "--no_progress", "--val_every", "0"]
+    assert main(["train", *loaded, "--save_dir", str(tmp_path / "t"), "--load_path",  # the model brings its architecture
                  str(tmp_path / "p" / "model.safetensors"), "--transform_type", "tps", "--tps_lmbda", "lognormal"]) == 0
     assert "model written to" in capsys.readouterr().out
     assert main(["train", *common, "--save_dir", str(tmp_path / "x"), "--tps_lmbda", "sometimes"]) == 2

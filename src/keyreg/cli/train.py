@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
     d = p.add_argument_group("data")
     d.add_argument("--label_maps", nargs="+", default=[], metavar="PATH",
                    help="label maps (files or directories) to synthesise training images from")
-    d.add_argument("--val_label_maps", nargs="+", default=[], metavar="PATH",
+    d.add_argument("--val_label_maps", nargs="+", default=None, metavar="PATH",
                    help="held-out label maps for validation (default: the training maps)")
     d.add_argument("--data_dir", help="real images: ROOT/<modality>/<name>.nii.gz (+ ROOT/<modality>_seg/) "
                                       "or a CSV with img_path, seg_path, modality, train columns")
@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
                             "of one anatomy in two contrasts, divided by (half the network field of view)^2 "
                             "(0 = off; ~100 makes a 10 mm disagreement cost about as much as the Dice loss)")
         o.add_argument("--max_train_keypoints", type=int, help="random subset of keypoints per TPS fit")
-        o.add_argument("--weighted_kp_align", action="store_true", help="power-weighted fits")
+        o.add_argument("--weighted_kp_align", action="store_true", default=None, help="power-weighted fits")
     o.add_argument("--mix_modalities", action=argparse.BooleanOptionalAction, default=None,
                    help="fixed and moving get different contrasts")
     o.add_argument("--max_rotation", type=float, default=None,
@@ -89,7 +89,10 @@ def add_arguments(p: argparse.ArgumentParser, *, mode: str = "train") -> None:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--use_amp", action="store_true", help="bf16 autocast on GPU")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU under torchrun, else best)")
-    t.add_argument("--checkpoint_every", type=int, default=None)
+    t.add_argument("--checkpoint_every", type=int, default=None, help="steps between checkpoints (0: none, "
+                   "except where --max_minutes or --stop_at ends the run)")
+    t.add_argument("--keep_checkpoints", type=int, default=None,
+                   help="newest checkpoints kept in save_dir/checkpoints (default 5; 0 keeps all)")
     t.add_argument("--val_every", type=int, default=None)
     t.add_argument("--num_val_pairs", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue from save_dir/checkpoints/latest")
@@ -109,16 +112,37 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
     return TrainConfig(**values)
 
 
+#: flags that define a new network; a loaded model (--load_path) brings its own
+ARCHITECTURE_FLAGS = ("name", "backbone", "num_keypoints", "num_levels", "num_truncated", "f_maps", "grid_shape",
+                      "voxel_size", "weighted_kp_align")
+
+
+def check_flags(args: argparse.Namespace, mode: str) -> None:
+    """:class:`~keyreg.errors.ConfigError` for flags that would be silently ignored."""
+    from ..errors import ConfigError
+
+    if mode == "pretrain" and args.num_keypoints is not None:
+        raise ConfigError("pretrain: the regions set the number of keypoints (one per region); --num_keypoints "
+                          "does not apply (--regions chooses the regions)")
+    if mode == "pretrain":
+        given = [f"--{k}" for k in ("val_label_maps", "num_val_pairs") if getattr(args, k) is not None]
+        given += ["--val_every"] if args.val_every else []  # 0 (no validation) is what pretrain does
+        if given:
+            raise ConfigError(f"pretrain does not validate; drop {', '.join(given)} (keyreg train --eval "
+                              "--load_path validates a model)")
+    if args.load_path:
+        given = [f"--{k}" for k in ARCHITECTURE_FLAGS if getattr(args, k, None) is not None]
+        if given:
+            raise ConfigError(f"--load_path sets the architecture; drop {', '.join(given)}")
+
+
 def run(args: argparse.Namespace, mode: str = "train") -> int:
     from pathlib import Path
 
+    from ..distributed import distributed_env
     from ..train.trainer import Trainer, train
 
-    if mode == "pretrain" and args.num_keypoints is not None:
-        from ..errors import ConfigError
-
-        raise ConfigError("pretrain: the regions set the number of keypoints (one per region); --num_keypoints "
-                          "does not apply (--regions chooses the regions)")
+    check_flags(args, mode)
     cfg = config_from_args(args, mode)
     if getattr(args, "eval", False):
         if not cfg.load_path:
@@ -132,7 +156,7 @@ def run(args: argparse.Namespace, mode: str = "train") -> int:
         return 0
     last = train(cfg, resume=args.resume, progress=not args.no_progress)
     model = Path(cfg.save_dir) / "model.safetensors"
-    if model.exists():
+    if model.exists() and distributed_env()[0] == 0:  # under torchrun: once
         print(f"model written to {model} (+ .json); last step: " +
               ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in last.items() if k != "val"))

@@ -7,12 +7,16 @@
 
 Seeded and resumable: a checkpoint (a directory of safetensors + JSON, never a pickle) holds the
 model config and weights, optimizer state, step and every rank's RNG state; it is written to a
-temporary directory and renamed. Multi-GPU / multi-node through ``torchrun`` (DDP; gloo on CPU).
+temporary directory and renamed; the newest ``keep_checkpoints`` are kept. One run at a time per ``save_dir``
+(a lock), and a fresh run never writes into a directory that holds a run's checkpoints. Multi-GPU /
+multi-node through ``torchrun`` (DDP; gloo on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import shutil
@@ -26,8 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..atomic import atomic_write_text
 from ..distributed import distributed_env
-from ..errors import CheckpointError, ConfigError, ImageIOError, first_line
+from ..errors import CheckpointError, ConfigError, ImageIOError, OutputError, first_line
 from ..geometry import apply_affine, fov_center, fov_half_extent, normalized_to_voxel
 from ..models import KeypointDetector, ModelConfig
 from ..models.checkpoint import load_model, save_model
@@ -92,6 +97,7 @@ class TrainConfig:
     device: str | None = None
     # bookkeeping
     checkpoint_every: int = 100
+    keep_checkpoints: int = 5                # newest step_* checkpoints kept (0: all)
     val_every: int = 100
     num_val_pairs: int = 8
     use_wandb: bool = False
@@ -121,14 +127,55 @@ class TrainConfig:
         if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float))
                                                  and math.isfinite(self.max_minutes) and self.max_minutes >= 0):
             raise ConfigError(f"--max_minutes must be a finite number >= 0, got {self.max_minutes!r}")
+        positive = ("lr", "voxel_size", "control_spacing")  # 0 excluded too
         for name, lo, hi in (("lr", 0.0, None), ("max_rotation", 0.0, 180.0), ("max_displacement", 0.0, None),
-                             ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None),
+                             ("max_translation", 0.0, 500.0), ("full_sphere_prob", 0.0, 1.0),
+                             ("voxel_size", 0.0, None), ("kpconsistency_coeff", 0.0, None), ("dense_coeff", 0.0, None),
                              ("brain_motion", 0.0, 1.0), ("fov_cut", 0.0, 1.0), ("control_spacing", 0.0, None)):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and math.isfinite(v) and v >= lo and (hi is None or v <= hi)
-            if not ok or (name in ("lr", "voxel_size", "control_spacing") and v == 0):
-                rng = f"in [{lo:g}, {hi:g}]" if hi is not None else ("> 0" if name in ("lr", "voxel_size", "control_spacing") else ">= 0")
+            if not ok or (name in positive and v == 0):
+                rng = f"in [{lo:g}, {hi:g}]" if hi is not None else ("> 0" if name in positive else ">= 0")
                 raise ConfigError(f"--{name} must be a finite number {rng}, got {v!r}")
+        if self.lr > 1:
+            raise ConfigError(f"--lr must be <= 1 (Adam's steps would be as large as the weights), got {self.lr:g}")
+        for name, least in (("num_val_pairs", 1), ("val_every", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"--{name} must be >= {least}, got {getattr(self, name)}")
+        if self.max_train_keypoints is not None and self.max_train_keypoints < 1:
+            raise ConfigError(f"--max_train_keypoints must be >= 1, got {self.max_train_keypoints}")
+        if not self.load_path:  # a loaded model brings its own architecture and grid
+            self._check_architecture()
+        if self.device:
+            from ..pipeline import resolve_device
+
+            resolve_device(self.device)
+
+    def _check_architecture(self) -> None:
+        """:class:`ConfigError` for a network that cannot be built or cannot read its grid: every max-pool
+        must halve the grid exactly, leaving at least 2 voxels per axis at the deepest level."""
+        from ..models.backbones import build_backbone
+
+        if self.f_maps < 1:
+            raise ConfigError(f"--f_maps must be >= 1, got {self.f_maps}")
+        if self.grid_shape < 8:
+            raise ConfigError(f"--grid_shape must be >= 8, got {self.grid_shape}")
+        if self.mode == "train" and not (isinstance(self.num_keypoints, int) and self.num_keypoints >= 1):
+            raise ConfigError(f"--num_keypoints must be >= 1, got {self.num_keypoints}")
+        try:  # pretraining: the regions set the number of keypoints
+            arch = ArchitectureConfig(self.backbone, self.num_keypoints if self.mode == "train" else 1,
+                                      num_levels=self.num_levels, num_truncated=self.num_truncated, f_maps=self.f_maps)
+            with torch.device("meta"):  # no memory, no weights initialised
+                build_backbone(arch.backbone, 1, num_levels=arch.num_levels, num_truncated=arch.num_truncated,
+                               f_maps=arch.f_maps)
+        except ValueError as e:  # ConfigError too
+            raise ConfigError(f"architecture --backbone {self.backbone} --num_levels {self.num_levels} "
+                              f"--num_truncated {self.num_truncated} --f_maps {self.f_maps}: {e}") from None
+        pools = 4 if self.backbone == "conv" else self.num_levels - 1
+        if self.grid_shape % 2**pools or self.grid_shape < 2 ** (pools + 1):
+            what = "the conv backbone" if self.backbone == "conv" else f"--num_levels {self.num_levels}"
+            raise ConfigError(f"--grid_shape {self.grid_shape} does not fit {what}: it must be a multiple of "
+                              f"{2**pools} and at least {2 ** (pools + 1)}")
 
 
 def sample_lambda(spec: str | float, g: torch.Generator) -> float:
@@ -171,12 +218,11 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.rank, self.world, local = _distributed()
-        if cfg.device:
-            self.device = torch.device(cfg.device)
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", local)
-        else:
-            self.device = torch.device("cpu")
+        from ..pipeline import resolve_device
+
+        self.device = resolve_device(cfg.device)  # ConfigError for an unknown or unavailable device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", local)  # this process's GPU under torchrun
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.save_dir = Path(cfg.save_dir)
@@ -357,7 +403,7 @@ class Trainer:
         b = batch.fixed.shape[0]
         kf, km = kp[:b], kp[b: 2 * b]
         w = None
-        if cfg.weighted_kp_align:
+        if self.model.config.weighting == "power":  # --weighted_kp_align, or a loaded model's own weighting
             from ..models import power_weights
             w = power_weights(mass[:b], mass[b: 2 * b])
         if cfg.max_train_keypoints and cfg.max_train_keypoints < kf.shape[1]:
@@ -449,24 +495,14 @@ class Trainer:
         tmp.rename(final)
         (root / "latest.tmp").write_text(final.name + "\n")
         (root / "latest.tmp").replace(root / "latest")
+        _prune_checkpoints(root, self.cfg.keep_checkpoints, final.name)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer, step and this rank's RNG from a checkpoint directory."""
         from safetensors.torch import load_file
 
-        if path.is_dir() and (path / "latest").exists():
-            path = path / (path / "latest").read_text().strip()
-        if not (path / "state.json").exists():
-            raise CheckpointError(f"{path}: not a keyreg training checkpoint (no state.json)")
-        try:
-            state = json.loads((path / "state.json").read_text())
-            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-                raise ValueError("no integer step")
-        except (OSError, UnicodeError, ValueError) as e:
-            raise CheckpointError(f"{path / 'state.json'}: corrupt training state ({str(e).splitlines()[0][:120]}); "
-                                  f"resume from an earlier checkpoint or start afresh") from None
-        _check_resumed_config(state.get("train_config"), self.cfg, path)
+        path, state = check_resumable(path, self.cfg, self.world)
         loaded = load_model(path / "model.safetensors", device=self.device)
         try:
             self.model.load_state_dict(loaded.state_dict())
@@ -478,7 +514,7 @@ class Trainer:
                                   "an earlier one or start afresh") from None
         key = f"generator_rank{self.rank}"
         if key not in rng:
-            raise CheckpointError(f"{path}: saved with {state['world_size']} processes; cannot resume rank "
+            raise CheckpointError(f"{path}: saved with {state.get('world_size')} processes; cannot resume rank "
                                   f"{self.rank} (use the same number of processes)")
         self.gen.set_state(rng[key])
         torch.set_rng_state(rng["torch_cpu"])
@@ -505,7 +541,7 @@ class Trainer:
 
         cfg = self.cfg
         log_path = self.save_dir / "log.csv"
-        writer = _Logger(log_path, cfg) if self.rank == 0 else None
+        writer = _Logger(log_path, cfg, self.step) if self.rank == 0 else None
         bar = tqdm(total=cfg.stop_at or cfg.steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc=cfg.mode, unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {}
@@ -538,7 +574,8 @@ class Trainer:
                 end = self.step
                 bar.write(f"stopping at step {self.step}: --max_minutes {cfg.max_minutes:g} reached "
                           f"(--resume continues)")
-            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == end):
+            early = self.step == end < cfg.steps  # --max_minutes or --stop_at: resumable even without checkpoint_every
+            if early or (cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == end)):
                 self.save_checkpoint()
         bar.close()
         if self.rank == 0:
@@ -561,7 +598,7 @@ DEFAULT_SPLITS: dict[tuple[int, ...], int] = {
 #: Options that may change when a run is resumed: stopping, devices, logging, and paths (the same
 #: files may be named differently from another directory).  Every other option defines the run.
 RESUMABLE_CHANGES = frozenset({"stop_at", "max_minutes", "device", "use_amp", "use_wandb", "checkpoint_every",
-                               "val_every", "num_val_pairs", "save_dir", "label_maps", "val_label_maps",
+                               "keep_checkpoints", "val_every", "num_val_pairs", "save_dir", "label_maps", "val_label_maps",
                                "data_dir", "load_path", "regions"})
 
 
@@ -580,6 +617,39 @@ def _check_resumed_config(saved: Any, cfg: TrainConfig, path: Path) -> None:
         raise CheckpointError(f"{path}: --resume with options that differ from the checkpoint's run: "
                               f"{'; '.join(diff)}; resume with the run's options (only stopping, device, "
                               "logging and paths may change, and --steps with a constant learning rate)")
+
+
+def check_resumable(path: Path, cfg: TrainConfig, world: int) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint directory ``path`` (or the one ``path/latest`` names) and its state, after checking that
+    ``cfg`` and ``world`` processes may resume it (:class:`CheckpointError` otherwise); reads only JSON."""
+    if path.is_dir() and (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{path}: not a keyreg training checkpoint (no state.json)")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer step")
+    except (OSError, UnicodeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'state.json'}: corrupt training state ({str(e).splitlines()[0][:120]}); "
+                              f"resume from an earlier checkpoint or start afresh") from None
+    saved_world = state.get("world_size", world)
+    if saved_world != world:
+        raise CheckpointError(f"{path}: saved with {saved_world} processes; resume with the same number "
+                              f"(this run has {world})")
+    _check_resumed_config(state.get("train_config"), cfg, path)
+    return path, state
+
+
+def _prune_checkpoints(root: Path, keep: int, latest: str) -> None:
+    """Remove all but the ``keep`` newest ``step_*`` checkpoints in ``root`` (``keep`` 0: none removed), never
+    ``latest``."""
+    if keep < 1:
+        return
+    steps = sorted((int(p.name[5:]), p) for p in root.glob("step_*") if p.name[5:].isdigit() and p.is_dir())
+    for _, old in steps[:-keep]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def default_atlas(bank: LabelMapBank, seed: int = 0):
@@ -617,16 +687,32 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _cut_log(path: Path, header: list[str], step: int) -> None:
+    """Rewrite the CSV log ``path`` (atomically) with its header and the rows of steps <= ``step`` only."""
+    rows = [header]
+    if path.is_file():
+        with open(path, newline="") as fh:
+            rows += [r for r in list(csv.reader(fh))[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 class _Logger:
     """CSV log (always), and Weights & Biases when asked and installed."""
 
-    def __init__(self, path: Path, cfg: TrainConfig) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        self.fh = open(path, "a", newline="")
+    def __init__(self, path: Path, cfg: TrainConfig, step: int = 0) -> None:
+        """Append to ``path``, first cut back to the rows of steps <= ``step`` (those a resumed run keeps;
+        a killed run may have logged steps past its last checkpoint)."""
+        header = ["step", "loss", "align", "pairs_per_s", "extra"]
+        try:
+            _cut_log(path, header, step)
+            self.fh = open(path, "a", newline="")
+        except OutputError:
+            raise
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write the training log ({first_line(e)})") from None
         self.csv = csv.writer(self.fh)
-        if new:
-            self.csv.writerow(["step", "loss", "align", "pairs_per_s", "extra"])
         self.wandb = None
         if cfg.use_wandb:
             try:
@@ -636,7 +722,7 @@ class _Logger:
             self.wandb = wandb.init(project="keyreg", config=asdict(cfg))
 
     def write(self, step: int, logs: dict[str, Any], val: dict[str, float] | None) -> None:
-        extra = {k: v for k, v in logs.items() if k not in ("loss", "align", "pairs_per_s")}
+        extra = {k: v for k, v in logs.items() if k not in ("loss", "align", "pairs_per_s", "val")}
         if val:
             extra.update({f"val_dice_{k}": round(v, 4) for k, v in val.items()})
         self.csv.writerow([step, f"{logs['loss']:.6f}", logs.get("align", ""), f"{logs['pairs_per_s']:.3f}",
@@ -654,12 +740,37 @@ class _Logger:
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training; returns the final logs. The model is written to
     ``save_dir/model.safetensors`` + ``.json``."""
-    trainer = Trainer(cfg)
-    if resume:
-        trainer.load_checkpoint(Path(cfg.save_dir) / "checkpoints")
+    cfg.validate()
+    save_dir = Path(cfg.save_dir)
+    rank, world, _ = distributed_env()
+    check_save_dir(save_dir, resume)
+    if resume:  # the options and process count, before the data are read
+        check_resumable(save_dir / "checkpoints", cfg, world)
+    from ..batch import output_lock
+
     try:
-        return trainer.fit(progress=progress)
+        with output_lock(save_dir) if rank == 0 else contextlib.nullcontext():  # one run per save_dir
+            trainer = Trainer(cfg)
+            if resume:
+                trainer.load_checkpoint(save_dir / "checkpoints")
+            return trainer.fit(progress=progress)
     finally:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def check_save_dir(save_dir: Path, resume: bool) -> None:
+    """:class:`OutputError` for a ``--save_dir`` that is (or lies below) a file, or that holds a run's
+    checkpoints when not resuming (a fresh run would mix with them); :class:`CheckpointError` for
+    ``--resume`` without a checkpoint."""
+    for p in (save_dir, *save_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise OutputError(f"--save_dir {save_dir}: {p} is a file, not a directory")
+    latest = save_dir / "checkpoints" / "latest"
+    if resume and not latest.is_file():
+        raise CheckpointError(f"--resume: {save_dir} holds no checkpoint (no checkpoints/latest); start without "
+                              "--resume")
+    if not resume and latest.exists():
+        raise OutputError(f"{save_dir} holds a run (checkpoints/latest); use --resume to continue it, or another "
+                          "--save_dir")
