@@ -29,12 +29,11 @@ import sys
 
 import numpy as np
 import torch
-from model_validation import SHARED, seed_of, synth
+from model_validation import label_maps_2mm, seed_of, synth
 
 from keyreg.io import Volume
 from keyreg.models import load_model
 from keyreg.models.inference import detect_images_keypoints
-from keyreg.train.data import LabelMapBank
 from keyreg.transforms import fit_affine
 
 CONTRASTS = ("t1", "t2", "pd", "flair")
@@ -71,11 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not SHARED.exists():
-        print(f"needs {SHARED}", file=sys.stderr)
-        return 2
-    bank = LabelMapBank([SHARED / f"training_seg_{m:02d}.nii.gz" for m in args.maps], storage_voxel=2.0,
-                        storage_shape=128)
+    bank = label_maps_2mm(args.maps)
     print("| model | keypoint error: all | whole structures | sub-regions | extra-cerebral | in fits | "
           "pose error | posed-template floor | template posed by the model | anatomy captured (r) | "
           "head-size slope |")

@@ -46,6 +46,15 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "label
 CONTRAST_PAIRS = [("t1", "t2"), ("t2", "t1"), ("t1", "pd"), ("t1", "flair")]
 
 
+def label_maps_2mm(maps) -> LabelMapBank:
+    """The label maps ``training_seg_NN`` (``maps``: numbers) of ../shared at 2 mm (128^3); exits
+    with a message when ../shared is absent."""
+    if not SHARED.exists():
+        raise SystemExit(f"needs {SHARED}")
+    return LabelMapBank([SHARED / f"training_seg_{m:02d}.nii.gz" for m in maps], storage_voxel=2.0,
+                        storage_shape=128)
+
+
 def seed_of(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
@@ -146,8 +155,7 @@ def main(argv=None) -> int:
     if args.only_time_1mm:
         time_1mm(model, args)
         return 0
-    bank = LabelMapBank([SHARED / f"training_seg_{m:02d}.nii.gz" for m in args.maps], storage_voxel=2.0,
-                        storage_shape=128)
+    bank = label_maps_2mm(args.maps)
     segs = [m.numpy().astype(np.int64) for m in bank.maps]
     affs = [a.numpy() for a in bank.affines]
     kp_cache: dict = {}

@@ -27,14 +27,13 @@ import time
 
 import numpy as np
 import torch
-from model_validation import SHARED, seed_of, synth
+from model_validation import label_maps_2mm, seed_of, synth
 
 from keyreg.demo import rotation_angle
 from keyreg.geometry import fov_center, rotation_about
 from keyreg.io import Volume
 from keyreg.models import load_model
 from keyreg.models.inference import cube_rotations, detect_image_keypoints
-from keyreg.train.data import LabelMapBank
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -72,16 +71,12 @@ def main(argv=None) -> int:
         print_summary(rows, args)
         return 0
     torch.set_num_threads(args.threads)
-    if not SHARED.exists():
-        print(f"needs {SHARED}", file=sys.stderr)
-        return 2
     model = load_model(args.model).eval()
     atlas = model.config.regions
     if atlas is None:
         print("the model has no anatomical regions: it runs no orientation search", file=sys.stderr)
         return 2
-    bank = LabelMapBank([SHARED / f"training_seg_{m:02d}.nii.gz" for m in args.maps], storage_voxel=2.0,
-                        storage_shape=128)
+    bank = label_maps_2mm(args.maps)
     print(f"model {model.config.name}; maps {args.maps}; contrasts {args.contrasts}; 24 cube rotations "
           f"+ tilt <= {args.tilt:g}° and {args.random} random orientations per image; modes {args.modes}")
     rows = []
