@@ -17,8 +17,8 @@ keypoints, the ceiling (true region centroids), the Dice before, the median keyp
 moving image for regions whose true centroid lies inside / outside its field of view, whether the
 orientation search ran, the rotation error of the affine (degrees, against the true centroids'
 affine), the larger template residual of the two images (``detection_residual_mm``) and whether the
-pipeline flags the pair ``check`` (confidence, or that residual above its limit).  ``--fit_inside`` also fits only the keypoints whose detected position lies inside both
-images' grids (the pipeline's rule, ``keyreg.keypoints.inside_grid``), when that module has it.
+pipeline flags the pair ``check`` (confidence, or that residual above its limit).  ``affine_inside`` fits only the keypoints whose detected position lies inside both images' grids
+(a rule the pipeline does not apply: it did not help, docs/models.md).
 
 Usage:
     python benchmarks/partial_fov.py [--model keyreg-anatomy] [--rotation 0] [--moving_contrast t2]
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -66,6 +67,16 @@ def crop(seg: np.ndarray, image: np.ndarray, affine: np.ndarray, case: str) -> t
     return np.ascontiguousarray(image[:, :, a:b]), out
 
 
+def inside_grid(points: np.ndarray, shape: Sequence[int], affine: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
+    """``(N,)`` bools: which world points ``(N, 3)`` (mm) lie inside an image's grid (voxel centres
+    ± half a voxel, shrunk by ``margin_mm``): where a keypoint can be seen, not guessed."""
+    aff = np.asarray(affine, dtype=np.float64)
+    vox = (np.asarray(points, dtype=np.float64) - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T
+    size = np.linalg.norm(aff[:3, :3], axis=0)
+    pad = 0.5 - margin_mm / size
+    return ((vox >= -pad) & (vox <= np.asarray(shape[:3], dtype=np.float64) - 1 + pad)).all(1)
+
+
 def rotation_error(a: np.ndarray, b: np.ndarray) -> float:
     """Angle (degrees) between the rotation parts (polar decomposition) of two affines."""
     def rot(m):
@@ -95,10 +106,6 @@ def main(argv=None) -> int:
     tol = model.config.aligned_tolerance_mm
     scale = fov_half_extent(np.diag([*model.config.preprocessing.grid.voxel_size, 1.0]),
                             model.config.preprocessing.grid.shape)
-    try:
-        from keyreg.keypoints import inside_grid
-    except ImportError:
-        inside_grid = None
     bank = label_maps_2mm(args.maps)
     segs = [m.numpy().astype(np.int64) for m in bank.maps]
     affs = [a.numpy() for a in bank.affines]
@@ -133,12 +140,11 @@ def main(argv=None) -> int:
             truth = fit("affine", true_f, true_m, fixed, scale, mask)
             row["ceiling"] = brain_dice(warp_seg(segs[mi], seg_aff, fixed, truth), segs[fi])
             row["rot_err"] = rotation_error(tr.matrix[0].numpy(), truth.matrix[0].numpy())
-            if inside_grid is not None:
-                keep = mask & inside_grid(km, img.shape, m_aff) & inside_grid(kf, fixed.shape, fixed.affine)
-                if keep.sum() >= 4:
-                    tr_in = fit("affine", kf, km, fixed, scale, keep, tol)
-                    row["affine_inside"] = brain_dice(warp_seg(segs[mi], seg_aff, fixed, tr_in), segs[fi])
-                row["kept"] = int(keep.sum())
+            keep = mask & inside_grid(km, img.shape, m_aff) & inside_grid(kf, fixed.shape, fixed.affine)
+            if keep.sum() >= 4:
+                tr_in = fit("affine", kf, km, fixed, scale, keep, tol)
+                row["affine_inside"] = brain_dice(warp_seg(segs[mi], seg_aff, fixed, tr_in), segs[fi])
+            row["kept"] = int(keep.sum())
             row["kp_err_seen"] = float(np.nanmedian(err[seen])) if seen.any() else float("nan")
             row["kp_err_unseen"] = float(np.nanmedian(err[~seen])) if (~seen).any() else float("nan")
             row["unseen"] = int((~seen).sum())
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
             row["s"] = secs
             rows.append(row)
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    keys = ["before", "affine", *(["affine_inside"] if inside_grid is not None else []), "ceiling", "rot_err",
+    keys = ["before", "affine", "affine_inside", "ceiling", "rot_err",
             "kp_err_seen", "kp_err_unseen", "unseen", "detection_residual"]
     print(f"\n| case (rotation {args.rotation:g}°) | n | " + " | ".join(keys) + " | rot_err max | searched | flagged |")
     print("|---" * (len(keys) + 5) + "|")

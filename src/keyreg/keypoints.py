@@ -20,7 +20,7 @@ from .io import Volume
 from .preprocess import to_network_input
 
 __all__ = ["ImageKeypoints", "detect_keypoints", "default_keypoint_names", "model_keypoint_names",
-           "select_keypoints", "tps_frame", "inside_grid"]
+           "select_keypoints", "tps_frame"]
 
 
 def default_keypoint_names(k: int) -> list[str]:
@@ -143,16 +143,6 @@ def detect_keypoints(
                     f"out of range, or a model with invalid weights)")
             out.append(ImageKeypoints(world, mass[b].float(), aff, pre.grid.shape, list(names)))
     return out
-
-
-def inside_grid(points: np.ndarray, shape: Sequence[int], affine: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
-    """``(N,)`` bools: which world points ``(N, 3)`` (mm) lie inside an image's grid (voxel centres
-    ± half a voxel, shrunk by ``margin_mm``): where a keypoint can be seen, not guessed."""
-    aff = np.asarray(affine, dtype=np.float64)
-    vox = (np.asarray(points, dtype=np.float64) - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T
-    size = np.linalg.norm(aff[:3, :3], axis=0)
-    pad = 0.5 - margin_mm / size
-    return ((vox >= -pad) & (vox <= np.asarray(shape[:3], dtype=np.float64) - 1 + pad)).all(1)
 
 
 def select_keypoints(names: Sequence[str], exclude: Sequence[str]) -> list[int]:
