@@ -1,7 +1,7 @@
 """Install a trained anatomical model into the package as a bundled model and make it the default.
 
-    python scripts/install_model.py runs/anat/stage9/model.safetensors \
-        --steps 900+550+2500+2400+3000+8000+9000+2750 --wall "..." --images 116400
+    python scripts/install_model.py runs/anat/stage12/model.safetensors \
+        --steps 900+550+2500+2400+3000+8000+9000+2750+1600 --wall "..." --images 122800
     python scripts/calibrate_aligned.py src/keyreg/pretrained/keyreg-anatomy.safetensors --write
 
 (calibrated after installing: the tolerance depends on the shift ensemble, if one is set here)
@@ -79,7 +79,7 @@ def main() -> int:
                      "any orientation (search), any MRI contrast")
     c.training = {
         "data": "../shared/data/labelmaps training_seg_01..12 (synthetic contrasts); validation 13..15",
-        "command": "scripts/train_default.sh ../shared/data/labelmaps 2500 runs/anat 2400 3000 8000 9000 3300",
+        "command": "scripts/train_default.sh ../shared/data/labelmaps 2500 runs/anat 2400 3000 8000 9000 3300 1600",
         "steps": args.steps, "images_seen": args.images, "wall_time": args.wall,
         "batch": "2 pairs (4 images) per step", "model_card": "docs/models.md",
     }

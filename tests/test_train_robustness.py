@@ -200,7 +200,7 @@ def test_train_default_skips_finished_stages_and_resumes_the_unfinished_one(tmp_
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls))
     cmd = ["bash", str(ROOT / "scripts" / "train_default.sh"), str(tmp_path / "maps"), "10", str(save)]
     subprocess.run(cmd, env=env, check=True)
-    assert len(calls.read_text().splitlines()) == 8  # stages 1-7 and 9
+    assert len(calls.read_text().splitlines()) == 9  # stages 1-7, 9 and 12
     calls.unlink()
     subprocess.run(cmd, env=env, check=True)
     assert not calls.exists()  # every stage finished: nothing retrained

@@ -29,7 +29,7 @@ CONFIDENCE_KEYS = ("confidence", "median_loo_mm", "inlier_fraction", "flag", "de
 #: A pair is flagged ``check`` when an image's keypoints lie further than this (median, mm) from the
 #: model's template after a similarity fit: the network did not read a whole head there (a field of
 #: view that misses part of it, an image that is not a head).  Held-out whole heads, 4 contrasts,
-#: upright and turned: 2.9-4.4 mm (docs/models.md, "Partial fields of view").
+#: upright and turned: 3.0-4.4 mm (docs/models.md, "Partial fields of view").
 DETECTION_RESIDUAL_LIMIT_MM = 6.0
 
 
