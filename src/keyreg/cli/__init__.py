@@ -104,8 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyregError as e:
         print(f"keyreg {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"keyreg {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # on a new line: a progress bar may hold the current one
+        print(f"{chr(10) if sys.stderr.isatty() else ''}keyreg {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
