@@ -168,7 +168,7 @@ def test_ddp_two_cpu_processes(label_maps, tmp_path):
            "--save_dir", str(tmp_path / "ddp"), "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[:3000] + "\n...\n" + out.stderr[-2000:]  # the failing rank speaks first
     from safetensors.torch import load_file
 
     rng = load_file(str(tmp_path / "ddp" / "checkpoints" / "step_0000002" / "rng.safetensors"))
