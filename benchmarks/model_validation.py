@@ -55,6 +55,15 @@ def label_maps_2mm(maps) -> LabelMapBank:
                         storage_shape=128)
 
 
+def anatomical_model(name):
+    """The model ``name`` (a file or a bundled name; ``None``: the default) in evaluation mode; exits
+    with a message when it has no anatomical regions."""
+    model = load_model(name).eval()
+    if model.config.regions is None:
+        raise SystemExit(f"{model.config.name}: not an anatomical model (no named regions)")
+    return model
+
+
 def seed_of(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 

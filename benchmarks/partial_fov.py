@@ -33,11 +33,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from model_validation import brain_dice, fit, label_maps_2mm, rotation, seed_of, synth, warp_seg
+from model_validation import anatomical_model, brain_dice, fit, label_maps_2mm, rotation, seed_of, synth, warp_seg
 
 from keyreg.geometry import fov_center, fov_half_extent
 from keyreg.io import Volume
-from keyreg.models import load_model
 from keyreg.models.inference import detect_image_keypoints
 from keyreg.qc import DETECTION_RESIDUAL_LIMIT_MM, pair_confidence_of
 
@@ -97,11 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.model).eval()
+    model = anatomical_model(args.model)
     atlas = model.config.regions
-    if atlas is None:
-        print("needs an anatomical model (named regions)", file=sys.stderr)
-        return 2
     mask = np.asarray(model.config.fit_mask() or [True] * len(atlas))
     tol = model.config.aligned_tolerance_mm
     scale = fov_half_extent(np.diag([*model.config.preprocessing.grid.voxel_size, 1.0]),

@@ -22,17 +22,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
 import torch
-from model_validation import label_maps_2mm, seed_of, synth
+from model_validation import anatomical_model, label_maps_2mm, seed_of, synth
 
 from keyreg.demo import rotation_angle
 from keyreg.geometry import fov_center, rotation_about
 from keyreg.io import Volume
-from keyreg.models import load_model
 from keyreg.models.inference import cube_rotations, detect_image_keypoints
 
 
@@ -71,11 +69,8 @@ def main(argv=None) -> int:
         print_summary(rows, args)
         return 0
     torch.set_num_threads(args.threads)
-    model = load_model(args.model).eval()
+    model = anatomical_model(args.model)
     atlas = model.config.regions
-    if atlas is None:
-        print("the model has no anatomical regions: it runs no orientation search", file=sys.stderr)
-        return 2
     bank = label_maps_2mm(args.maps)
     print(f"model {model.config.name}; maps {args.maps}; contrasts {args.contrasts}; 24 cube rotations "
           f"+ tilt <= {args.tilt:g}° and {args.random} random orientations per image; modes {args.modes}")

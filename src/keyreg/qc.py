@@ -68,11 +68,10 @@ def detection_facts(fixed: Any, moving: Any) -> dict[str, Any]:
     """How the two images' keypoints were detected (:class:`~keyreg.keypoints.ImageKeypoints`):
     ``detection_residual_mm``, the larger of their template residuals, and ``orientation_searched``
     (``none``, ``fixed``, ``moving`` or ``fixed moving``); ``{}`` when the model has no template."""
-    residuals = [kp.template_residual_mm for kp in (fixed, moving)
-                 if getattr(kp, "template_residual_mm", None) is not None]
+    residuals = [kp.template_residual_mm for kp in (fixed, moving) if kp.template_residual_mm is not None]
     if not residuals:
         return {}
-    searched = [role for role, kp in (("fixed", fixed), ("moving", moving)) if getattr(kp, "searched", False)]
+    searched = [role for role, kp in (("fixed", fixed), ("moving", moving)) if kp.searched]
     return {"detection_residual_mm": max(residuals), "orientation_searched": " ".join(searched) or "none"}
 
 
