@@ -294,3 +294,24 @@ def test_header_fixes_of_nibabel_become_one_warning_naming_the_file(tmp_path, ca
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
     assert rc == 0
     assert len(err) == 1 and err[0].startswith("keyreg apply: warning: ") and "negpix.nii.gz" in err[0], err
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32])
+def test_an_intensity_image_given_as_labels_is_named_in_a_warning(tmp_path, dtype):
+    """A label map with thousands of distinct ids (an integer T1 passed as a segmentation) loads with
+    a warning naming the file: every id would get its own Dice. A parcellation of a few hundred ids,
+    and a bool mask, load silently."""
+    import warnings as _warnings
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 4000, (24, 24, 24)).astype(dtype)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "t1.nii.gz")
+    with pytest.warns(UserWarning, match=r"t1\.nii\.gz: label map has \d+ or more distinct ids; is it an intensity"):
+        vol = load_volume(tmp_path / "t1.nii.gz", kind="labels")
+    assert vol.data.shape == (24, 24, 24)
+    parcels = rng.integers(0, 400, (24, 24, 24)).astype(dtype)
+    nib.save(nib.Nifti1Image(parcels, np.eye(4)), tmp_path / "aparc.nii.gz")
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        load_volume(tmp_path / "aparc.nii.gz", kind="labels")
+        load_volume(tmp_path / "aparc.nii.gz", kind="labels", compact_labels=True)

@@ -290,6 +290,32 @@ def _c_order(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
+#: a label map with more distinct ids than this is most likely an integer intensity image given as
+#: labels (whole-brain parcellations have a few hundred to about a thousand)
+MANY_LABEL_IDS = 2000
+
+
+def _warn_if_many_ids(labels: np.ndarray, where: str) -> np.ndarray:
+    """``labels`` (C-ordered integers), after a warning when they hold more than
+    :data:`MANY_LABEL_IDS` distinct ids: every id would get its own Dice, silently meaningless for an
+    image.  Exact when the ids span fewer than 2^22 values (counted in chunks); otherwise counted on
+    a subsample of about 2 million voxels (a lower bound)."""
+    flat = labels.reshape(-1)
+    if flat.dtype == bool or not flat.size:
+        return labels
+    lo, hi = int(flat.min()), int(flat.max())
+    if hi - lo < 1 << 22:
+        seen = np.zeros(hi - lo + 1, dtype=bool)
+        for start in range(0, flat.size, 1 << 22):
+            seen[flat[start:start + (1 << 22)].astype(np.int64) - lo] = True
+        n = int(np.count_nonzero(seen))
+    else:
+        n = len(np.unique(flat[:: max(1, flat.size // 2_000_000)]))
+    if n > MANY_LABEL_IDS:
+        warnings.warn(f"{where}: label map has {n} or more distinct ids; is it an intensity image?", stacklevel=2)
+    return labels
+
+
 def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str,
               compact: bool = False) -> np.ndarray:
     _check_dims(data.shape, where)
@@ -301,7 +327,8 @@ def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str
             raise ImageContentError(f"{where}: label id {int(data.max())} is larger than 2^63 - 1, the largest "
                                     f"id keyreg keeps exactly")
         if np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
-            return _c_order(data.astype(_integer_dtype(data) if compact else np.int64, copy=False))
+            return _warn_if_many_ids(_c_order(data.astype(_integer_dtype(data) if compact else np.int64, copy=False)),
+                                     where)
         if not np.all(np.isfinite(data)):
             raise ImageContentError(f"{where}: label map contains NaN or Inf")
         rounded = np.rint(data)
@@ -309,7 +336,7 @@ def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str
             raise ImageContentError(f"{where}: label map has non-integer values (is it an image?)")
         if rounded.size and float(np.abs(rounded).max()) >= 2.0**63:
             raise ImageContentError(f"{where}: label ids beyond +-2^63 cannot be kept exactly")
-        return rounded.astype(_integer_dtype(rounded) if compact else np.int64, order="C")
+        return _warn_if_many_ids(rounded.astype(_integer_dtype(rounded) if compact else np.int64, order="C"), where)
     source = data
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, as one line
         data = _c_order(np.asarray(data, dtype=np.float32))
