@@ -16,8 +16,8 @@ Per case: affine Dice (FreeSurfer brain structures 2-60, as ``keyreg evaluate``)
 keypoints, the ceiling (true region centroids), the Dice before, the median keypoint error of the
 moving image for regions whose true centroid lies inside / outside its field of view, whether the
 orientation search ran, the rotation error of the affine (degrees, against the true centroids'
-affine), the larger template residual of the two images (``detection_residual_mm``) and whether the
-pipeline flags the pair ``check`` (confidence, or that residual above its limit).  ``affine_inside`` fits only the keypoints whose detected position lies inside both images' grids
+affine), the larger template residual and drift of the two images (``detection_residual_mm``,
+``detection_drift_mm``) and whether the pipeline flags the pair ``check`` (``keyreg.qc``).  ``affine_inside`` fits only the keypoints whose detected position lies inside both images' grids
 (a rule the pipeline does not apply: it did not help, docs/models.md).
 
 Usage:
@@ -38,7 +38,7 @@ from model_validation import anatomical_model, brain_dice, fit, label_maps_2mm, 
 from keyreg.geometry import fov_center, fov_half_extent
 from keyreg.io import Volume
 from keyreg.models.inference import detect_image_keypoints
-from keyreg.qc import DETECTION_RESIDUAL_LIMIT_MM, pair_confidence_of
+from keyreg.qc import detection_concerns, pair_confidence_of
 
 CASES = ["whole", "inferior 15%", "inferior 30%", "inferior 45%", "superior 20%", "slab 90mm", "slab 60mm"]
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         mi = (fi + 1) % n
         fixed = Volume(synth(bank.maps[fi], "t1", seed_of(args.seed, args.maps[fi], "t1")), affs[fi], name="fixed")
         det_f = detect_image_keypoints(model, fixed)
-        kf, res_f = det_f.points.numpy(), float(np.median(det_f.template_residual_mm))
+        kf, res_f, drift_f = det_f.points.numpy(), float(np.median(det_f.template_residual_mm)), det_f.drift_mm
         true_f = atlas.centroids(segs[fi], affs[fi])[0]
         full = synth(bank.maps[mi], args.moving_contrast, seed_of(args.seed, args.maps[mi], args.moving_contrast))
         for case in args.cases:
@@ -145,14 +145,16 @@ def main(argv=None) -> int:
             row["kp_err_unseen"] = float(np.nanmedian(err[~seen])) if (~seen).any() else float("nan")
             row["unseen"] = int((~seen).sum())
             row["detection_residual"] = max(float(np.median(det.template_residual_mm)), res_f)
+            row["detection_drift"] = max(det.drift_mm, drift_f)
             conf = pair_confidence_of(kf[mask], km[mask])
-            row["flagged"] = conf["flag"] == "check" or row["detection_residual"] > DETECTION_RESIDUAL_LIMIT_MM
+            row["flagged"] = conf["flag"] == "check" or bool(detection_concerns(
+                {"detection_residual_mm": row["detection_residual"], "detection_drift_mm": row["detection_drift"]}))
             row["searched"] = bool(det.searched)
             row["s"] = secs
             rows.append(row)
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     keys = ["before", "affine", "affine_inside", "ceiling", "rot_err",
-            "kp_err_seen", "kp_err_unseen", "unseen", "detection_residual"]
+            "kp_err_seen", "kp_err_unseen", "unseen", "detection_residual", "detection_drift"]
     print(f"\n| case (rotation {args.rotation:g}°) | n | " + " | ".join(keys) + " | rot_err max | searched | flagged |")
     print("|---" * (len(keys) + 5) + "|")
     for case in args.cases:

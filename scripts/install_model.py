@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from keyreg.errors import KeyregError
 from keyreg.models.checkpoint import PRETRAINED_DIR, load_model, save_model
+from keyreg.preprocess import OUTSIDE_MODES
 
 BACKBONES = {"truncatedunet": "truncated U-Net", "unet": "U-Net", "conv": "convolutional network"}
 
@@ -49,6 +51,9 @@ def main() -> int:
     p.add_argument("--check_view_ensemble", action=argparse.BooleanOptionalAction, default=True,
                    help="average the final keypoints with the orientation search's check pass (default: on; "
                         "no extra pass under auto, see docs/models.md)")
+    p.add_argument("--outside", choices=OUTSIDE_MODES, default="background",
+                   help="what the network sees beyond an image's field of view (default: the image's "
+                        "background level; see keyreg.preprocess)")
     args = p.parse_args()
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", args.name):
         raise SystemExit(f"install_model: error: --name {args.name!r} must be a plain file stem "
@@ -73,6 +78,7 @@ def main() -> int:
     c.shift_ensemble_voxels = args.shift_ensemble_voxels
     c.check_view_ensemble = args.check_view_ensemble
     c.fit_exclude = c.fit_exclude or ("Extracerebral-*",)
+    c.preprocessing = replace(c.preprocessing, intensity=replace(c.preprocessing.intensity, outside=args.outside))
     c.aligned_tolerance_mm = 0.0  # depends on the ensembles: calibrated on the installed model
     print(f"next: python scripts/calibrate_aligned.py {PRETRAINED_DIR / args.name}.safetensors --write")
     c.description = (f"anatomical keypoints: {len(c.regions)} named region centroids; {describe_network(c)}; "

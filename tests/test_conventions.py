@@ -18,7 +18,10 @@ from keyreg.pipeline import Registrar
 from keyreg.geometry import (apply_affine, fov_center, fov_half_extent, normalized_to_voxel, ras_to_lps_matrix, ras_to_lps_points,
                              voxel_to_grid_sample, voxel_to_normalized)
 from keyreg.models import ArchitectureConfig, KeypointDetector, ModelConfig
-from keyreg.preprocess import GridSpec, PreprocessConfig, network_grid_affine
+from keyreg.errors import ConfigError
+from keyreg.io import Volume
+from keyreg.preprocess import (GridSpec, IntensitySpec, PreprocessConfig, background_level, network_grid_affine,
+                               network_source, to_network_input)
 from keyreg.transforms import AffineTransform, fit_tps
 from keyreg.warp import source_index_fn, warp_image
 
@@ -65,6 +68,38 @@ def test_ras_network_grid_is_centred_and_axis_aligned(oblique_fixed_grid):
     centre_img = aff @ np.r_[(np.asarray(shape) - 1) / 2, 1]
     centre_net = net @ np.r_[(np.asarray(grid.shape) - 1) / 2, 1]
     np.testing.assert_allclose(centre_net, centre_img, atol=1e-12)
+
+
+@pytest.mark.parametrize("outside", ["zero", "background"])
+def test_grid_beyond_the_image_holds_zero_or_the_background_level(outside):
+    """A network grid larger than the image: inside, the image's normalised values (the same in both
+    modes); beyond it, 0 or the image's background level (the median of its faces: 0.3 here, a
+    noisy magnitude image's background after min-max)."""
+    data = np.full((10, 10, 10), 0.3, dtype=np.float32)
+    data[3:7, 3:7, 3:7] = 1.0
+    data[4:6, 4:6, 4:6] = 0.0  # min-max: background 0.3 -> 0.3, bright cube -> 1, dark core -> 0
+    vol = Volume(data * 500 + 100, np.diag([4.0, 4.0, 4.0, 1.0]))
+    cfg = PreprocessConfig(GridSpec("ras", (16, 16, 16), (4.0, 4.0, 4.0)), IntensitySpec(outside=outside))
+    x, _ = to_network_input(vol, cfg)  # grid voxel i reads image voxel i - 3
+    x = x[0, 0].numpy()
+    np.testing.assert_allclose(x[3:13, 3:13, 3:13], data, atol=1e-5)
+    beyond = np.ones(x.shape, dtype=bool)
+    beyond[2:14, 2:14, 2:14] = False  # one voxel of trilinear blending at the image's edge
+    np.testing.assert_allclose(x[beyond], 0.3 if outside == "background" else 0.0, atol=1e-5)
+    source, _ = network_source(vol, cfg, network_grid_affine(vol.affine, vol.shape, cfg.grid))
+    assert background_level(source) == pytest.approx(0.3, abs=1e-6)
+    assert background_level(torch.zeros(1, 1, 5, 5, 5)) == 0.0
+
+
+def test_outside_mode_is_part_of_the_model_config():
+    """``outside`` travels in a model's preprocessing config; configs without it (the official
+    models, models trained before it) read as ``zero``; an unknown mode is a one-line config error."""
+    cfg = PreprocessConfig(intensity=IntensitySpec(outside="background"))
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert "outside" not in PreprocessConfig().to_dict()["intensity"]
+    assert PreprocessConfig.from_dict({"intensity": {"method": "minmax"}}).intensity.outside == "zero"
+    with pytest.raises(ConfigError, match="outside must be one of zero, background"):
+        PreprocessConfig.from_dict({"intensity": {"outside": "noise"}})
 
 
 def test_fov_network_grid_maps_corners_with_permutation(oblique_fixed_grid):

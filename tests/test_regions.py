@@ -527,7 +527,9 @@ def test_register_cli_orientation_search_flag(atlas, tmp_path):
 def test_detection_facts_reach_the_confidence_and_flag_a_head_not_read_whole(atlas, monkeypatch):
     """An anatomical model's pair confidence says how its keypoints were detected: the larger template
     residual of the two images and which of them needed the orientation search; a residual beyond
-    ``DETECTION_RESIDUAL_LIMIT_MM`` flags the pair (an image not read as a whole head)."""
+    ``DETECTION_RESIDUAL_LIMIT_MM`` flags the pair (an image not read as a whole head), and so does a
+    drift under the turned check grid beyond ``DETECTION_DRIFT_LIMIT_MM`` (no reading followed the
+    anatomy)."""
     from conftest import tiny_model
 
     import keyreg
@@ -550,5 +552,12 @@ def test_detection_facts_reach_the_confidence_and_flag_a_head_not_read_whole(atl
     reg._confidence = None
     assert reg.confidence["flag"] == "check"
     monkeypatch.setattr(keyreg.qc, "DETECTION_RESIDUAL_LIMIT_MM", expected + 1e-9)
+    drift = max(kp.drift_mm for kp in (reg.fixed_keypoints, reg.moving_keypoints))
+    assert conf["detection_drift_mm"] == drift and drift > 0
+    monkeypatch.setattr(keyreg.qc, "DETECTION_DRIFT_LIMIT_MM", drift + 1e-9)
     reg._confidence = None
     assert reg.confidence["flag"] == ("check" if conf["confidence"] < keyreg.qc.CONFIDENCE_THRESHOLD else "ok")
+    monkeypatch.setattr(keyreg.qc, "DETECTION_DRIFT_LIMIT_MM", drift - 1e-9)
+    reg._confidence = None
+    assert reg.confidence["flag"] == "check"
+    assert keyreg.qc.detection_concerns(reg.confidence) == [f"detection_drift_mm above {drift - 1e-9:g}"]

@@ -52,6 +52,9 @@ class ImageKeypoints:
         template_residual_mm: median distance (mm) of the keypoints to the model's template after a
             similarity fit (anatomical models; ``None`` otherwise): a layout read from a whole head
             fits it within a few mm.
+        drift_mm: median distance (mm) the keypoints moved when the orientation search read the image
+            on a turned grid (anatomical models; ``None`` otherwise): a reading that follows the
+            anatomy stays within a few mm.
     """
 
     points: torch.Tensor
@@ -62,6 +65,7 @@ class ImageKeypoints:
     passes: int = 1
     searched: bool = False
     template_residual_mm: float | None = None
+    drift_mm: float | None = None
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -128,7 +132,8 @@ def detect_keypoints(
                     f"out of range, or a model with invalid weights)")
             residual = None if det.template_residual_mm is None else float(np.median(det.template_residual_mm))
             out.append(ImageKeypoints(det.points.to(device), det.mass.to(device), det.world_from_net,
-                                      pre.grid.shape, list(names), det.passes, det.searched, residual))
+                                      pre.grid.shape, list(names), det.passes, det.searched, residual,
+                                      det.drift_mm))
         return out
     for start in range(0, len(volumes), batch_size):
         chunk = volumes[start : start + batch_size]

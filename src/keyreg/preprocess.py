@@ -11,7 +11,11 @@ back to world mm exactly through that affine.  Two grid modes:
   ``shape`` (ignoring aspect ratio), optionally with the tensor axes permuted (``permute``).
 
 Intensities are min-max normalised to [0, 1], after optional percentile clipping; label maps are
-never normalised (they are not network inputs).
+never normalised (they are not network inputs).  Where a grid reaches beyond the image's field of
+view, the network sees 0 (``IntensitySpec.outside="zero"``, the official models' convention) or the
+image's background level (``"background"``, keyreg's anatomical models): on a turned grid, zeros
+beside a noisy background draw the edges of the field of view as a sharp box, which a network can
+read as the head's surface.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from .io import Volume
 from .warp import resample_affine
 
 __all__ = ["GridSpec", "IntensitySpec", "PreprocessConfig", "network_grid_affine",
-           "normalize_intensity", "to_network_input", "network_source", "sample_network_input"]
+           "normalize_intensity", "to_network_input", "network_source", "sample_network_input",
+           "background_level", "outside_level", "OUTSIDE_MODES"]
 
 
 def _triple(value: Any, name: str, kind: type = float) -> tuple:
@@ -81,13 +86,26 @@ class GridSpec:
                         tuple(v * 2 for v in self.voxel_size), self.permute)  # type: ignore[arg-type]
 
 
+#: what a network grid holds beyond the image's field of view (:class:`IntensitySpec`)
+OUTSIDE_MODES = ("zero", "background")
+
+
 @dataclass(frozen=True)
 class IntensitySpec:
-    """Intensity normalisation: min-max to [0, 1] after clipping to percentiles (if given)."""
+    """Intensity normalisation: min-max to [0, 1] after clipping to percentiles (if given).
+
+    Attributes:
+        clip_percentiles: ``(low, high)`` percentiles clipped before the min-max, or None.
+        outside: the value of network voxels beyond the image's field of view: ``"zero"``, or
+            ``"background"``, the image's background level (:func:`background_level`).
+    """
 
     clip_percentiles: tuple[float, float] | None = None
+    outside: Literal["zero", "background"] = "zero"
 
     def __post_init__(self) -> None:
+        if self.outside not in OUTSIDE_MODES:
+            raise ConfigError(f"intensity outside must be one of {', '.join(OUTSIDE_MODES)}, got {self.outside!r}")
         p = self.clip_percentiles
         if p is not None:
             p = (float(p[0]), float(p[1]))
@@ -105,7 +123,8 @@ class PreprocessConfig:
         return {"grid": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.grid).items()},
                 "intensity": {"method": "minmax",
                               "clip_percentiles": (list(self.intensity.clip_percentiles)
-                                                   if self.intensity.clip_percentiles else None)}}
+                                                   if self.intensity.clip_percentiles else None),
+                              **({"outside": self.intensity.outside} if self.intensity.outside != "zero" else {})}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
@@ -114,7 +133,7 @@ class PreprocessConfig:
             inten = dict(d.get("intensity", {}))
             if inten.get("method", "minmax") != "minmax":
                 raise ConfigError(f"unknown intensity method {inten.get('method')!r}")
-            return cls(GridSpec(**g), IntensitySpec(inten.get("clip_percentiles")))
+            return cls(GridSpec(**g), IntensitySpec(inten.get("clip_percentiles"), inten.get("outside", "zero")))
         except TypeError as e:
             raise ConfigError(f"invalid preprocessing config: {e}") from None
 
@@ -248,13 +267,30 @@ def network_source(volume: Volume, config: PreprocessConfig, world_from_net: np.
     return out, volume.affine @ img_from_pooled
 
 
+def background_level(source: torch.Tensor) -> float:
+    """The background level of a :func:`network_source` ``(1, 1, I, J, K)``: the median of its six
+    faces' voxels.  0 for an image whose background is zeros; for a magnitude image, the mean level
+    of its noise.  A scan cut through the head still has air on most of its faces."""
+    s = source[0, 0]
+    faces = torch.cat([f.reshape(-1) for f in (s[0], s[-1], s[:, 0], s[:, -1], s[:, :, 0], s[:, :, -1])])
+    return float(faces.float().median())
+
+
+def outside_level(source: torch.Tensor, config: PreprocessConfig) -> float:
+    """The value network grids take beyond the image (``config.intensity.outside``) for ``source``."""
+    return background_level(source) if config.intensity.outside == "background" else 0.0
+
+
 def sample_network_input(source: torch.Tensor, source_affine: np.ndarray, world_from_net: np.ndarray,
-                         shape: Sequence[int]) -> torch.Tensor:
+                         shape: Sequence[int], outside: float = 0.0) -> torch.Tensor:
     """Trilinear samples of a :func:`network_source` (with its affine ``source_affine``) on the grid
-    ``world_from_net`` (``shape``), clamped to [0, 1]: ``(1, 1, *shape)``."""
-    img_from_net = np.linalg.inv(source_affine) @ world_from_net
-    x = resample_affine(source, torch.as_tensor(img_from_net), tuple(shape), mode="linear")
-    return x.clamp_(0, 1)
+    ``world_from_net`` (``shape``), ``outside`` beyond the image, clamped to [0, 1]: ``(1, 1, *shape)``."""
+    img_from_net = torch.as_tensor(np.linalg.inv(source_affine) @ world_from_net)
+    if not outside:
+        return resample_affine(source, img_from_net, tuple(shape), mode="linear").clamp_(0, 1)
+    # resampling is linear and pads with 0: shifting by ``outside`` and back pads with ``outside``
+    x = resample_affine(source - outside, img_from_net, tuple(shape), mode="linear")
+    return x.add_(outside).clamp_(0, 1)
 
 
 def to_network_input(
@@ -271,4 +307,4 @@ def to_network_input(
     grid = config.grid
     world_from_net = network_grid_affine(volume.affine, volume.shape, grid)
     src, src_affine = network_source(volume, config, world_from_net, device)
-    return sample_network_input(src, src_affine, world_from_net, grid.shape), world_from_net
+    return sample_network_input(src, src_affine, world_from_net, grid.shape, outside_level(src, config)), world_from_net

@@ -17,20 +17,26 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_text
+from .models.inference import ACCEPT_DRIFT_MM
 from .transforms import AffineTransform, AlignSpec, ThinPlateSpline
 from .transforms.residuals import CONFIDENCE_THRESHOLD, INLIER_THRESHOLD_MM, keypoint_confidence, loo_errors
 
-__all__ = ["CONFIDENCE_KEYS", "DETECTION_RESIDUAL_LIMIT_MM", "alignment_residuals", "detection_facts",
+__all__ = ["CONFIDENCE_KEYS", "DETECTION_DRIFT_LIMIT_MM", "DETECTION_RESIDUAL_LIMIT_MM", "alignment_residuals",
+           "detection_concerns", "detection_facts",
            "pair_confidence_of", "pair_record", "read_residuals_csv", "save_pair_residual_plot", "write_residuals_csv"]
 
-#: Columns a pair's confidence adds to every metric row (the last two: anatomical models' detections).
+#: Columns a pair's confidence adds to every metric row (the last three: anatomical models' detections).
 CONFIDENCE_KEYS = ("confidence", "median_loo_mm", "inlier_fraction", "flag", "detection_residual_mm",
-                   "orientation_searched")
+                   "detection_drift_mm", "orientation_searched")
 #: A pair is flagged ``check`` when an image's keypoints lie further than this (median, mm) from the
 #: model's template after a similarity fit: the network did not read a whole head there (a field of
 #: view that misses part of it, an image that is not a head).  Held-out whole heads, 4 contrasts,
 #: upright and turned: 3.0-4.4 mm (docs/models.md, "Partial fields of view").
 DETECTION_RESIDUAL_LIMIT_MM = 6.0
+#: ... or when an image's keypoints move by more than this (median, mm) when it is read on a turned
+#: grid: no reading of the orientation search passed its checks, so the keypoints may follow the grid
+#: rather than the anatomy (the search's own acceptance limit, ``ACCEPT_DRIFT_MM``).
+DETECTION_DRIFT_LIMIT_MM = ACCEPT_DRIFT_MM
 
 
 def _t(a: np.ndarray | None) -> torch.Tensor | None:
@@ -66,13 +72,28 @@ def pair_confidence_of(fixed_keypoints: np.ndarray, moving_keypoints: np.ndarray
 
 def detection_facts(fixed: Any, moving: Any) -> dict[str, Any]:
     """How the two images' keypoints were detected (:class:`~keyreg.keypoints.ImageKeypoints`):
-    ``detection_residual_mm``, the larger of their template residuals, and ``orientation_searched``
-    (``none``, ``fixed``, ``moving`` or ``fixed moving``); ``{}`` when the model has no template."""
+    ``detection_residual_mm`` and ``detection_drift_mm``, the larger of their template residuals and
+    of their drifts under a turned grid, and ``orientation_searched`` (``none``, ``fixed``,
+    ``moving`` or ``fixed moving``); ``{}`` when the model has no template."""
     residuals = [kp.template_residual_mm for kp in (fixed, moving) if kp.template_residual_mm is not None]
     if not residuals:
         return {}
     searched = [role for role, kp in (("fixed", fixed), ("moving", moving)) if kp.searched]
-    return {"detection_residual_mm": max(residuals), "orientation_searched": " ".join(searched) or "none"}
+    drifts = [kp.drift_mm for kp in (fixed, moving) if kp.drift_mm is not None]
+    return {"detection_residual_mm": max(residuals), **({"detection_drift_mm": max(drifts)} if drifts else {}),
+            "orientation_searched": " ".join(searched) or "none"}
+
+
+def detection_concerns(facts: dict[str, Any]) -> list[str]:
+    """Why :func:`detection_facts` say a pair needs a look (empty: they do not): an image not read as
+    a whole head (template residual above :data:`DETECTION_RESIDUAL_LIMIT_MM`), or read on no grid
+    where its keypoints stay with the anatomy (drift above :data:`DETECTION_DRIFT_LIMIT_MM`)."""
+    out = []
+    if facts.get("detection_residual_mm", 0.0) > DETECTION_RESIDUAL_LIMIT_MM:
+        out.append(f"detection_residual_mm above {DETECTION_RESIDUAL_LIMIT_MM:g}")
+    if facts.get("detection_drift_mm", 0.0) > DETECTION_DRIFT_LIMIT_MM:
+        out.append(f"detection_drift_mm above {DETECTION_DRIFT_LIMIT_MM:g}")
+    return out
 
 
 def write_residuals_csv(path: str | Path, labels: Sequence[str], residual: np.ndarray, loo: np.ndarray,
@@ -136,7 +157,7 @@ def pair_record(name: str, rows: Sequence[dict], pair_dir: Path | None, report_d
     rec = PairRecord(name=name, metrics=metrics, confidence=first.get("confidence"),
                      flagged=first.get("flag") == "check", note=note,
                      details={k: first[k] for k in ("median_loo_mm", "inlier_fraction", "detection_residual_mm",
-                                                    "orientation_searched") if k in first})
+                                                    "detection_drift_mm", "orientation_searched") if k in first})
     if fixed is not None and warped is not None:
         rec.thumbnail = thumbnail_data_uri(overlay_thumbnail(fixed, warped))
     if pair_dir is not None:

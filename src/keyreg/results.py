@@ -336,14 +336,14 @@ class Registration:
         """The pair's confidence from its keypoints (:mod:`keyreg.transforms.residuals`):
         ``confidence``, ``median_loo_mm``, ``inlier_fraction`` and ``flag`` (``check`` / ``ok``); for
         an anatomical model also how its keypoints were detected (:func:`keyreg.qc.detection_facts`),
-        ``check`` when an image was not read as a whole head."""
+        ``check`` when they give cause (:func:`keyreg.qc.detection_concerns`)."""
         if self._confidence is None:
-            from .qc import DETECTION_RESIDUAL_LIMIT_MM, detection_facts, pair_confidence_of
+            from .qc import detection_concerns, detection_facts, pair_confidence_of
 
             kf, km = self.fit_keypoints or (self.fixed_keypoints.numpy(), self.moving_keypoints.numpy())
             conf = pair_confidence_of(kf, km, self.weights)
             facts = detection_facts(self.fixed_keypoints, self.moving_keypoints)
-            if facts.get("detection_residual_mm", 0.0) > DETECTION_RESIDUAL_LIMIT_MM:
+            if detection_concerns(facts):
                 conf["flag"] = "check"
             self._confidence = {**conf, **facts}
         return self._confidence

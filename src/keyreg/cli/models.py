@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
         grid = (f"{g.mode}, {'x'.join(map(str, g.shape))}" +
                 (f" at {'x'.join(f'{v:g}' for v in g.voxel_size)} mm" if g.mode == "ras" else
                  f", axes {g.permute}"))
-        print(f"input grid:    {grid}")
+        beyond = "the image's background level" if c.preprocessing.intensity.outside == "background" else "zeros"
+        print(f"input grid:    {grid}; beyond the image: {beyond}")
         print(f"weighting:     {c.weighting or 'uniform'}")
         if c.description:
             print(f"description:   {c.description}")

@@ -131,14 +131,14 @@ def report(res, save_dir: Path, per_pair: bool) -> int:
     if res.rows:
         print(format_summary(res.rows, res.aligns))
     if res.rows:
-        from ..qc import DETECTION_RESIDUAL_LIMIT_MM
+        from ..qc import DETECTION_DRIFT_LIMIT_MM, DETECTION_RESIDUAL_LIMIT_MM
         from ..transforms.residuals import CONFIDENCE_THRESHOLD
 
         flagged = res.flagged
         n_pairs = len({r["pair"] for r in res.rows})
         why = f"confidence below {CONFIDENCE_THRESHOLD:g}" + (
-            f" or detection_residual_mm above {DETECTION_RESIDUAL_LIMIT_MM:g}"
-            if any("detection_residual_mm" in r for r in res.rows) else "")
+            f", detection_residual_mm above {DETECTION_RESIDUAL_LIMIT_MM:g} or detection_drift_mm above "
+            f"{DETECTION_DRIFT_LIMIT_MM:g}" if any("detection_residual_mm" in r for r in res.rows) else "")
         print(f"\n{why}, flagged check: {len(flagged)} of {n_pairs} pair(s)"
               + (": " + ", ".join(flagged[:20]) + (" ..." if len(flagged) > 20 else "") if flagged else ""))
     notes = [r for r in res.rows if r.get("refine_safeguard")]

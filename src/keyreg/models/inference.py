@@ -28,8 +28,10 @@ by at most ``ACCEPT_DRIFT_MM`` under the check pass, they are the result (3-4 pa
 search runs in stages (:func:`search_stages`): the 9 half turns first, since a failed upright reading
 says the head is turned far; the best pose of a stage that passes the same checks ends the search
 (about 15 passes); the last stage compares every hypothesis as ``"always"`` does.  The shift ensemble
-adds 4 passes to each mode; the check-view ensemble adds one only where no check pass was read (a
-single hypothesis of the last stage).
+adds 4 passes to each mode.  The chosen reading's check pass is always read (one pass more only
+where the search had not read it: a single hypothesis of the last stage); its drift is reported
+(``DetectedKeypoints.drift_mm``): above ``ACCEPT_DRIFT_MM``, no reading passed the checks, and the
+pipeline flags the pair (:mod:`keyreg.qc`).
 
 Unnamed models (official checkpoints, K-keypoint models) are run as before: one pass.
 
@@ -48,7 +50,7 @@ import torch
 
 from ..geometry import apply_affine, normalized_to_voxel, rotation_about
 from ..io import Volume
-from ..preprocess import network_grid_affine, network_source, sample_network_input
+from ..preprocess import network_grid_affine, network_source, outside_level, sample_network_input
 from .detector import KeypointDetector
 
 __all__ = ["DetectedKeypoints", "detect_image_keypoints", "detect_images_keypoints", "fit_similarity",
@@ -80,6 +82,9 @@ class DetectedKeypoints:
             models), or ``None``.
         passes: network passes used.
         searched: whether the orientation search ran.
+        drift_mm: median distance (mm) the chosen reading's keypoints moved under its check pass (the
+            grid turned by ``CHECK_TILT_DEGREES``), or ``None`` (one pass, no search): above
+            ``ACCEPT_DRIFT_MM``, no reading passed the search's checks.
     """
 
     points: torch.Tensor
@@ -89,6 +94,7 @@ class DetectedKeypoints:
     passes: int = 1
     searched: bool = False
     info: dict = field(default_factory=dict)
+    drift_mm: float | None = None
 
 
 def cube_rotations() -> np.ndarray:
@@ -274,6 +280,7 @@ class _Runner:
         self.shape = pre.grid.shape
         self.base = network_grid_affine(volume.affine, volume.shape, pre.grid)
         self.source, self.source_affine = network_source(volume, pre, self.base, device)
+        self.outside = outside_level(self.source, pre)
         self.passes = 0
 
     def grid(self, rotation: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -288,7 +295,7 @@ class _Runner:
 
     def input(self, grid: np.ndarray) -> torch.Tensor:
         """The network input on ``grid``, ``(1, 1, *shape)``."""
-        return sample_network_input(self.source, self.source_affine, grid, self.shape)
+        return sample_network_input(self.source, self.source_affine, grid, self.shape, self.outside)
 
     def world(self, u: torch.Tensor, mass: torch.Tensor, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """World keypoints ``(K, 3)`` and masses ``(K,)`` of one reading ``u`` (normalised, ``(K, 3)``) on ``grid``."""
@@ -403,11 +410,10 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
         pts, mass, grid, res = cand
         config = runner.model.config
         readings = [(pts, mass)]
-        if config.check_view_ensemble:
-            if check is None:
-                check = yield from _drift_steps(runner, grid, pts)
-            if check.agrees:
-                readings.append((check.points, check.mass))
+        if check is None:  # one pass more, where no check pass was read (a single hypothesis of "always")
+            check = yield from _drift_steps(runner, grid, pts)
+        if config.check_view_ensemble and check.agrees:
+            readings.append((check.points, check.mass))
         shifted = shifted_grids(grid, config.shift_ensemble_voxels)
         if shifted:
             readings += yield shifted
@@ -417,7 +423,7 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
         info["readings"] = len(readings)
         info["median_template_residual_mm"] = float(np.median(res))
         return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), grid, res, runner.passes, searched,
-                                 info)
+                                 info, check.drift_mm)
 
     if use_search == "auto":  # upright first, kept when its keypoints fit the template and do not drift
         cand = yield from canonical((yield [runner.base])[0][0])

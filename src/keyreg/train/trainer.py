@@ -37,7 +37,7 @@ from ..geometry import apply_affine, fov_center, fov_half_extent, normalized_to_
 from ..models import KeypointDetector, ModelConfig
 from ..models.checkpoint import load_model, save_model
 from ..models.detector import ArchitectureConfig
-from ..preprocess import GridSpec, PreprocessConfig
+from ..preprocess import GridSpec, IntensitySpec, PreprocessConfig
 from ..transforms import AlignSpec, fit_transform
 from .data import (ImagePairs, LabelMapBank, PairBatch, SyntheticPairs, brain_label_table, list_label_maps,
                    read_image_table)
@@ -283,7 +283,9 @@ class Trainer:
         k = len(atlas) if atlas is not None else cfg.num_keypoints
         arch = ArchitectureConfig(cfg.backbone, k, num_levels=cfg.num_levels,
                                   num_truncated=cfg.num_truncated, f_maps=cfg.f_maps)
-        conf = ModelConfig(cfg.name, arch, PreprocessConfig(grid=grid),
+        # anatomical models read turned grids that reach beyond the image: there they see its background
+        intensity = IntensitySpec(outside="background" if atlas is not None else "zero")
+        conf = ModelConfig(cfg.name, arch, PreprocessConfig(grid=grid, intensity=intensity),
                            weighting="power" if cfg.weighted_kp_align else None,
                            description=f"{arch.describe()}, {cfg.grid_shape}^3 at {cfg.voxel_size:g} mm"
                                        + (", anatomical keypoints" if atlas is not None else ""),
