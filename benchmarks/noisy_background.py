@@ -32,7 +32,7 @@ from model_validation import anatomical_model, label_maps_2mm, rotation, seed_of
 from keyreg.geometry import fov_center
 from keyreg.io import Volume
 from keyreg.models.inference import detect_image_keypoints
-from keyreg.preprocess import OUTSIDE_MODES, background_level, network_grid_affine, network_source
+from keyreg.preprocess import OUTSIDE_MODES, background_level
 
 
 def bias_field(shape, strength: float) -> np.ndarray:
@@ -85,10 +85,8 @@ def main(argv=None) -> int:
                         pert = rotation(seed_of(args.seed, number, degrees), degrees, fov_center(aff, seg.shape))
                         vol = Volume(image.astype(np.float32), pert @ aff, name=f"{number}-{contrast}")
                         true = atlas.centroids(seg, pert @ aff)[0]
-                        pre = models["zero"].config.preprocessing
-                        src, _ = network_source(vol, pre, network_grid_affine(vol.affine, vol.shape, pre.grid))
                         row = {"map": number, "contrast": contrast, "bias": strength, "sigma": sigma,
-                               "rotation": degrees, "level": background_level(src)}
+                               "rotation": degrees, "level": background_level(vol, models["zero"].config.preprocessing.intensity)}
                         for mode, model in models.items():
                             det = detect_image_keypoints(model, vol)
                             err = np.linalg.norm(det.points.numpy() - true, axis=1)

@@ -37,7 +37,7 @@ from .warp import resample_affine
 
 __all__ = ["GridSpec", "IntensitySpec", "PreprocessConfig", "network_grid_affine",
            "normalize_intensity", "to_network_input", "network_source", "sample_network_input",
-           "background_level", "outside_level", "OUTSIDE_MODES"]
+           "background_level", "outside_level", "intensity_range", "OUTSIDE_MODES", "MASKED_BORDER_SHARE"]
 
 
 def _triple(value: Any, name: str, kind: type = float) -> tuple:
@@ -157,18 +157,24 @@ def network_grid_affine(affine: np.ndarray, shape: Sequence[int], grid: GridSpec
     return affine @ img_from_net
 
 
+def intensity_range(data: torch.Tensor, spec: IntensitySpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intensities :func:`normalize_intensity` maps to 0 and 1: the image's minimum and maximum,
+    or its ``spec.clip_percentiles``."""
+    x = data.float()
+    if spec.clip_percentiles is None:
+        return torch.aminmax(x)
+    flat = x.flatten()
+    if flat.numel() > 1 << 24:  # quantile has a size limit; a strided subsample is plenty
+        flat = flat[:: flat.numel() // (1 << 24) + 1]
+    lo, hi = torch.quantile(flat, torch.tensor([p / 100 for p in spec.clip_percentiles], device=x.device,
+                                               dtype=x.dtype))
+    return lo, hi
+
+
 def normalize_intensity(data: torch.Tensor, spec: IntensitySpec) -> torch.Tensor:
     """Min-max to [0, 1] (after percentile clipping when ``spec.clip_percentiles`` is set)."""
-    x = data.float()
-    if spec.clip_percentiles is not None:
-        flat = x.flatten()
-        if flat.numel() > 1 << 24:  # quantile has a size limit; a strided subsample is plenty
-            flat = flat[:: flat.numel() // (1 << 24) + 1]
-        lo, hi = torch.quantile(flat, torch.tensor([p / 100 for p in spec.clip_percentiles],
-                                                   device=x.device, dtype=x.dtype))
-        x = x.clamp(lo, hi)
-    lo, hi = x.min(), x.max()
-    return (x - lo) / (hi - lo).clamp_min(1e-12)
+    lo, hi = intensity_range(data, spec)
+    return (data.float().clamp(lo, hi) - lo) / (hi - lo).clamp_min(1e-12)
 
 
 def _box_pool(volume: torch.Tensor, factors: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -267,18 +273,34 @@ def network_source(volume: Volume, config: PreprocessConfig, world_from_net: np.
     return out, volume.affine @ img_from_pooled
 
 
-def background_level(source: torch.Tensor) -> float:
-    """The background level of a :func:`network_source` ``(1, 1, I, J, K)``: the median of its six
-    faces' voxels.  0 for an image whose background is zeros; for a magnitude image, the mean level
-    of its noise.  A scan cut through the head still has air on most of its faces."""
-    s = source[0, 0]
-    faces = torch.cat([f.reshape(-1) for f in (s[0], s[-1], s[:, 0], s[:, -1], s[:, :, 0], s[:, :, -1])])
-    return float(faces.float().median())
+def _faces(x: np.ndarray) -> np.ndarray:
+    """The voxels on the six faces of a 3-D array, flattened."""
+    return np.concatenate([f.reshape(-1) for f in (x[0], x[-1], x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1])])
 
 
-def outside_level(source: torch.Tensor, config: PreprocessConfig) -> float:
-    """The value network grids take beyond the image (``config.intensity.outside``) for ``source``."""
-    return background_level(source) if config.intensity.outside == "background" else 0.0
+#: a border with at least this share of its voxels at the image's minimum is a masked or clipped
+#: background: zeros beyond the field of view continue it (:func:`background_level`)
+MASKED_BORDER_SHARE = 0.1
+
+
+def background_level(volume: Volume, spec: IntensitySpec) -> float:
+    """The image's background level in the network's intensities (``spec``'s normalisation): the
+    median of the voxels on the six faces of its array, the noise level of a magnitude image
+    (Rician noise of standard deviation sigma: about 1.2 sigma); a scan cut through the head still
+    has air on most of its faces.  0 when at least :data:`MASKED_BORDER_SHARE` of those voxels are
+    at the image's minimum (a masked, skull-stripped or clipped background, as in the synthetic
+    training images, whose fields of view were cut to zeros)."""
+    data = np.asarray(volume.data).reshape(volume.data.shape[:3])
+    lo, hi = (float(v) for v in intensity_range(torch.as_tensor(data), spec))
+    faces = _faces(data)
+    if np.mean(faces <= lo) >= MASKED_BORDER_SHARE:
+        return 0.0
+    return float(np.clip((np.median(faces) - lo) / max(hi - lo, 1e-12), 0.0, 1.0))
+
+
+def outside_level(volume: Volume, config: PreprocessConfig) -> float:
+    """The value network grids take beyond ``volume``'s field of view (``config.intensity.outside``)."""
+    return background_level(volume, config.intensity) if config.intensity.outside == "background" else 0.0
 
 
 def sample_network_input(source: torch.Tensor, source_affine: np.ndarray, world_from_net: np.ndarray,
@@ -307,4 +329,4 @@ def to_network_input(
     grid = config.grid
     world_from_net = network_grid_affine(volume.affine, volume.shape, grid)
     src, src_affine = network_source(volume, config, world_from_net, device)
-    return sample_network_input(src, src_affine, world_from_net, grid.shape, outside_level(src, config)), world_from_net
+    return sample_network_input(src, src_affine, world_from_net, grid.shape, outside_level(volume, config)), world_from_net

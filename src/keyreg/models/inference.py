@@ -280,7 +280,7 @@ class _Runner:
         self.shape = pre.grid.shape
         self.base = network_grid_affine(volume.affine, volume.shape, pre.grid)
         self.source, self.source_affine = network_source(volume, pre, self.base, device)
-        self.outside = outside_level(self.source, pre)
+        self.outside = outside_level(volume, pre)
         self.passes = 0
 
     def grid(self, rotation: np.ndarray, center: np.ndarray) -> np.ndarray:
