@@ -50,7 +50,7 @@ def main() -> int:
                         "passes per image, see docs/models.md)")
     p.add_argument("--check_view_ensemble", action=argparse.BooleanOptionalAction, default=True,
                    help="average the final keypoints with the orientation search's check pass (default: on; "
-                        "no extra pass under auto, see docs/models.md)")
+                        "no extra pass, see docs/models.md)")
     p.add_argument("--outside", choices=OUTSIDE_MODES, default="background",
                    help="what the network sees beyond an image's field of view (default: the image's "
                         "background level; see keyreg.preprocess)")

@@ -204,7 +204,8 @@ class BatchResult:
 
     @property
     def flagged(self) -> list[str]:
-        """Pairs whose confidence is below the threshold (``flag`` = ``check``), in batch order."""
+        """Pairs flagged ``check`` (confidence below its threshold, or :func:`keyreg.qc.detection_concerns`), in
+        batch order."""
         return list(dict.fromkeys(r["pair"] for r in self.rows if r.get("flag") == "check"))
 
 

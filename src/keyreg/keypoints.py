@@ -52,9 +52,9 @@ class ImageKeypoints:
         template_residual_mm: median distance (mm) of the keypoints to the model's template after a
             similarity fit (anatomical models; ``None`` otherwise): a layout read from a whole head
             fits it within a few mm.
-        drift_mm: median distance (mm) the keypoints moved when the orientation search read the image
-            on a turned grid (anatomical models; ``None`` otherwise): a reading that follows the
-            anatomy stays within a few mm.
+        drift_mm: median distance (mm) the keypoints moved under the check pass (the chosen grid
+            turned by 40°; anatomical models with the orientation search on, ``None`` with one pass): a
+            reading that follows the anatomy stays within a few mm.
     """
 
     points: torch.Tensor

@@ -12,8 +12,9 @@ back to world mm exactly through that affine.  Two grid modes:
 
 Intensities are min-max normalised to [0, 1], after optional percentile clipping; label maps are
 never normalised (they are not network inputs).  Where a grid reaches beyond the image's field of
-view, the network sees 0 (``IntensitySpec.outside="zero"``, the official models' convention) or the
-image's background level (``"background"``, keyreg's anatomical models): on a turned grid, zeros
+view, the network sees 0 (``IntensitySpec.outside="zero"``, the official models' convention and
+the default) or the image's background level (``"background"``, set for anatomical models that
+keyreg trains or installs): on a turned grid, zeros
 beside a noisy background draw the edges of the field of view as a sharp box, which a network can
 read as the head's surface.
 """
@@ -288,7 +289,7 @@ def background_level(volume: Volume, spec: IntensitySpec) -> float:
     median of the voxels on the six faces of its array, the noise level of a magnitude image
     (Rician noise of standard deviation sigma: about 1.2 sigma); a scan cut through the head still
     has air on most of its faces.  0 when at least :data:`MASKED_BORDER_SHARE` of those voxels are
-    at the image's minimum (a masked, skull-stripped or clipped background, as in the synthetic
+    at or below the intensity normalised to 0 (the minimum, or the low clip percentile) (a masked, skull-stripped or clipped background, as in the synthetic
     training images, whose fields of view were cut to zeros)."""
     data = np.asarray(volume.data).reshape(volume.data.shape[:3])
     lo, hi = (float(v) for v in intensity_range(torch.as_tensor(data), spec))

@@ -199,7 +199,7 @@ def render_report(records: Sequence[PairRecord], *, title: str = "keyreg report"
     thr = "" if threshold is None else (f" Pairs with confidence below {threshold:g} (or, with an anatomical model, "
                                         "an image not read as a whole head or read on no grid where its keypoints "
                                         "stay with the anatomy: detection_residual_mm or detection_drift_mm "
-                                        "above its limit) are flagged <b>check</b> and listed first.")
+                                        "above their limits) are flagged <b>check</b> and listed first.")
     if any(a == "none" for a, _ in metrics):
         thr += " Columns <b>none</b>: the pair before registration."
     return (

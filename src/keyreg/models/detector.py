@@ -80,7 +80,7 @@ class ModelConfig:
             (:func:`keyreg.models.inference.shifted_grids`); 0 reads once.
         check_view_ensemble: anatomical models: the final keypoints also average the reading of the
             orientation search's check pass (the canonical grid turned by 40°) when it agrees with the
-            canonical reading; ``auto`` reads that pass anyway, so it costs nothing there.
+            canonical reading; that pass is always read, so it costs no pass.
     """
 
     name: str

@@ -17,7 +17,7 @@ An anatomical model (``ModelConfig.regions``) knows where its keypoints lie in a
    half-turned one).
 3. **ensembles**: with ``ModelConfig.check_view_ensemble``, the chosen canonical reading is averaged
    with the reading of its check pass (the grid turned by 40°) when the two agree (drift <=
-   ``ACCEPT_DRIFT_MM``); ``auto`` reads that check pass anyway, so this costs no pass.  With
+   ``ACCEPT_DRIFT_MM``); that check pass is always read (its drift is reported), so this costs no pass.  With
    ``ModelConfig.shift_ensemble_voxels`` the chosen canonical grid is also read moved by a fraction
    of a heatmap cell in four directions (:func:`shifted_grids`), and all readings are averaged.
 
@@ -29,7 +29,7 @@ search runs in stages (:func:`search_stages`): the 9 half turns first, since a f
 says the head is turned far; the best pose of a stage that passes the same checks ends the search
 (about 15 passes); the last stage compares every hypothesis as ``"always"`` does.  The shift ensemble
 adds 4 passes to each mode.  The chosen reading's check pass is always read (one pass more only
-where the search had not read it: a single hypothesis of the last stage); its drift is reported
+where the search had not read it: a single hypothesis of the last stage or of ``"always"``); its drift is reported
 (``DetectedKeypoints.drift_mm``): above ``ACCEPT_DRIFT_MM``, no reading passed the checks, and the
 pipeline flags the pair (:mod:`keyreg.qc`).
 

@@ -308,7 +308,7 @@ def _truthy(value: str | None) -> bool:
 class ImagePairs:
     """Random pairs of real images (with optional segmentations) on the network grid.
 
-    Each image is preprocessed once (as at test time: canonical RAS grid, min-max) and its
+    Each image is preprocessed once (canonical RAS grid, min-max, zeros beyond its field of view) and its
     segmentation resampled (nearest) onto the same grid. All images then share one network frame
     centred at the origin; each draw applies a random affine (one resampling).
 
