@@ -103,7 +103,7 @@ def image_4d_several_volumes(e):
 def image_nan(e):
     bad = e.img.copy()
     bad[3, 4, 5] = np.nan
-    return register(e, moving=_image(e, "nan.nii.gz", bad)), r"nan\.nii\.gz: 1 voxels are NaN or Inf"
+    return register(e, moving=_image(e, "nan.nii.gz", bad)), r"nan\.nii\.gz: 1 voxel is NaN or Inf"
 
 
 def image_inf(e):
@@ -121,6 +121,14 @@ def seg_grid_mismatch(e):
     seg = _image(e, "small_seg.nii.gz", np.zeros((20, 20, 20), np.int16))
     return (register(e, extra=["--moving_seg", seg, "--fixed_seg", e.src / "fixed_seg.nii.gz"]),
             r"segmentation grid \(20, 20, 20\) does not match its image grid")
+
+
+def seg_affine_mismatch(e):
+    shifted = e.aff.copy()
+    shifted[:3, 3] += 0.6  # the same shape, moved by 0.6 mm: the message names the affines, not two equal shapes
+    seg = _image(e, "shifted_seg.nii.gz", np.zeros(e.shape, np.int16), shifted)
+    return (register(e, extra=["--moving_seg", seg, "--fixed_seg", e.src / "fixed_seg.nii.gz"]),
+            r"shifted_seg: moving segmentation grid does not match its image grid: same shape .*affines differ by up to 0\.6")
 
 
 def non_integer_labels(e):
@@ -709,7 +717,8 @@ def evaluate_field_stride_zero(e):
 
 
 CASES = [missing_file, unreadable_file, corrupt_gzip, truncated_data, empty_file, not_a_nifti_name, image_2d,
-         image_4d_several_volumes, image_nan, image_inf, constant_image, seg_grid_mismatch, non_integer_labels,
+         image_4d_several_volumes, image_nan, image_inf, constant_image, seg_grid_mismatch, seg_affine_mismatch,
+         non_integer_labels,
          labels_nan, absurd_dimensions, checkpoint_text_file, checkpoint_other_architecture, keyreg_model_wrong_shapes,
          checkpoint_malicious_pickle, read_only_output_dir, output_below_a_file, disk_full, unknown_align,
          unknown_metric, tps_lambda_not_a_number, tps_lambda_negative, field_stride_zero, metric_needs_segmentations,

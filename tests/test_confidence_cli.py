@@ -48,6 +48,10 @@ def test_register_batch_writes_confidence_residuals_and_report(data, tiny_model_
     for r in rows:
         assert 0.0 <= float(r["confidence"]) <= 1.0 and r["flag"] in ("check", "ok")
         assert float(r["median_loo_mm"]) >= 0 and 0 <= float(r["inlier_fraction"]) <= 1
+        # every flagged pair says why, beside its name in metrics.csv and in the summary line
+        assert (r["flag_reason"] != "") == (r["flag"] == "check")
+        if r["flag"] == "check":
+            assert r["flag_reason"].startswith("confidence ") and f"{r['pair']} (confidence " in stdout
     doc = json.loads((out / "metrics.json").read_text())
     assert {"confidence", "flag", "median_loo_mm"} <= set(doc["results"][0])
     pair = out / "pairs" / "a"

@@ -541,7 +541,9 @@ def test_detection_facts_reach_the_confidence_and_flag_a_head_not_read_whole(atl
     model.config.regions, model.config.orientation_search = a, "off"
     img = Volume(_map(0).astype(np.float32) / 600, AFF, name="img")
     plain = keyreg.register(img, img, model=model, aligns=["affine"], exclude_keypoints=[]).confidence
-    assert "detection_residual_mm" not in plain  # one pass, no template fit: nothing to say
+    # one pass: the keypoints are still compared with the template; no check pass, hence no drift
+    assert plain["detection_residual_mm"] > 0 and "detection_drift_mm" not in plain
+    assert plain["orientation_searched"] == "none"
     model.config.orientation_search = "always"
     reg = keyreg.register(img, img, model=model, aligns=["affine"], exclude_keypoints=[])
     conf = reg.confidence
@@ -560,4 +562,5 @@ def test_detection_facts_reach_the_confidence_and_flag_a_head_not_read_whole(atl
     monkeypatch.setattr(keyreg.qc, "DETECTION_DRIFT_LIMIT_MM", drift - 1e-9)
     reg._confidence = None
     assert reg.confidence["flag"] == "check"
-    assert keyreg.qc.detection_concerns(reg.confidence) == [f"detection_drift_mm above {drift - 1e-9:g}"]
+    assert keyreg.qc.detection_concerns(reg.confidence) == [f"detection_drift_mm {drift:.1f} above {drift - 1e-9:g}"]
+    assert reg.confidence["flag_reason"].endswith(f"detection_drift_mm {drift:.1f} above {drift - 1e-9:g}")

@@ -115,7 +115,7 @@ def output_lock(directory: Path, rank: int = 0) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ tables
 
 #: per-pair facts of a row, in metrics.csv beside the pair's names, not averaged in summaries
-PAIR_FACTS = ("flag", "already_aligned", "orientation_searched")
+PAIR_FACTS = ("flag", "flag_reason", "already_aligned", "orientation_searched")
 
 
 def scalar_metrics(row: dict) -> dict[str, float]:

@@ -93,10 +93,13 @@ def check_affine(affine: Any, where: str, error: type[KeyregError] = ImageConten
 
 def check_same_grid(vol: "Volume", image: "Volume", role: str = "segmentation") -> None:
     """``vol`` (a segmentation) must lie on ``image``'s grid: equal shapes and affines (1e-3 mm)."""
-    if vol.shape != image.shape or not np.allclose(vol.affine, image.affine, atol=1e-3):
-        raise ImageContentError(
-            f"{vol.name}: {role} grid {vol.shape} does not match its image grid {image.shape} "
-            f"(shapes and affines must be equal)")
+    if vol.shape != image.shape:
+        raise ImageContentError(f"{vol.name}: {role} grid {vol.shape} does not match its image grid {image.shape} "
+                                "(shapes and affines must be equal)")
+    if not np.allclose(vol.affine, image.affine, atol=1e-3):
+        diff = float(np.abs(np.asarray(vol.affine) - np.asarray(image.affine)).max())
+        raise ImageContentError(f"{vol.name}: {role} grid does not match its image grid: same shape {vol.shape}, "
+                                f"affines differ by up to {diff:.3g} (they must be equal within 1e-3)")
 
 
 @dataclass
@@ -345,7 +348,7 @@ def _validate(data: np.ndarray, affine: np.ndarray, kind: VolumeKind, where: str
         if np.all(np.isfinite(source)):
             raise ImageContentError(f"{where}: {bad} voxels exceed float32's range (up to "
                                     f"{float(np.abs(source).max()):.3g}; check the header's scl_slope / scl_inter)")
-        raise ImageContentError(f"{where}: {bad} voxels are NaN or Inf")
+        raise ImageContentError(f"{where}: {bad} voxel{'s are' if bad > 1 else ' is'} NaN or Inf")
     lo, hi = float(data.min()), float(data.max())
     if hi == lo:
         raise ImageContentError(f"{where}: image is constant (value {lo:g}), nothing to register")

@@ -146,7 +146,13 @@ def detect_keypoints(
                 raise ImageContentError(
                     f"{chunk[b].name}: the model gives non-finite keypoints for this image (intensities "
                     f"out of range, or a model with invalid weights)")
-            out.append(ImageKeypoints(world, mass[b].float(), aff, pre.grid.shape, list(names)))
+            residual = None  # one pass: an anatomical model's keypoints are still compared with its template
+            if getattr(model.config, "regions", None) is not None:
+                from .models.inference import template_residuals
+
+                residual = float(np.median(template_residuals(model.config.regions.template, world.cpu().numpy())))
+            out.append(ImageKeypoints(world, mass[b].float(), aff, pre.grid.shape, list(names),
+                                      template_residual_mm=residual))
     return out
 
 

@@ -26,7 +26,7 @@ __all__ = ["CONFIDENCE_KEYS", "DETECTION_DRIFT_LIMIT_MM", "DETECTION_RESIDUAL_LI
            "pair_confidence_of", "pair_record", "read_residuals_csv", "save_pair_residual_plot", "write_residuals_csv"]
 
 #: Columns a pair's confidence adds to every metric row (the last three: anatomical models' detections).
-CONFIDENCE_KEYS = ("confidence", "median_loo_mm", "inlier_fraction", "flag", "detection_residual_mm",
+CONFIDENCE_KEYS = ("confidence", "median_loo_mm", "inlier_fraction", "flag", "flag_reason", "detection_residual_mm",
                    "detection_drift_mm", "orientation_searched")
 #: A pair is flagged ``check`` when an image's keypoints lie further than this (median, mm) from the
 #: model's template after a similarity fit: the network did not read a whole head there (a field of
@@ -63,11 +63,13 @@ def alignment_residuals(spec: AlignSpec, transform: AffineTransform | ThinPlateS
 def pair_confidence_of(fixed_keypoints: np.ndarray, moving_keypoints: np.ndarray,
                        weights: np.ndarray | None = None) -> dict[str, Any]:
     """The pair's confidence (see :mod:`keyreg.transforms.residuals`) as plain Python values, with
-    ``flag`` = ``"check"`` below :data:`CONFIDENCE_THRESHOLD`, else ``"ok"``."""
+    ``flag`` = ``"check"`` below :data:`CONFIDENCE_THRESHOLD`, else ``"ok"``, and ``flag_reason``
+    saying why (empty when ``ok``)."""
     c = keypoint_confidence(_t(fixed_keypoints), _t(moving_keypoints), _t(weights))
     conf = float(c["confidence"][0])
     return {"confidence": conf, "median_loo_mm": float(c["median_loo_mm"][0]),
-            "inlier_fraction": float(c["inlier_fraction"][0]), "flag": "check" if conf < CONFIDENCE_THRESHOLD else "ok"}
+            "inlier_fraction": float(c["inlier_fraction"][0]), "flag": "check" if conf < CONFIDENCE_THRESHOLD else "ok",
+            "flag_reason": f"confidence {conf:.2f} below {CONFIDENCE_THRESHOLD:g}" if conf < CONFIDENCE_THRESHOLD else ""}
 
 
 def detection_facts(fixed: Any, moving: Any) -> dict[str, Any]:
@@ -89,10 +91,10 @@ def detection_concerns(facts: dict[str, Any]) -> list[str]:
     a whole head (template residual above :data:`DETECTION_RESIDUAL_LIMIT_MM`), or read on no grid
     where its keypoints stay with the anatomy (drift above :data:`DETECTION_DRIFT_LIMIT_MM`)."""
     out = []
-    if facts.get("detection_residual_mm", 0.0) > DETECTION_RESIDUAL_LIMIT_MM:
-        out.append(f"detection_residual_mm above {DETECTION_RESIDUAL_LIMIT_MM:g}")
-    if facts.get("detection_drift_mm", 0.0) > DETECTION_DRIFT_LIMIT_MM:
-        out.append(f"detection_drift_mm above {DETECTION_DRIFT_LIMIT_MM:g}")
+    for key, limit in (("detection_residual_mm", DETECTION_RESIDUAL_LIMIT_MM),
+                       ("detection_drift_mm", DETECTION_DRIFT_LIMIT_MM)):
+        if facts.get(key, 0.0) > limit:
+            out.append(f"{key} {facts[key]:.1f} above {limit:g}")
     return out
 
 
@@ -154,10 +156,13 @@ def pair_record(name: str, rows: Sequence[dict], pair_dir: Path | None, report_d
     first = rows[0] if rows else {}
     skip = {"pair", "moving", "fixed", "align", *CONFIDENCE_KEYS}
     metrics = {r["align"]: {k: v for k, v in r.items() if k not in skip} for r in rows}
+    if first.get("flag_reason"):
+        note = f"flagged check: {first['flag_reason']}" + (f". {note}" if note else "")
     rec = PairRecord(name=name, metrics=metrics, confidence=first.get("confidence"),
                      flagged=first.get("flag") == "check", note=note,
-                     details={k: first[k] for k in ("median_loo_mm", "inlier_fraction", "detection_residual_mm",
-                                                    "detection_drift_mm", "orientation_searched") if k in first})
+                     details={k: first[k] for k in ("flag_reason", "median_loo_mm", "inlier_fraction",
+                                                    "detection_residual_mm", "detection_drift_mm",
+                                                    "orientation_searched") if k in first})
     if fixed is not None and warped is not None:
         rec.thumbnail = thumbnail_data_uri(overlay_thumbnail(fixed, warped))
     if pair_dir is not None:

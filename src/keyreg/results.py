@@ -343,8 +343,8 @@ class Registration:
             kf, km = self.fit_keypoints or (self.fixed_keypoints.numpy(), self.moving_keypoints.numpy())
             conf = pair_confidence_of(kf, km, self.weights)
             facts = detection_facts(self.fixed_keypoints, self.moving_keypoints)
-            if detection_concerns(facts):
-                conf["flag"] = "check"
+            reasons = [r for r in (conf["flag_reason"], *detection_concerns(facts)) if r]
+            conf["flag"], conf["flag_reason"] = ("check" if reasons else "ok"), "; ".join(reasons)
             self._confidence = {**conf, **facts}
         return self._confidence
 

@@ -136,11 +136,16 @@ def report(res, save_dir: Path, per_pair: bool) -> int:
 
         flagged = res.flagged
         n_pairs = len({r["pair"] for r in res.rows})
-        why = f"confidence below {CONFIDENCE_THRESHOLD:g}" + (
-            f", detection_residual_mm above {DETECTION_RESIDUAL_LIMIT_MM:g} or detection_drift_mm above "
-            f"{DETECTION_DRIFT_LIMIT_MM:g}" if any("detection_residual_mm" in r for r in res.rows) else "")
+        limits = [f"confidence below {CONFIDENCE_THRESHOLD:g}"]
+        if any("detection_residual_mm" in r for r in res.rows):
+            limits.append(f"detection_residual_mm above {DETECTION_RESIDUAL_LIMIT_MM:g}")
+        if any("detection_drift_mm" in r for r in res.rows):
+            limits.append(f"detection_drift_mm above {DETECTION_DRIFT_LIMIT_MM:g}")
+        why = ", ".join(limits[:-1]) + (" or " if len(limits) > 1 else "") + limits[-1]
+        reason = {r["pair"]: r.get("flag_reason", "") for r in res.rows}
+        shown = [f"{p} ({reason[p]})" if reason.get(p) else p for p in flagged[:20]]
         print(f"\n{why}, flagged check: {len(flagged)} of {n_pairs} pair(s)"
-              + (": " + ", ".join(flagged[:20]) + (" ..." if len(flagged) > 20 else "") if flagged else ""))
+              + (": " + ", ".join(shown) + (" ..." if len(flagged) > 20 else "") if flagged else ""))
     notes = [r for r in res.rows if r.get("refine_safeguard")]
     if notes:  # the refinement safeguard: a kept start (or a Dice drop it missed) is never silent
         print(f"\nrefinement safeguard: {len(notes)} note(s)", file=sys.stderr)

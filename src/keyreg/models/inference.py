@@ -53,7 +53,7 @@ from ..io import Volume
 from ..preprocess import network_grid_affine, network_source, outside_level, sample_network_input
 from .detector import KeypointDetector
 
-__all__ = ["DetectedKeypoints", "detect_image_keypoints", "detect_images_keypoints", "fit_similarity",
+__all__ = ["DetectedKeypoints", "detect_image_keypoints", "detect_images_keypoints", "fit_similarity", "template_residuals",
            "cube_rotations", "half_turns", "search_stages", "shifted_grids", "SEARCH_RESIDUAL_MM"]
 
 #: median template residual (mm) above which the canonical pass is not trusted and the search runs
@@ -171,6 +171,12 @@ def _trimmed_similarity(template: np.ndarray, points: np.ndarray, keep: float = 
         mat = fit_similarity(template[sel], points[sel])
     res = np.linalg.norm(template @ mat[:3, :3].T + mat[:3, 3] - points, axis=1)
     return mat, res
+
+
+def template_residuals(template: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Distance (mm) of each keypoint ``(K, 3)`` to the region template ``(K, 3)`` after the trimmed
+    similarity fit of the search: ``(K,)``; a layout read from a whole head fits within a few mm."""
+    return _trimmed_similarity(np.asarray(template, dtype=np.float64), np.asarray(points, dtype=np.float64))[1]
 
 
 def _angle(a: np.ndarray, b: np.ndarray) -> float:
@@ -388,7 +394,8 @@ def _detection_steps(runner: _Runner, use_search: bool | str | None) -> Steps:
         use_search = "auto"
     if atlas is None or not use_search:
         pts, mass = (yield [runner.base])[0]
-        return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), runner.base)
+        res = None if atlas is None else template_residuals(atlas.template, pts)
+        return DetectedKeypoints(torch.from_numpy(pts), torch.from_numpy(mass), runner.base, res)
     template = atlas.template
     center_t = template.mean(0)
 
