@@ -6,7 +6,9 @@ Protocol: held-out label maps 13-15 at 2 mm, T1/T2/PD/FLAIR-like (seeded), uprig
 centroid and below it is set to 0 (the anterior-inferior block that defacing tools remove: face,
 nose, jaw). Per image: the median keypoint error over the keypoints used in fits and over all
 keypoints (mm, against the true centroids of the whole head), the template residual and drift of
-the reading (``keyreg.qc``'s flag facts), and whether the flags would fire.
+the reading (``keyreg.qc``'s flag facts), and whether the flags would fire.  Then the registrations
+13->14, 14->15, 15->13 (fixed: the upright whole T1-like image; moving: each other upright contrast,
+whole or defaced): the affine's Dice over brain structures 2-60 (as ``keyreg evaluate``).
 
 Usage:
     python benchmarks/defaced.py [--model keyreg-anatomy] [--rotations 0 90]
@@ -19,9 +21,9 @@ import sys
 
 import numpy as np
 import torch
-from model_validation import anatomical_model, label_maps_2mm, rotation, seed_of, synth
+from model_validation import anatomical_model, brain_dice, fit, label_maps_2mm, rotation, seed_of, synth, warp_seg
 
-from keyreg.geometry import fov_center
+from keyreg.geometry import fov_center, fov_half_extent
 from keyreg.io import Volume
 from keyreg.models.inference import detect_image_keypoints
 from keyreg.qc import detection_concerns
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     fit_mask = np.asarray(model.config.fit_mask() or [True] * len(atlas))
     bank = label_maps_2mm(args.maps)
     rows = []
+    points = {}  # (map, contrast, rotation, case) -> detected keypoints (world mm)
     for n, number in enumerate(args.maps):
         seg, aff = bank.maps[n].numpy().astype(np.int64), bank.affines[n].numpy()
         face = face_mask(seg, aff, args.anterior)
@@ -63,6 +66,7 @@ def main(argv=None) -> int:
                 true = atlas.centroids(seg, pert @ aff)[0]
                 for case, data in (("whole", image), ("defaced", np.where(face, 0.0, image))):
                     det = detect_image_keypoints(model, Volume(data.astype(np.float32), pert @ aff, name=case))
+                    points[number, contrast, degrees, case] = det.points.numpy()
                     err = np.linalg.norm(det.points.numpy() - true, axis=1)
                     facts = {"detection_residual_mm": float(np.median(det.template_residual_mm)),
                              "detection_drift_mm": det.drift_mm}
@@ -82,7 +86,30 @@ def main(argv=None) -> int:
               f"| {np.median([r['all'] for r in sel]):.2f} | {np.median([r['detection_residual_mm'] for r in sel]):.1f} "
               f"| {np.median([r['detection_drift_mm'] for r in sel]):.1f} | {sum(r['flagged'] for r in sel)} "
               f"| {sum(r['searched'] for r in sel)} |")
+    pair_dice(model, bank, args, points, fit_mask)
     return 0
+
+
+def pair_dice(model, bank, args, points, fit_mask) -> None:
+    """Affine Dice of the upright pairs (fixed whole T1-like, moving each other contrast whole or defaced)."""
+    if 0.0 not in args.rotations or "t1" not in args.contrasts or len(args.maps) < 2:
+        return
+    scale = fov_half_extent(np.diag([*model.config.preprocessing.grid.voxel_size, 1.0]),
+                            model.config.preprocessing.grid.shape)
+    segs = [m.numpy().astype(np.int64) for m in bank.maps]
+    affs = [a.numpy() for a in bank.affines]
+    dice = {"whole": [], "defaced": []}
+    for fi, fixed_map in enumerate(args.maps):
+        mi = (fi + 1) % len(args.maps)
+        fixed = Volume(np.zeros(segs[fi].shape, np.float32), affs[fi])  # the grid of the fixed image
+        for contrast in [c for c in args.contrasts if c != "t1"]:
+            for case in dice:
+                tr = fit("affine", points[fixed_map, "t1", 0.0, "whole"], points[args.maps[mi], contrast, 0.0, case],
+                         fixed, scale, fit_mask, model.config.aligned_tolerance_mm)
+                dice[case].append(brain_dice(warp_seg(segs[mi], affs[mi], fixed, tr), segs[fi]))
+    print(f"\naffine Dice, {len(dice['whole'])} upright pairs (fixed whole T1-like): whole "
+          f"{np.mean(dice['whole']):.3f}, defaced {np.mean(dice['defaced']):.3f} "
+          f"(per pair: {' '.join(f'{a:.3f}/{b:.3f}' for a, b in zip(dice['whole'], dice['defaced']))})")
 
 
 if __name__ == "__main__":
