@@ -21,9 +21,10 @@ import sys
 
 import numpy as np
 import torch
-from model_validation import anatomical_model, brain_dice, fit, label_maps_2mm, rotation, seed_of, synth, warp_seg
+from model_validation import (anatomical_model, brain_dice, fit, fit_mask, fit_scale, label_maps_2mm, rotation, seed_of,
+                              synth, warp_seg)
 
-from keyreg.geometry import fov_center, fov_half_extent
+from keyreg.geometry import fov_center
 from keyreg.io import Volume
 from keyreg.models.inference import detect_image_keypoints
 from keyreg.qc import detection_concerns
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = anatomical_model(args.model)
     atlas = model.config.regions
-    fit_mask = np.asarray(model.config.fit_mask() or [True] * len(atlas))
+    in_fits = fit_mask(model)
     bank = label_maps_2mm(args.maps)
     rows = []
     points = {}  # (map, contrast, rotation, case) -> detected keypoints (world mm)
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
                     facts = {"detection_residual_mm": float(np.median(det.template_residual_mm)),
                              "detection_drift_mm": det.drift_mm}
                     row = {"map": number, "contrast": contrast, "rotation": degrees, "case": case,
-                           "fit": float(np.nanmedian(err[fit_mask])), "all": float(np.nanmedian(err)),
+                           "fit": float(np.nanmedian(err[in_fits])), "all": float(np.nanmedian(err)),
                            **facts, "flagged": bool(detection_concerns(facts)), "searched": bool(det.searched)}
                     rows.append(row)
                     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
@@ -86,16 +87,15 @@ def main(argv=None) -> int:
               f"| {np.median([r['all'] for r in sel]):.2f} | {np.median([r['detection_residual_mm'] for r in sel]):.1f} "
               f"| {np.median([r['detection_drift_mm'] for r in sel]):.1f} | {sum(r['flagged'] for r in sel)} "
               f"| {sum(r['searched'] for r in sel)} |")
-    pair_dice(model, bank, args, points, fit_mask)
+    pair_dice(model, bank, args, points, in_fits)
     return 0
 
 
-def pair_dice(model, bank, args, points, fit_mask) -> None:
+def pair_dice(model, bank, args, points, in_fits) -> None:
     """Affine Dice of the upright pairs (fixed whole T1-like, moving each other contrast whole or defaced)."""
     if 0.0 not in args.rotations or "t1" not in args.contrasts or len(args.maps) < 2:
         return
-    scale = fov_half_extent(np.diag([*model.config.preprocessing.grid.voxel_size, 1.0]),
-                            model.config.preprocessing.grid.shape)
+    scale = fit_scale(model)
     segs = [m.numpy().astype(np.int64) for m in bank.maps]
     affs = [a.numpy() for a in bank.affines]
     dice = {"whole": [], "defaced": []}
@@ -105,7 +105,7 @@ def pair_dice(model, bank, args, points, fit_mask) -> None:
         for contrast in [c for c in args.contrasts if c != "t1"]:
             for case in dice:
                 tr = fit("affine", points[fixed_map, "t1", 0.0, "whole"], points[args.maps[mi], contrast, 0.0, case],
-                         fixed, scale, fit_mask, model.config.aligned_tolerance_mm)
+                         fixed, scale, in_fits, model.config.aligned_tolerance_mm)
                 dice[case].append(brain_dice(warp_seg(segs[mi], affs[mi], fixed, tr), segs[fi]))
     print(f"\naffine Dice, {len(dice['whole'])} upright pairs (fixed whole T1-like): whole "
           f"{np.mean(dice['whole']):.3f}, defaced {np.mean(dice['defaced']):.3f} "

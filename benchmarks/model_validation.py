@@ -64,6 +64,17 @@ def anatomical_model(name):
     return model
 
 
+def fit_mask(model) -> np.ndarray:
+    """``(K,)`` bools: the keypoints the model's fits use (its ``fit_exclude``; all when none)."""
+    return np.asarray(model.config.fit_mask() or [True] * model.config.architecture.num_keypoints)
+
+
+def fit_scale(model) -> float:
+    """The fits' length scale for ``model``: half the extent of its network grid (mm)."""
+    grid = model.config.preprocessing.grid
+    return fov_half_extent(np.diag([*grid.voxel_size, 1.0]), grid.shape)
+
+
 def seed_of(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
@@ -156,8 +167,7 @@ def main(argv=None) -> int:
     atlas = model.config.regions
     mask = model.config.fit_mask(args.fit_exclude)
     tol = model.config.aligned_tolerance_mm
-    scale = fov_half_extent(np.diag([*model.config.preprocessing.grid.voxel_size, 1.0]),
-                            model.config.preprocessing.grid.shape)
+    scale = fit_scale(model)
     print(f"model {model.config.name}: {model.config.architecture.describe()}, "
           f"{len(atlas) if atlas else 0} named regions; orientation search {model.config.orientation_search}; "
           f"maps {args.maps}; contrasts {contrasts}")

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from model_validation import anatomical_model, label_maps_2mm, rotation, seed_of, synth
+from model_validation import anatomical_model, fit_mask, label_maps_2mm, rotation, seed_of, synth
 
 from keyreg.geometry import fov_center
 from keyreg.io import Volume
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         m.config.preprocessing = replace(pre, intensity=replace(pre.intensity, outside=mode))
         models[mode] = m
     atlas = models["zero"].config.regions
-    fit_mask = np.asarray(models["zero"].config.fit_mask() or [True] * len(atlas))
+    in_fits = fit_mask(models["zero"])
     bank = label_maps_2mm(args.maps)
     print(f"model {models['zero'].config.name}; maps {args.maps}; contrasts {args.contrasts}")
     rows = []
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                         for mode, model in models.items():
                             det = detect_image_keypoints(model, vol)
                             err = np.linalg.norm(det.points.numpy() - true, axis=1)
-                            row[mode] = float(np.nanmedian(err[fit_mask]))
+                            row[mode] = float(np.nanmedian(err[in_fits]))
                             row[f"{mode}_searched"] = bool(det.searched)
                         rows.append(row)
                         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"

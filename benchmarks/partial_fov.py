@@ -33,9 +33,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from model_validation import anatomical_model, brain_dice, fit, label_maps_2mm, rotation, seed_of, synth, warp_seg
+from model_validation import (anatomical_model, brain_dice, fit, fit_mask, fit_scale, label_maps_2mm, rotation, seed_of,
+                              synth, warp_seg)
 
-from keyreg.geometry import fov_center, fov_half_extent
+from keyreg.geometry import fov_center
 from keyreg.io import Volume
 from keyreg.models.inference import detect_image_keypoints
 from keyreg.qc import detection_concerns, pair_confidence_of
@@ -98,10 +99,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = anatomical_model(args.model)
     atlas = model.config.regions
-    mask = np.asarray(model.config.fit_mask() or [True] * len(atlas))
-    tol = model.config.aligned_tolerance_mm
-    scale = fov_half_extent(np.diag([*model.config.preprocessing.grid.voxel_size, 1.0]),
-                            model.config.preprocessing.grid.shape)
+    mask, scale, tol = fit_mask(model), fit_scale(model), model.config.aligned_tolerance_mm
     bank = label_maps_2mm(args.maps)
     segs = [m.numpy().astype(np.int64) for m in bank.maps]
     affs = [a.numpy() for a in bank.affines]

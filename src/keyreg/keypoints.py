@@ -120,8 +120,10 @@ def detect_keypoints(
     names = model_keypoint_names(model)
     out: list[ImageKeypoints] = []
     mode = model.config.orientation_search if search is None else check_search_mode(search)
-    if getattr(model.config, "regions", None) is not None and mode not in (False, "off"):
-        from .models.inference import detect_images_keypoints
+    regions = getattr(model.config, "regions", None)
+    if regions is not None:
+        from .models.inference import detect_images_keypoints, template_residuals
+    if regions is not None and mode not in (False, "off"):
 
         # anatomical models: test-time orientation search, the images in lockstep
         for v, det in zip(volumes, detect_images_keypoints(model, volumes, device=device, use_amp=use_amp,
@@ -147,10 +149,8 @@ def detect_keypoints(
                     f"{chunk[b].name}: the model gives non-finite keypoints for this image (intensities "
                     f"out of range, or a model with invalid weights)")
             residual = None  # one pass: an anatomical model's keypoints are still compared with its template
-            if getattr(model.config, "regions", None) is not None:
-                from .models.inference import template_residuals
-
-                residual = float(np.median(template_residuals(model.config.regions.template, world.cpu().numpy())))
+            if regions is not None:
+                residual = float(np.median(template_residuals(regions.template, world.cpu().numpy())))
             out.append(ImageKeypoints(world, mass[b].float(), aff, pre.grid.shape, list(names),
                                       template_residual_mm=residual))
     return out

@@ -269,7 +269,7 @@ def network_source(volume: Volume, config: PreprocessConfig, world_from_net: np.
     sigma0 = np.sqrt(box_var) / step  # the box's blur, in pooled voxels
     out = _antialias(pooled, factors / step, sigma0)
     if late:
-        lo, hi = torch.aminmax(src)
+        lo, hi = intensity_range(src, spec)
         out = (out - lo) / (hi - lo).clamp_min(1e-12)
     return out, volume.affine @ img_from_pooled
 
